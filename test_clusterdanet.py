@@ -3,6 +3,8 @@
 Run: python -m pytest -q
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -269,3 +271,177 @@ def test_pretrained_download_failure_is_explained(monkeypatch, tmp_path):
     monkeypatch.delenv("NO_PROXY", raising=False)
     with pytest.raises(RuntimeError, match="could not download the ImageNet weights of resnet18.*--no-pretrained"):
         ClusterDANet(backbone="resnet18", pretrained_backbone=True)
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import evaluate  # noqa: E402
+import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run_script(script, *args, cwd=ROOT):
+    """Run a script as a user would; returns (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd, timeout=600)
+    return result.returncode, result.stdout, result.stderr
+
+
+def assert_user_error(result, *words):
+    code, _, stderr = result
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("error: ") and all(w in stderr for w in words), stderr
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """A real demo checkpoint: two iterations of train.py on the synthetic shapes (4 classes)."""
+    out = tmp_path_factory.mktemp("demo")
+    train.main(["--iters", "2", "--crop-size", "32", "--batch-size", "2", "--demo-images", "4", "--val-every", "2",
+                "--out-dir", str(out), "--device", "cpu"])
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def voc_checkpoint(tmp_path_factory):
+    """An untrained 21-class resnet18 checkpoint in train.py's format, as for VOC."""
+    args = train.parse_args(["--data-root", "unused", "--backbone", "resnet18", "--no-pretrained"])
+    config = {**vars(args), "num_classes": 21}
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("voc") / "voc.pt"
+    train.save_checkpoint({"model": train.build_model(config).state_dict(), "args": config, "iteration": 0,
+                           "class_names": list(train.VOC_CLASSES)}, path)
+    return path
+
+
+def tiny_model(num_classes=3):
+    return ClusterDANet(num_classes=num_classes, backbone="resnet18", num_clusters=32).eval()
+
+
+def test_confusion_matrix_against_hand_count():
+    metric = train.ConfusionMatrix(4)
+    target = torch.tensor([[0, 0, 1, 1], [1, 2, 255, 255]])
+    prediction = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 3]])  # the 255 pixels' predictions are ignored
+    metric.update(prediction, target)
+    expected = torch.zeros(4, 4, dtype=torch.int64)
+    for t, p in [(0, 0), (0, 1), (1, 1), (1, 1), (1, 2), (2, 2)]:
+        expected[t, p] += 1
+    assert torch.equal(metric.matrix, expected)
+    result = metric.compute()
+    # IoU = TP / (TP + FP + FN): class 0: 1/2, class 1: 2/(2+1+1), class 2: 1/2, class 3: absent from both
+    assert result["iou"][:3] == pytest.approx([1 / 2, 2 / 4, 1 / 2]) and math.isnan(result["iou"][3])
+    assert result["miou"] == pytest.approx((1 / 2 + 2 / 4 + 1 / 2) / 3)
+    assert result["pixel_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_slide_window_covering_the_image_equals_whole_image():
+    model = tiny_model()
+    images = torch.randn(2, 3, 45, 61)
+    with torch.inference_mode():
+        whole = train.predict_logits(model, images)
+        assert torch.equal(evaluate.predict_slide(model, images, crop_size=64), whole)
+        assert torch.equal(evaluate.predict(model, images, mode="slide", crop_size=61), whole)
+
+
+def test_slide_window_averages_overlapping_windows():
+    model = tiny_model()
+    images = torch.randn(1, 3, 40, 72)
+    with torch.inference_mode():
+        scores = evaluate.predict_slide(model, images, crop_size=40)  # stride 27: windows at x = 0, 27, 32
+        windows = {x: train.predict_logits(model, images[..., x:x + 40]) for x in (0, 27, 32)}
+    assert scores.shape == (1, 3, 40, 72)
+    torch.testing.assert_close(scores[..., 10], windows[0][..., 10])  # one window
+    torch.testing.assert_close(scores[..., 30], (windows[0][..., 30] + windows[27][..., 3]) / 2)  # two windows
+    expected = (windows[0][..., 35] + windows[27][..., 8] + windows[32][..., 3]) / 3  # three windows
+    torch.testing.assert_close(scores[..., 35], expected)
+    torch.testing.assert_close(scores[..., 70], windows[32][..., 38])
+
+
+def test_multi_scale_flip_averages_probabilities():
+    model = tiny_model()
+    images = torch.randn(1, 3, 36, 44)
+    with torch.inference_mode():
+        scores = evaluate.predict(model, images, scales=[0.75, 1.0], flip=True)
+        expected = 0
+        for scale in (0.75, 1.0):
+            x = F.interpolate(images, scale_factor=scale, mode="bilinear") if scale != 1 else images
+            for flip in (False, True):
+                logits = train.predict_logits(model, x.flip(-1) if flip else x)
+                logits = F.interpolate(logits.flip(-1) if flip else logits, size=(36, 44), mode="bilinear")
+                expected = expected + logits.softmax(1) / 4
+    assert scores.shape == (1, 3, 36, 44)
+    torch.testing.assert_close(scores.sum(1), torch.ones(1, 36, 44))
+    torch.testing.assert_close(scores, expected)
+
+
+def test_evaluate_demo_checkpoint_end_to_end(demo_checkpoint, tmp_path):
+    """The demo checkpoint on its synthetic val set: --json, palette PNGs, overlays, clusters; ms + flip."""
+    out = tmp_path / "pictures"
+    code, stdout, stderr = run_script("evaluate.py", "--checkpoint", demo_checkpoint, "--save-dir", out, "--json",
+                                      tmp_path / "r.json", "--show-clusters", "--workers", "0", "--batch-size", "3",
+                                      "--scales", "0.75", "1.0", "--flip")
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["per_class_iou"]) == set(train.SHAPE_CLASSES)
+    ious = [v for v in result["per_class_iou"].values() if v is not None]
+    assert result["miou"] == pytest.approx(sum(ious) / len(ious)) and 0 <= result["pixel_accuracy"] <= 1
+    assert f"mIoU {result['miou']:.4f}" in stdout
+    masks = sorted(out.glob("*.png"))
+    assert len(masks) == 64 and len(list((out / "overlays").glob("*.png"))) == 64
+    assert len(list((out / "clusters").glob("*.png"))) == 64
+    with Image.open(masks[0]) as png:
+        assert png.mode == "P" and png.size == (64, 64)
+        assert set(np.unique(np.array(png))) <= {0, 1, 2, 3}
+        assert png.getpalette()[:6] == [0, 0, 0, 128, 0, 0]  # VOC colours: background black, class 1 dark red
+
+
+def test_evaluate_images_end_to_end(voc_checkpoint, tmp_path):
+    for name, size in (("a.jpg", (50, 34)), ("b.png", (23, 41))):
+        Image.fromarray(np.random.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name)
+    code, stdout, stderr = run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--image", tmp_path / "a.jpg",
+                                      tmp_path / "b.png", "--save-dir", tmp_path / "out", "--device", "cpu")
+    assert code == 0, stderr
+    assert "a.jpg:" in stdout and "b.png:" in stdout
+    for name, size in (("a", (50, 34)), ("b", (23, 41))):
+        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+            assert png.mode == "P" and png.size == size and np.array(png).max() <= 20
+        with Image.open(tmp_path / "out" / "overlays" / f"{name}.png") as picture:
+            assert picture.mode == "RGB" and picture.width > 2 * size[0]  # image | prediction (+ legend below)
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_evaluate_bad_inputs(demo_checkpoint, voc_checkpoint, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(demo_checkpoint.read_bytes()[:5000])
+    not_a_checkpoint = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, not_a_checkpoint)
+    other_model = tmp_path / "other.pt"
+    checkpoint = torch.load(voc_checkpoint, weights_only=True)
+    checkpoint["args"]["num_clusters"] = 64  # the stored weights have 128 clusters
+    torch.save(checkpoint, other_model)
+    broken_image = tmp_path / "broken.jpg"
+    broken_image.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    not_voc = tmp_path / "not_voc"
+    not_voc.mkdir()
+
+    assert_user_error(run_script("evaluate.py", "--checkpoint", tmp_path / "missing.pt"), "missing.pt", "not found")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", truncated), "truncated.pt", "cannot be read")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", not_a_checkpoint), "not a train.py checkpoint")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", other_model), "other.pt", "another model")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint), "--data-root")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--data-root", tmp_path / "nowhere"),
+                      "nowhere", "does not exist")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--data-root", not_voc), "not_voc")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--image", broken_image),
+                      "broken.jpg")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--show-clusters", "--image",
+                                 broken_image), "--save-dir")

@@ -205,12 +205,15 @@ def build_datasets(args):
 
 
 def pad_collate(batch):
-    """Stack (image, mask) pairs of different sizes: pad images with 0 and masks with 255 (ignored)."""
-    H = max(image.shape[1] for image, _ in batch)
-    W = max(image.shape[2] for image, _ in batch)
+    """Batch (image, mask) pairs of different sizes: images padded with 0, masks with 255 (ignored).
+
+    Returns images [B, 3, H, W], masks [B, H, W] and each pair's own size [B, 2] (height, width).
+    """
+    sizes = torch.tensor([image.shape[1:] for image, _ in batch])  # [B, 2]
+    H, W = sizes.amax(0).tolist()
     images = torch.stack([F.pad(i, (0, W - i.shape[2], 0, H - i.shape[1])) for i, _ in batch])  # [B, 3, H, W]
     masks = torch.stack([F.pad(m, (0, W - m.shape[1], 0, H - m.shape[0]), value=IGNORE_INDEX) for _, m in batch])
-    return images, masks  # [B, 3, H, W], [B, H, W]
+    return images, masks, sizes
 
 
 # ----------------------------------------------------------------------------- metric and prediction
@@ -258,16 +261,19 @@ def predict_logits(model, images):
 
 @torch.inference_mode()
 def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits, on_batch=None):
-    """Run `predict` over a loader of (images, masks) and return the (all-reduced) ConfusionMatrix."""
+    """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix.
+
+    on_batch(images, masks, logits, sizes), if given, sees every batch (evaluate.py saves pictures there).
+    """
     model.eval()
     metric = ConfusionMatrix(num_classes, device)
-    for images, masks in loader:
+    for images, masks, sizes in loader:
         images = images.to(device, non_blocking=True)
         with autocast():
-            logits = predict(model, images)
+            logits = predict(model, images)  # [B, K, H, W]
         metric.update(logits.argmax(1), masks.to(device, non_blocking=True))
         if on_batch is not None:
-            on_batch(images, masks, logits)
+            on_batch(images, masks, logits, sizes)
     metric.all_reduce()
     return metric
 
@@ -481,7 +487,7 @@ def main(argv=None):
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                               **loader_kwargs)
     val_sampler = DistributedSampler(val_set, shuffle=False) if world_size > 1 else None
-    val_loader = DataLoader(val_set, 1, sampler=val_sampler, **loader_kwargs)
+    val_loader = DataLoader(val_set, 1, sampler=val_sampler, collate_fn=pad_collate, **loader_kwargs)
     out_dir = Path(args.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
