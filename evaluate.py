@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import draw_keypoints, draw_segmentation_masks, make_grid, save_image
 
 import train
-from train import IGNORE_INDEX, MEAN, STD, UserError
+from train import MEAN, STD, UserError
 
 
 def voc_palette():
@@ -73,12 +73,15 @@ def predict_slide(model, images, crop_size):
 def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=512):
     """Scores [B, K, H, W]: logits for one scale without flip, else softmax averaged over scales and flips."""
     H, W = images.shape[-2:]
-    run = (lambda x: train.predict_logits(model, x)) if mode == "whole" else (lambda x: predict_slide(model, x, crop_size))
+    def run(x):
+        return train.predict_logits(model, x) if mode == "whole" else predict_slide(model, x, crop_size)
+
     if list(scales) == [1.0] and not flip:
         return run(images)
     scores = 0
     for scale in scales:
-        scaled = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False) if scale != 1 else images
+        scaled = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                         align_corners=False)
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
             logits = run(x)
@@ -178,7 +181,7 @@ def save_clusters(model, image, path, num_queries=3):
         heat = F.interpolate(row, size=(H, W), mode="bilinear", align_corners=False)[0, 0].cpu()  # [H, W]
         red = torch.stack([torch.full_like(heat, 255), torch.zeros_like(heat), torch.zeros_like(heat)])  # [3, H, W]
         blended = (picture.float() * (1 - 0.7 * heat) + red * 0.7 * heat).to(torch.uint8)
-        point = torch.tensor([[[(qx + 0.5) * train.OUTPUT_STRIDE, (qy + 0.5) * train.OUTPUT_STRIDE]]])  # [1, 1, 2] (x, y)
+        point = torch.tensor([[[(qx + 0.5) * train.OUTPUT_STRIDE, (qy + 0.5) * train.OUTPUT_STRIDE]]])  # [1, 1, 2]
         panels.append(draw_keypoints(blended, point, colors="yellow", radius=3))
     grid = make_grid(panels, nrow=len(panels), padding=4, pad_value=255)
     save_atomic(path, lambda tmp: save_image(grid.float() / 255, tmp, format="png"))
@@ -287,12 +290,13 @@ def main(argv=None):
                             lambda m, images: predict(m, images, **options), on_batch)
     result = metric.compute()
     print_table(result, class_names)
-    print(f"{args.checkpoint} on {args.data_root and args.split or 'synthetic val'} ({len(dataset)} images, {protocol}): "
-          f"mIoU {result['miou']:.4f}, pixel accuracy {result['pixel_accuracy']:.4f}")
+    split = args.split if args.data_root else "synthetic val"
+    print(f"{args.checkpoint} on {split} ({len(dataset)} images, {protocol}): mIoU {result['miou']:.4f}, "
+          f"pixel accuracy {result['pixel_accuracy']:.4f}")
     if args.json:
         summary = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
                    "per_class_iou": {n: None if math.isnan(v) else v for n, v in zip(class_names, result["iou"])},
-                   "checkpoint": str(args.checkpoint), "split": args.split if args.data_root else "synthetic val",
+                   "checkpoint": str(args.checkpoint), "split": split,
                    "images": len(dataset), "mode": args.mode, "scales": args.scales, "flip": args.flip}
         save_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 

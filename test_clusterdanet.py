@@ -1,24 +1,50 @@
-"""Tests for ClusterDANet: CPU, random weights, tiny inputs, no downloads.
+"""Tests for ClusterDANet: the model, train.py and evaluate.py. CPU only, random weights, tiny inputs.
 
+Nothing is downloaded: the data are a tiny VOC tree the tests write and the synthetic demo set.
 Run: python -m pytest -q
 """
 
+import gc
+import json
 import math
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import evaluate
+import train
 from clusterdanet import ChannelAttention, ClusterDANet, ClusteringLayer, DilatedResNet, PositionAttention
 
+REPO = Path(__file__).resolve().parent
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, written out again
 H, W = 11, 13  # non-square, not multiples of 8
 
 
 @pytest.fixture(autouse=True)
-def seed():
+def isolate(monkeypatch):
+    """Seed, stay offline (a proxy that refuses every connection, for this process and its children), and give
+    back the SIGINT handler that train.main() replaces."""
     torch.manual_seed(0)
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -273,42 +299,682 @@ def test_pretrained_download_failure_is_explained(monkeypatch, tmp_path):
         ClusterDANet(backbone="resnet18", pretrained_backbone=True)
 
 
-# ----------------------------------------------------------------------------- evaluate.py
+# ----------------------------------------------------------------------------- train.py: a tiny VOC tree
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-import evaluate  # noqa: E402
-import train  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent
+# Each class that make_voc draws has its own flat colour; no colour channel is near 0, so a pixel whose three
+# channels are exactly 0 can only be padding.
+VOC_TEST_COLOURS = {0: (120, 120, 120), 1: (220, 40, 40), 7: (40, 190, 60), 12: (230, 200, 40), 15: (50, 80, 230),
+                    20: (200, 60, 200)}
+VOC_TEST_SIZES = ((40, 52), (37, 45), (52, 40), (45, 37), (33, 50), (48, 36))  # (height, width), none square
 
 
-def run_script(script, *args, cwd=ROOT):
-    """Run a script as a user would; returns (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, timeout=600)
-    return result.returncode, result.stdout, result.stderr
+def voc_sample(index, size):
+    """(image [H, W, 3] uint8, mask [H, W] uint8) for image `index`: a grey background (class 0) and two
+    rectangles of two foreground classes in their colours, each with a 1-pixel void (255) rim, as VOC has."""
+    H, W = size
+    rng = np.random.RandomState(index)
+    foreground = [c for c in VOC_TEST_COLOURS if c]
+    classes = (foreground[index % len(foreground)], foreground[(index + 2) % len(foreground)])
+    image = np.empty((H, W, 3), np.uint8)
+    image[:] = VOC_TEST_COLOURS[0]
+    mask = np.zeros((H, W), np.uint8)
+    # the first rectangle in the top-left part, the second in the bottom-right part: they never overlap
+    boxes = [(rng.randint(1, 4), rng.randint(1, 4), H // 2 - 1 - rng.randint(0, 3), W // 2 - 1 - rng.randint(0, 3)),
+             (H // 2 + rng.randint(1, 3), W // 2 + rng.randint(1, 3),
+              H - 1 - rng.randint(0, 3), W - 1 - rng.randint(0, 3))]  # (y0, x0, y1, x1) each
+    for c, (y0, x0, y1, x1) in zip(classes, boxes):
+        image[y0:y1, x0:x1] = VOC_TEST_COLOURS[c]
+        mask[y0:y1, x0:x1] = 255  # the rim
+        mask[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = c
+    return image, mask
 
 
-def assert_user_error(result, *words):
-    code, _, stderr = result
-    assert code == 2, stderr
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert stderr.startswith("error: ") and all(w in stderr for w in words), stderr
+def save_mask(mask, path, mode="P"):
+    """A label map as VOC stores it: a palette PNG ("P", SegmentationClass) or grey PNG ("L", SBD's Aug masks)."""
+    picture = Image.fromarray(mask.astype(np.uint8))  # "L"
+    if mode == "P":
+        picture.putpalette([v for rgb in evaluate.PALETTE for v in rgb])  # turns it into "P", indices unchanged
+    picture.save(path)
+
+
+def make_voc(root, n_train=4, n_val=2, sizes=VOC_TEST_SIZES, train_aug=False, n_aug_only=2):
+    """Write root/VOCdevkit/VOC2012 with JPEGImages/*.jpg, SegmentationClass/*.png (palette PNGs) and
+    ImageSets/Segmentation/{train,val,trainval}.txt; image i has size sizes[i % len(sizes)] and the content
+    of voc_sample(i). With train_aug, also SegmentationClassAug/*.png (grey PNGs) for the train images and
+    for n_aug_only more images that have no SegmentationClass mask (as SBD's), and train_aug.txt.
+
+    Returns the VOC2012 folder; its `ids` are the train ids then the val ids (then the Aug-only ids).
+    """
+    voc = Path(root) / "VOCdevkit" / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / folder).mkdir(parents=True, exist_ok=True)
+    n_aug = n_aug_only if train_aug else 0
+    ids = [f"2007_{i:06d}" for i in range(n_train + n_val + n_aug)]
+    for i, name in enumerate(ids):
+        image, mask = voc_sample(i, sizes[i % len(sizes)])
+        Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+        if i < n_train + n_val:
+            save_mask(mask, voc / "SegmentationClass" / f"{name}.png")
+        if train_aug and (i < n_train or i >= n_train + n_val):
+            (voc / "SegmentationClassAug").mkdir(exist_ok=True)
+            save_mask(mask, voc / "SegmentationClassAug" / f"{name}.png", mode="L")
+    splits = {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "trainval": ids[:n_train + n_val]}
+    if train_aug:
+        splits["train_aug"] = ids[:n_train] + ids[n_train + n_val:]
+    for split, names in splits.items():
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    return voc
+
+
+@pytest.fixture
+def voc_root(tmp_path):
+    """A tiny VOC tree (4 train, 2 val images) under tmp_path/data; returns tmp_path/data."""
+    make_voc(tmp_path / "data")
+    return tmp_path / "data"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def tiny(out_dir, *extra):
+    """Command-line arguments for a tiny CPU run."""
+    return ["--backbone", "resnet18", "--no-pretrained", "--crop-size", "32", "--base-size", "32", "--batch-size", "2",
+            "--workers", "0", "--device", "cpu", "--out-dir", str(out_dir), *extra]
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def cli_error(capsys, argv, main=train.main):
+    """Run main(argv) as the command line does; it must exit 2 with one line on stderr. Returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.run_main(lambda: main([str(a) for a in argv]))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def run_script(args, cwd, timeout=120, module=()):
+    """python [module...] train.py args in a fresh process, from `cwd`."""
+    return subprocess.run([sys.executable, *module, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_script_error(result, *fragments):
+    """Exit code 2, no traceback, and exactly one line on stderr that holds every fragment."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert str(fragment) in lines[0]
+    return lines[0]
+
+
+def assert_nothing_half_written(tmp_path, out_dir, created=False):
+    """No temporary checkpoint anywhere, no checkpoint in out_dir; out_dir not even created if `created` is False."""
+    assert not list(Path(tmp_path).rglob("*.tmp"))
+    if created:
+        assert not list(Path(out_dir).glob("*.pt"))
+    else:
+        assert not Path(out_dir).exists()
+
+
+def unnormalise(image):
+    """[3, H, W] normalised -> [3, H, W] in 0..1."""
+    return image * STD[:, None, None] + MEAN[:, None, None]
+
+
+def interior(mask, radius=2):
+    """[H, W] bool: pixels that are not void and whose (2 radius + 1)^2 neighbourhood has their label only."""
+    H, W = mask.shape
+    padded = F.pad(mask, (radius,) * 4, value=-1)
+    same = torch.ones_like(mask, dtype=torch.bool)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            same &= padded[dy:dy + H, dx:dx + W] == mask
+    return same & (mask != train.IGNORE_INDEX)
+
+
+def class_colours():
+    colours = torch.zeros(256, 3)
+    for c, rgb in VOC_TEST_COLOURS.items():
+        colours[c] = torch.tensor(rgb) / 255
+    return colours  # [256, 3]
+
+
+def assert_colours_follow_labels(image, mask):
+    """Away from label borders, every pixel has the colour make_voc drew for its label. Returns the pixel count."""
+    inside = interior(mask)
+    deviation = (unnormalise(image)[:, inside] - class_colours()[mask[inside]].T).abs()  # [3, n]
+    if deviation.numel():  # JPEG ringing and resampling near edges; the class colours differ by > 0.3
+        assert deviation.max() < 0.2 and deviation.median() < 0.03
+    return int(inside.sum())
+
+
+# ----------------------------------------------------------------------------- 1. data
+
+def test_train_crops_are_aligned_and_padded_with_void(voc_root):
+    """Crop 48 > twice base size 20: the whole scaled image lies inside the crop, padded around."""
+    crop, base = 48, 20
+    dataset = train.VOCSegmentation(voc_root, "train", train.train_transform(crop, base))
+    pad_value = (0 - MEAN) / STD  # image padding is 0 before normalisation
+    flips, checked = set(), 0
+    for trial in range(24):
+        index = trial % len(dataset)
+        image, mask = dataset[index]
+        assert image.shape == (3, crop, crop) and image.dtype == torch.float32
+        assert mask.shape == (crop, crop) and mask.dtype == torch.int64
+
+        padding = (image == pad_value[:, None, None]).all(0)  # [crop, crop]
+        assert (mask[padding] == 255).all()
+        ys, xs = torch.nonzero(~padding, as_tuple=True)
+        top, left, h, w = ys.min(), xs.min(), int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+        assert not padding[top:top + h, left:left + w].any()  # the image is one rectangle, padded all around
+        assert padding.sum() == crop * crop - h * w > 0
+
+        # that rectangle is the source image scaled by base / longer side x U(0.5, 2), aspect ratio kept
+        source = Image.open(dataset.images[index])
+        W0, H0 = source.size
+        assert base * 0.5 - 1 <= max(h, w) <= base * 2
+        assert abs(h * W0 - w * H0) <= max(H0, W0)  # int() rounding: each side within 1 pixel
+
+        # inside it: the mask is the source mask resized with nearest neighbours, the image the source image
+        # resized, both flipped or both not
+        mask0 = torch.from_numpy(np.array(Image.open(dataset.masks[index]))).long()
+        image0 = torch.from_numpy(np.array(source.convert("RGB"))).permute(2, 0, 1).float() / 255
+        resized = F.interpolate(image0[None], size=(h, w), mode="bilinear", antialias=True)[0]
+        content, labels = unnormalise(image)[:, top:top + h, left:left + w], mask[top:top + h, left:left + w]
+        flipped = (content - resized.flip(-1)).abs().amax() < (content - resized).abs().amax()
+        torch.testing.assert_close(content, resized.flip(-1) if flipped else resized, atol=0.02, rtol=0)
+        expected = [F.interpolate(mask0[None, None].float(), size=(h, w), mode=mode)[0, 0].long()
+                    for mode in ("nearest", "nearest-exact")]
+        assert any(torch.equal(labels, e.flip(-1) if flipped else e) for e in expected)
+        flips.add(bool(flipped))
+        checked += assert_colours_follow_labels(image, mask)
+    assert flips == {True, False} and checked > 1000  # both branches of the random flip were seen and checked
+
+
+def test_train_crops_of_upscaled_images_are_aligned(voc_root):
+    """Crop 32 < base size 48: mostly cropping; labels still carry their colours, and padding is void."""
+    dataset = train.VOCSegmentation(voc_root, "train", train.train_transform(32, 48))
+    pad_value = (0 - MEAN) / STD
+    checked = 0
+    for trial in range(16):
+        image, mask = dataset[trial % len(dataset)]
+        assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
+        padding = (image == pad_value[:, None, None]).all(0)
+        assert (mask[padding] == 255).all()
+        checked += assert_colours_follow_labels(image, mask)
+    assert checked > 1000
+
+
+def test_eval_items_are_whole_images_and_masks(voc_root):
+    dataset = train.VOCSegmentation(voc_root, "val")  # no transform: the evaluation one
+    assert len(dataset) == 2 and dataset.class_names == train.VOC_CLASSES
+    for index in range(len(dataset)):
+        image, mask = dataset[index]
+        decoded = torch.from_numpy(np.array(Image.open(dataset.images[index]).convert("RGB"))).permute(2, 0, 1)
+        H, W = VOC_TEST_SIZES[(4 + index) % len(VOC_TEST_SIZES)]  # val images come after the 4 train images
+        assert image.shape == (3, H, W) and image.dtype == torch.float32
+        torch.testing.assert_close(image, (decoded / 255 - MEAN[:, None, None]) / STD[:, None, None])
+        assert mask.dtype == torch.int64
+        assert torch.equal(mask, torch.from_numpy(voc_sample(4 + index, (H, W))[1]).long())
+        assert 255 in mask and len(mask.unique()) == 4  # background, two classes, void
+
+
+def test_find_voc_root_accepts_voc2012_or_its_grandparent(voc_root):
+    voc = voc_root / "VOCdevkit" / "VOC2012"
+    assert train.find_voc_root(voc_root) == voc
+    assert train.find_voc_root(voc) == voc
+    assert len(train.VOCSegmentation(voc, "train")) == len(train.VOCSegmentation(voc_root, "train")) == 4
+    with pytest.raises(train.UserError, match="is neither a VOC2012 folder"):
+        train.find_voc_root(voc_root / "VOCdevkit")
+
+
+def test_train_aug_reads_segmentation_class_aug(tmp_path):
+    voc = make_voc(tmp_path, train_aug=True, n_aug_only=2)
+    ids = (voc / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
+    # an Aug mask that differs from its SegmentationClass twin: all background but a void square
+    different = np.zeros(VOC_TEST_SIZES[0], np.uint8)
+    different[5:9, 5:9] = 255
+    save_mask(different, voc / "SegmentationClassAug" / f"{ids[0]}.png", mode="L")
+    dataset = train.VOCSegmentation(tmp_path, "train_aug")
+    assert dataset.ids == ids and len(dataset) == 6
+    assert all(path.parent.name == "SegmentationClassAug" for path in dataset.masks)
+    for index, name in enumerate(ids):
+        expected = np.array(Image.open(voc / "SegmentationClassAug" / f"{name}.png"))
+        assert torch.equal(dataset[index][1], torch.from_numpy(expected).long())
+    assert torch.equal(dataset[0][1], torch.from_numpy(different).long())
+    assert not (voc / "SegmentationClass" / f"{ids[-1]}.png").exists()  # an SBD-only image
+
+
+# ----------------------------------------------------------------------------- 2. training
+
+DEMO_ITERS = 20
 
 
 @pytest.fixture(scope="module")
-def demo_checkpoint(tmp_path_factory):
-    """A real demo checkpoint: two iterations of train.py on the synthetic shapes (4 classes)."""
-    out = tmp_path_factory.mktemp("demo")
-    train.main(["--iters", "2", "--crop-size", "32", "--batch-size", "2", "--demo-images", "4", "--val-every", "2",
-                "--out-dir", str(out), "--device", "cpu"])
-    return out / "last.pt"
+def demo_run(tmp_path_factory):
+    """One short demo training run shared by the tests that read its log and checkpoints: its out dir."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    handler = signal.getsignal(signal.SIGINT)
+    torch.manual_seed(0)
+    try:
+        train.main(tiny(out, "--batch-size", "4", "--iters", str(DEMO_ITERS), "--demo-images", "16",
+                        "--log-every", "5", "--val-every", str(DEMO_ITERS)))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    return out
+
+
+def test_training_lowers_the_loss(demo_run):
+    records = read_log(demo_run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in steps] == [5, 10, 15, 20]
+    assert all(math.isfinite(r[k]) for r in steps for k in ("loss", "out", "position", "channel"))
+    for r in steps:  # the logged loss is the one train_step optimises
+        assert r["loss"] == pytest.approx(r["out"] + 0.2 * (r["position"] + r["channel"]), rel=1e-5)
+        assert r["lr"] == pytest.approx(0.01 * (1 - r["iteration"] / DEMO_ITERS) ** 0.9, abs=1e-12)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    validation = [r for r in records if "val_miou" in r]
+    assert [r["iteration"] for r in validation] == [DEMO_ITERS]
+    assert 0 <= validation[0]["val_miou"] <= 1 and 0 <= validation[0]["val_pixel_accuracy"] <= 1
+
+
+def test_checkpoint_loads_with_weights_only_and_reproduces_validation(demo_run):
+    checkpoint = torch.load(demo_run / "last.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "iteration", "args", "best_miou"} <= checkpoint.keys()
+    assert checkpoint["iteration"] == DEMO_ITERS
+    assert checkpoint["args"]["backbone"] == "resnet18" and checkpoint["args"]["num_classes"] == 4
+    assert checkpoint["class_names"] == list(train.SHAPE_CLASSES)
+    best = torch.load(demo_run / "best.pt", map_location="cpu", weights_only=True)
+    assert best["iteration"] == DEMO_ITERS and best["best_miou"] == checkpoint["best_miou"]
+    validation = [r for r in read_log(demo_run) if "val_miou" in r][-1]
+    assert checkpoint["best_miou"] == validation["val_miou"]
+
+    # the saved weights give the logged validation mIoU, computed here with numpy on the demo's val set
+    model = train.build_model(checkpoint["args"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    val_set = train.SyntheticShapes(64, 32, seed=1)
+    images, masks = map(torch.stack, zip(*(val_set[i] for i in range(len(val_set)))))
+    with torch.no_grad():
+        prediction = model(images)["out"].argmax(1).numpy()
+    truth = masks.numpy()
+    iou = []
+    for c in range(4):
+        union = np.sum((truth == c) | (prediction == c))
+        if union:
+            iou.append(np.sum((truth == c) & (prediction == c)) / union)
+    assert np.mean(iou) == pytest.approx(validation["val_miou"], abs=2e-3)  # argmax ties may differ by a pixel
+    assert np.mean(truth == prediction) == pytest.approx(validation["val_pixel_accuracy"], abs=2e-3)
+
+
+# ----------------------------------------------------------------------------- 3. resuming
+
+def interrupt_after(monkeypatch, steps, counter):
+    """Make train_step send this process a real SIGINT after `steps` steps; count every step in counter[0]."""
+    original = train.train_step
+
+    def train_step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        counter[0] += 1
+        if counter[0] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(train, "train_step", train_step)
+
+
+def test_resumed_run_matches_uninterrupted_run(voc_root, tmp_path, monkeypatch):
+    iters = 6
+    args = ["--data-root", str(voc_root), "--train-split", "train", "--iters", str(iters), "--log-every", "1",
+            "--val-every", str(iters)]
+    steps = [0]
+    interrupt_after(monkeypatch, 0, steps)  # counts only
+    train.main(tiny(tmp_path / "a", *args))
+    assert steps[0] == iters
+
+    # run B: Ctrl-C after 3 steps. If train.main had no handler of its own, this one would see the signal.
+    unhandled = []
+    signal.signal(signal.SIGINT, lambda *_: unhandled.append(1))
+    steps = [0]
+    interrupt_after(monkeypatch, 3, steps)
+    train.main(tiny(tmp_path / "b", *args))
+    assert not unhandled and steps[0] == 3
+    interrupted = torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=True)
+    assert interrupted["iteration"] == 3
+    assert read_log(tmp_path / "b")[-1] == {"iteration": 3, "interrupted": True}
+    assert not (tmp_path / "b" / "best.pt").exists()  # no validation yet
+    expected_lr = 0.01 * (1 - 3 / iters) ** 0.9
+    assert [g["lr"] for g in interrupted["optimizer"]["param_groups"]] == pytest.approx([expected_lr, 10 * expected_lr])
+
+    steps = [0]
+    interrupt_after(monkeypatch, 0, steps)
+    train.main(tiny(tmp_path / "b", *args, "--resume", str(tmp_path / "b" / "last.pt")))
+    assert steps[0] == iters - 3  # only the missing steps
+
+    a = torch.load(tmp_path / "a" / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=True)
+    assert a["iteration"] == b["iteration"] == iters
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
+    assert a["scheduler"] == b["scheduler"] and a["scheduler"]["last_epoch"] == iters
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    # the logged learning rates, step by step, are the same and follow lr (1 - k / iters)^0.9
+    lrs_a = {r["iteration"]: r["lr"] for r in read_log(tmp_path / "a") if "lr" in r}
+    lrs_b = {r["iteration"]: r["lr"] for r in read_log(tmp_path / "b") if "lr" in r}
+    assert lrs_a == lrs_b and sorted(lrs_a) == list(range(1, iters + 1))
+    for k, lr in lrs_a.items():
+        assert lr == pytest.approx(0.01 * (1 - k / iters) ** 0.9, abs=1e-12)
+    # B validated once, at the end, like A
+    assert [r["iteration"] for r in read_log(tmp_path / "b") if "val_miou" in r] == [iters]
+
+
+# ----------------------------------------------------------------------------- 4. errors a user can fix
+
+def test_missing_data_root_exits_2(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = run_script(tiny(tmp_path / "out", "--data-root", str(missing)), cwd=tmp_path)
+    assert_script_error(result, f"data root {missing} does not exist")
+    assert result.stdout == ""
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["not_voc", "no_train_aug_txt", "no_aug_masks", "empty_split"])
+def test_malformed_data_root_exits_2(case, tmp_path, capsys):
+    data = tmp_path / "data"
+    split = ["--train-split", "train"]
+    if case == "not_voc":
+        (data / "images").mkdir(parents=True)
+        (data / "images" / "a.jpg").write_bytes(b"")
+        expected = f"{data} is neither a VOC2012 folder"
+    else:
+        voc = make_voc(data)
+        if case == "no_train_aug_txt":
+            split = []  # the default, train_aug
+            expected = f"split file {voc}/ImageSets/Segmentation/train_aug.txt not found (train_aug comes from SBD"
+        elif case == "no_aug_masks":
+            (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2007_000000\n")
+            split = ["--train-split", "train_aug"]
+            expected = f"mask folder {voc}/SegmentationClassAug not found"
+        else:
+            (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n")
+            expected = f"split file {voc}/ImageSets/Segmentation/train.txt lists no images"
+    line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(data), *split, "--iters", "2"))
+    assert expected in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+def test_truncated_image_exits_2_naming_it(voc_root, tmp_path):
+    """Through a DataLoader worker (--workers 1): the error is re-raised in the main process, still one line."""
+    image = voc_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000002.jpg"  # a train image
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    args = tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train", "--iters", "2")
+    result = run_script([*args, "--workers", "1"], cwd=tmp_path)
+    assert_script_error(result, f"cannot read image {image}")
+    assert_nothing_half_written(tmp_path, tmp_path / "out", created=True)
+
+
+def test_garbage_image_exits_2_naming_it(voc_root, tmp_path, capsys):
+    image = voc_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg"
+    image.write_bytes(b"this is not a JPEG file" * 10)
+    line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train",
+                                  "--iters", "2"))
+    assert f"cannot read image {image}" in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out", created=True)
+
+
+@pytest.mark.parametrize("case", ["label_42", "wrong_size"])
+def test_bad_mask_exits_2_naming_it(case, voc_root, tmp_path, capsys):
+    mask_file = voc_root / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000003.png"
+    mask = np.array(Image.open(mask_file))  # 45 x 37
+    if case == "label_42":
+        mask[10, 10:13] = 42
+        expected = f"mask {mask_file} is not a 45x37 map of labels 0..20 and 255 (found [42])"
+    else:
+        mask = mask[:-1]
+        expected = f"mask {mask_file} is not a 45x37 map of labels 0..20 and 255 (found (44, 37))"
+    save_mask(mask, mask_file)
+    line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train",
+                                  "--iters", "2"))
+    assert line == f"error: {expected}"
+    assert_nothing_half_written(tmp_path, tmp_path / "out", created=True)
+
+
+def test_more_processes_than_images_exits_2(tmp_path, capsys, monkeypatch):
+    """As under torchrun with WORLD_SIZE=2, without starting a process group: setup_device reports 2 processes."""
+    make_voc(tmp_path / "data", n_train=1)
+    monkeypatch.setattr(train, "setup_device", lambda args: (torch.device("cpu"), 0, 2, nullcontext))
+    line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(tmp_path / "data"), "--train-split", "train",
+                                  "--batch-size", "1"))
+    assert "1 training images cannot fill a batch of 1 on each of 2 processes" in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_exits_2(tmp_path, capsys):
+    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "1") + ["--device", "cuda"])
+    assert "--device cuda asked for CUDA, but torch.cuda.is_available() is False" in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+def bad_checkpoint(case, real, tmp_path):
+    """(path, expected message fragment) for a --resume checkpoint that train.py must refuse."""
+    path = tmp_path / f"{case}.pt"
+    if case == "missing":
+        return path, f"checkpoint {path} not found"
+    if case == "truncated":
+        data = real.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, f"checkpoint {path} cannot be read (truncated or not a PyTorch file?)"
+    checkpoint = torch.load(real, map_location="cpu", weights_only=True)
+    if case == "other_num_classes":  # a VOC model (21 classes), resumed on the demo (4)
+        checkpoint["model"] = ClusterDANet(num_classes=21, backbone="resnet18").state_dict()
+        message = f"checkpoint {path} is for another model (size mismatch for"
+    elif case == "other_backbone":
+        checkpoint["args"]["backbone"] = "resnet34"
+        checkpoint["model"] = ClusterDANet(num_classes=4, backbone="resnet34").state_dict()
+        message = f"checkpoint {path} is for resnet34, not resnet18"
+    elif case == "other_num_clusters":
+        checkpoint["model"] = ClusterDANet(num_classes=4, backbone="resnet18", num_clusters=32).state_dict()
+        message = f"checkpoint {path} is for another model (size mismatch for"
+    elif case == "no_optimizer":  # has model, args and iteration, but not what resuming needs
+        del checkpoint["optimizer"]
+        message = f"{path} is not a train.py checkpoint"
+    else:  # "weights_only": a bare state dict
+        checkpoint = checkpoint["model"]
+        message = f"{path} is not a train.py checkpoint (it needs model, args and iteration)"
+    torch.save(checkpoint, path)
+    return path, message
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "other_num_classes", "other_backbone", "other_num_clusters",
+                                  "weights_only", "no_optimizer"])
+def test_bad_checkpoint_exits_2(case, demo_run, tmp_path, capsys):
+    path, message = bad_checkpoint(case, demo_run / "last.pt", tmp_path)
+    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", "--resume", str(path)))
+    assert message in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+def test_truncated_checkpoint_exits_2_from_the_command_line(demo_run, tmp_path):
+    path, message = bad_checkpoint("truncated", demo_run / "last.pt", tmp_path)
+    result = run_script(tiny(tmp_path / "out", "--iters", "2", "--resume", str(path)), cwd=tmp_path)
+    assert_script_error(result, message)
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("flags", [["--log-every", "0"], ["--val-every", "0"], ["--batch-size", "0"],
+                                   ["--benchmark", "--benchmark-steps", "0"]])
+def test_nonpositive_numbers_exit_2(flags, tmp_path, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.run_main(lambda: train.main(tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", *flags)))
+    assert exit_info.value.code == 2
+    assert f"error: argument {flags[-2]}" in capsys.readouterr().err
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+def test_failed_save_leaves_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    """A save that dies half-way (disk full, Ctrl-C) keeps the previous last.pt and leaves nothing behind."""
+    path = tmp_path / "last.pt"
+    train.save_checkpoint({"iteration": 1}, path)
+    assert torch.load(path, weights_only=True) == {"iteration": 1} and not list(tmp_path.glob("*.tmp"))
+
+    def half_save(state, file):
+        Path(file).write_bytes(b"PK\x03\x04 half a zip file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_checkpoint({"iteration": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"iteration": 1}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 5. two processes
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "out"
+    args = tiny(out, "--iters", "4", "--demo-images", "8", "--log-every", "2", "--val-every", "4")
+    result = run_script(args, cwd=tmp_path, timeout=180,
+                        module=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
+    assert "2 process(es) on cpu" in result.stdout
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["iteration"] == 4
+    assert not any("SyncBatchNorm" in type(m).__name__ for m in train.build_model(checkpoint["args"]).modules())
+    records = read_log(out)
+    assert [r["iteration"] for r in records if "loss" in r] == [2, 4]
+    for r in records:  # each rank has batch 2 of 32 x 32: the throughput counts both ranks
+        if "loss" in r:
+            assert r["images_per_s"] == pytest.approx(2 * 2 * 1000 / r["ms_per_iter"], rel=1e-6)
+    validation = [r for r in records if "val_miou" in r]
+    assert [r["iteration"] for r in validation] == [4] and 0 <= validation[0]["val_miou"] <= 1
+
+
+def test_distributed_validation_counts_every_image_once(tmp_path):
+    data = tmp_path / "data"
+    make_voc(data, n_train=4, n_val=3)
+    out = tmp_path / "out"
+    args = tiny(out, "--data-root", str(data), "--train-split", "train", "--iters", "2", "--val-every", "2")
+    result = run_script(args, cwd=tmp_path, timeout=180,
+                        module=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
+    logged = [r for r in read_log(out) if "val_miou" in r][-1]
+
+    # the same weights, one process, every val image once; metric by numpy
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    model = train.build_model(checkpoint["args"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    matrix = np.zeros((21, 21), np.int64)
+    for image, mask in train.VOCSegmentation(data, "val"):
+        H, W = mask.shape
+        with torch.no_grad():  # pad to a multiple of 8 at the bottom and right, crop the prediction back
+            logits = model(F.pad(image[None], (0, -W % 8, 0, -H % 8)))["out"][0, :, :H, :W]
+        keep = mask != 255
+        np.add.at(matrix, (mask[keep].numpy(), logits.argmax(0)[keep].numpy()), 1)
+    tp, union = np.diag(matrix), matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    assert logged["val_pixel_accuracy"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-4)
+    assert logged["val_miou"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- 6. benchmark
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_benchmark_prints_speed_and_memory(dense, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the benchmark writes nothing, not even the default out dir
+    capsys.readouterr()
+    train.main(["--benchmark", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+                "--benchmark-steps", "1", "--device", "cpu", *(["--dense-attention"] if dense else [])])
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    match = re.fullmatch(r"benchmark resnet18 crop 32 batch 2 fp32 cpu (\w+) attention: ([\d.]+) ms/step, "
+                         r"([\d.]+) images/s, peak memory ([\d.]+) GiB", lines[0])
+    assert match, lines[0]
+    attention, ms, images_per_s, memory = match[1], float(match[2]), float(match[3]), float(match[4])
+    assert attention == ("dense" if dense else "efficient")
+    assert ms > 0 and images_per_s == pytest.approx(2 * 1000 / ms, rel=0.01, abs=0.01)  # printed rounded
+    assert 0 < memory <= rss_gib + 0.005  # peak RSS of this process when it printed
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 7. synthetic data and the metric
+
+def test_synthetic_shapes_are_deterministic():
+    dataset = train.SyntheticShapes(8, size=32, seed=0)
+    image, mask = dataset[3]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert mask.shape == (32, 32) and mask.dtype == torch.int64
+    torch.manual_seed(123)  # the global generator does not matter
+    again = train.SyntheticShapes(8, size=32, seed=0)[3]
+    assert torch.equal(image, again[0]) and torch.equal(mask, again[1])
+    assert not torch.equal(mask, dataset[4][1]) and not torch.equal(mask, train.SyntheticShapes(8, 32, seed=1)[3][1])
+    assert len(dataset) == 8 and dataset.class_names == train.SHAPE_CLASSES
+    # every shape has its class colour (+-0.1 jitter, noise 0.04), on a background that is neither
+    for index in range(8):
+        image, mask = dataset[index]
+        assert set(mask.unique().tolist()) <= {0, 1, 2, 3} and (mask > 0).any() and (mask == 0).any()
+        pixels = unnormalise(image)
+        for label in mask.unique().tolist():
+            if label:
+                median = pixels[:, mask == label].median(1).values
+                torch.testing.assert_close(median, train.SyntheticShapes.COLOURS[label], atol=0.15, rtol=0)
+
+
+def test_confusion_matrix_by_hand():
+    # 5 classes; class 3 is only ever predicted (IoU 0), class 4 never appears (IoU nan, left out of the mean);
+    # the void pixels are predicted as 3 and 4, which must not count.
+    target = torch.tensor([[0, 0, 0, 1, 1], [1, 2, 2, 255, 255]])
+    prediction = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 0, 3, 4]])
+    metric = train.ConfusionMatrix(5)
+    metric.update(prediction, target)
+    metric.update(torch.tensor([3, 2]), torch.tensor([0, 2]))  # a second batch accumulates
+    expected = np.zeros((5, 5), np.int64)
+    for t, p in zip(target.flatten().tolist() + [0, 2], prediction.flatten().tolist() + [3, 2]):
+        if t != 255:
+            expected[t, p] += 1
+    assert np.array_equal(metric.matrix.numpy(), expected)
+    assert expected.sum() == 10
+    # by hand: class 0: 2 right of 4 true, predicted 3 times (2 + one 2-pixel) -> 2 / (4 + 3 - 2) = 2/5
+    #          class 1: 2 right of 3 true, predicted 3 times -> 2 / (3 + 3 - 2) = 1/2
+    #          class 2: 2 right of 3 true, predicted 3 times -> 2 / 4 = 1/2
+    #          class 3: 0 right, predicted once -> 0;  class 4: nothing -> nan
+    result = metric.compute()
+    np.testing.assert_allclose(result["iou"], [2 / 5, 1 / 2, 1 / 2, 0, np.nan])
+    assert result["miou"] == pytest.approx((2 / 5 + 1 / 2 + 1 / 2 + 0) / 4)
+    assert result["pixel_accuracy"] == pytest.approx(6 / 10)
+    assert math.isnan(train.ConfusionMatrix(3).compute()["miou"])  # nothing seen yet
+
+
+# ----------------------------------------------------------------------------- 8. what main() leaves behind
+
+def test_main_gives_back_sigint_handler_and_log_file(voc_root, tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
+    gc.collect()  # what earlier tests left
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.main(tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train", "--iters", "1"))
+        gc.collect()
+    assert (tmp_path / "out" / "last.pt").is_file()
+    log_file = str(tmp_path / "out" / "log.jsonl")
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning) and log_file in str(w.message)]
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+def run_evaluate(*args):
+    """python evaluate.py args in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -325,22 +991,6 @@ def voc_checkpoint(tmp_path_factory):
 
 def tiny_model(num_classes=3):
     return ClusterDANet(num_classes=num_classes, backbone="resnet18", num_clusters=32).eval()
-
-
-def test_confusion_matrix_against_hand_count():
-    metric = train.ConfusionMatrix(4)
-    target = torch.tensor([[0, 0, 1, 1], [1, 2, 255, 255]])
-    prediction = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 3]])  # the 255 pixels' predictions are ignored
-    metric.update(prediction, target)
-    expected = torch.zeros(4, 4, dtype=torch.int64)
-    for t, p in [(0, 0), (0, 1), (1, 1), (1, 1), (1, 2), (2, 2)]:
-        expected[t, p] += 1
-    assert torch.equal(metric.matrix, expected)
-    result = metric.compute()
-    # IoU = TP / (TP + FP + FN): class 0: 1/2, class 1: 2/(2+1+1), class 2: 1/2, class 3: absent from both
-    assert result["iou"][:3] == pytest.approx([1 / 2, 2 / 4, 1 / 2]) and math.isnan(result["iou"][3])
-    assert result["miou"] == pytest.approx((1 / 2 + 2 / 4 + 1 / 2) / 3)
-    assert result["pixel_accuracy"] == pytest.approx(4 / 6)
 
 
 def test_slide_window_covering_the_image_equals_whole_image():
@@ -383,23 +1033,22 @@ def test_multi_scale_flip_averages_probabilities():
     torch.testing.assert_close(scores, expected)
 
 
-def test_evaluate_demo_checkpoint_end_to_end(demo_checkpoint, tmp_path):
+def test_evaluate_demo_checkpoint_end_to_end(demo_run, tmp_path):
     """The demo checkpoint on its synthetic val set: --json, palette PNGs, overlays, clusters; ms + flip."""
     out = tmp_path / "pictures"
-    code, stdout, stderr = run_script("evaluate.py", "--checkpoint", demo_checkpoint, "--save-dir", out, "--json",
-                                      tmp_path / "r.json", "--show-clusters", "--workers", "0", "--batch-size", "3",
-                                      "--scales", "0.75", "1.0", "--flip")
-    assert code == 0, stderr
-    result = json.loads((tmp_path / "r.json").read_text())
-    assert set(result["per_class_iou"]) == set(train.SHAPE_CLASSES)
-    ious = [v for v in result["per_class_iou"].values() if v is not None]
-    assert result["miou"] == pytest.approx(sum(ious) / len(ious)) and 0 <= result["pixel_accuracy"] <= 1
-    assert f"mIoU {result['miou']:.4f}" in stdout
+    result = run_evaluate("--checkpoint", demo_run / "last.pt", "--save-dir", out, "--json", tmp_path / "r.json",
+                          "--show-clusters", "--workers", "0", "--batch-size", "3", "--scales", "0.75", "1.0", "--flip")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert set(summary["per_class_iou"]) == set(train.SHAPE_CLASSES)
+    ious = [v for v in summary["per_class_iou"].values() if v is not None]
+    assert summary["miou"] == pytest.approx(sum(ious) / len(ious)) and 0 <= summary["pixel_accuracy"] <= 1
+    assert f"mIoU {summary['miou']:.4f}" in result.stdout
     masks = sorted(out.glob("*.png"))
     assert len(masks) == 64 and len(list((out / "overlays").glob("*.png"))) == 64
     assert len(list((out / "clusters").glob("*.png"))) == 64
     with Image.open(masks[0]) as png:
-        assert png.mode == "P" and png.size == (64, 64)
+        assert png.mode == "P" and png.size == (32, 32)  # the demo run's val images
         assert set(np.unique(np.array(png))) <= {0, 1, 2, 3}
         assert png.getpalette()[:6] == [0, 0, 0, 128, 0, 0]  # VOC colours: background black, class 1 dark red
 
@@ -407,10 +1056,10 @@ def test_evaluate_demo_checkpoint_end_to_end(demo_checkpoint, tmp_path):
 def test_evaluate_images_end_to_end(voc_checkpoint, tmp_path):
     for name, size in (("a.jpg", (50, 34)), ("b.png", (23, 41))):
         Image.fromarray(np.random.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name)
-    code, stdout, stderr = run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--image", tmp_path / "a.jpg",
-                                      tmp_path / "b.png", "--save-dir", tmp_path / "out", "--device", "cpu")
-    assert code == 0, stderr
-    assert "a.jpg:" in stdout and "b.png:" in stdout
+    result = run_evaluate("--checkpoint", voc_checkpoint, "--image", tmp_path / "a.jpg", tmp_path / "b.png",
+                          "--save-dir", tmp_path / "out", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "a.jpg:" in result.stdout and "b.png:" in result.stdout
     for name, size in (("a", (50, 34)), ("b", (23, 41))):
         with Image.open(tmp_path / "out" / f"{name}.png") as png:
             assert png.mode == "P" and png.size == size and np.array(png).max() <= 20
@@ -419,9 +1068,40 @@ def test_evaluate_images_end_to_end(voc_checkpoint, tmp_path):
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
-def test_evaluate_bad_inputs(demo_checkpoint, voc_checkpoint, tmp_path):
+def test_evaluate_voc_end_to_end(voc_checkpoint, tmp_path):
+    """A VOC tree: per-image palette PNGs named by id at each image's size, equal to an independent prediction."""
+    voc = make_voc(tmp_path / "data", n_train=1, n_val=3)
+    result = run_evaluate("--checkpoint", voc_checkpoint, "--data-root", tmp_path / "data", "--save-dir",
+                          tmp_path / "out", "--json", tmp_path / "r.json", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert list(summary["per_class_iou"]) == list(train.VOC_CLASSES) and summary["images"] == 3
+    checkpoint = torch.load(voc_checkpoint, weights_only=True)
+    model = train.build_model(checkpoint["args"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    matrix = np.zeros((21, 21), np.int64)
+    for name in (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split():
+        with Image.open(voc / "JPEGImages" / f"{name}.jpg") as jpeg:
+            image = torch.from_numpy(np.array(jpeg.convert("RGB"))).permute(2, 0, 1) / 255
+        image = (image - MEAN[:, None, None]) / STD[:, None, None]
+        h, w = image.shape[1:]
+        with torch.no_grad():  # pad to a multiple of 8 at the bottom and right, crop back
+            expected = model(F.pad(image[None], (0, -w % 8, 0, -h % 8)))["out"][0, :, :h, :w].argmax(0).numpy()
+        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+            assert png.mode == "P" and png.size == (w, h)
+            assert (np.array(png) == expected).mean() > 0.999  # argmax ties may differ by a pixel
+        with Image.open(voc / "SegmentationClass" / f"{name}.png") as truth:
+            truth = np.array(truth)
+        keep = truth != 255
+        np.add.at(matrix, (truth[keep], expected[keep]), 1)
+        assert (tmp_path / "out" / "overlays" / f"{name}.png").is_file()
+    assert summary["pixel_accuracy"] == pytest.approx(np.diag(matrix).sum() / matrix.sum(), abs=1e-3)
+
+
+def test_evaluate_bad_inputs(demo_run, voc_checkpoint, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(demo_checkpoint.read_bytes()[:5000])
+    truncated.write_bytes((demo_run / "last.pt").read_bytes()[:5000])
     not_a_checkpoint = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, not_a_checkpoint)
     other_model = tmp_path / "other.pt"
@@ -433,15 +1113,23 @@ def test_evaluate_bad_inputs(demo_checkpoint, voc_checkpoint, tmp_path):
     not_voc = tmp_path / "not_voc"
     not_voc.mkdir()
 
-    assert_user_error(run_script("evaluate.py", "--checkpoint", tmp_path / "missing.pt"), "missing.pt", "not found")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", truncated), "truncated.pt", "cannot be read")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", not_a_checkpoint), "not a train.py checkpoint")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", other_model), "other.pt", "another model")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint), "--data-root")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--data-root", tmp_path / "nowhere"),
-                      "nowhere", "does not exist")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--data-root", not_voc), "not_voc")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--image", broken_image),
-                      "broken.jpg")
-    assert_user_error(run_script("evaluate.py", "--checkpoint", voc_checkpoint, "--show-clusters", "--image",
-                                 broken_image), "--save-dir")
+    # two as a user runs them (exit code, no traceback), the others in this process (faster)
+    assert_script_error(run_evaluate("--checkpoint", tmp_path / "missing.pt"), "missing.pt", "not found")
+    assert_script_error(run_evaluate("--checkpoint", voc_checkpoint, "--image", broken_image), "broken.jpg")
+
+    def check(argv, *fragments):
+        line = cli_error(capsys, argv, main=evaluate.main)
+        assert all(f in line for f in fragments), line
+
+    check(["--checkpoint", truncated], "truncated.pt", "cannot be read")
+    check(["--checkpoint", not_a_checkpoint], "not a train.py checkpoint")
+    check(["--checkpoint", other_model], "other.pt", "another model")
+    check(["--checkpoint", voc_checkpoint], "--data-root")
+    check(["--checkpoint", voc_checkpoint, "--data-root", tmp_path / "nowhere"], "nowhere", "does not exist")
+    check(["--checkpoint", voc_checkpoint, "--data-root", not_voc], "not_voc")
+    make_voc(tmp_path / "voc")
+    check(["--checkpoint", voc_checkpoint, "--data-root", tmp_path / "voc", "--split", "train_aug"],
+          "train_aug.txt not found")
+    check(["--checkpoint", demo_run / "last.pt", "--data-root", tmp_path / "voc"],
+          "predicts 4 classes, the dataset has 21")
+    check(["--checkpoint", voc_checkpoint, "--show-clusters", "--image", broken_image], "--save-dir")

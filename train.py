@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -290,8 +290,12 @@ def build_model(config):
 def save_checkpoint(state, path):
     """torch.save to a temporary file, then rename: an interrupt never leaves a half-written checkpoint."""
     tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: keep the previous file, leave no temporary one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -325,6 +329,13 @@ VOC = dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, 
            lr=0.01, workers=8, val_every=2000, log_every=50, out_dir="runs/voc")
 
 
+def positive(text):
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = "default: VOC {} / demo {}".format
@@ -334,32 +345,34 @@ def parse_args(argv=None):
     p.add_argument("--val-split", default="val", choices=["val", "train", "trainval"])
     p.add_argument("--backbone", choices=BACKBONES, help=d(VOC["backbone"], DEMO["backbone"]))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("yes", "no"))
-    p.add_argument("--num-clusters", type=int, help="K, default: the branch width (512, or 128 for resnet18/34)")
+    p.add_argument("--num-clusters", type=positive, help="K, default: the branch width (512, or 128 for resnet18/34)")
     p.add_argument("--temperature", type=float, default=100.0, help="clustering softmax temperature")
     p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
-    p.add_argument("--crop-size", type=int, help=d(VOC["crop_size"], DEMO["crop_size"]))
-    p.add_argument("--base-size", type=int, help="longer side before the 0.5-2x random scale; "
+    p.add_argument("--crop-size", type=positive, help=d(VOC["crop_size"], DEMO["crop_size"]))
+    p.add_argument("--base-size", type=positive, help="longer side before the 0.5-2x random scale; "
                    + d(VOC["base_size"], DEMO["base_size"]))
-    p.add_argument("--batch-size", type=int, help="per process; " + d(VOC["batch_size"], DEMO["batch_size"]))
-    p.add_argument("--iters", type=int, help="optimizer steps; " + d(VOC["iters"], DEMO["iters"]))
+    p.add_argument("--batch-size", type=positive, help="per process; " + d(VOC["batch_size"], DEMO["batch_size"]))
+    p.add_argument("--iters", type=positive, help="optimizer steps; " + d(VOC["iters"], DEMO["iters"]))
     p.add_argument("--lr", type=float, help="backbone LR (head: 10x); " + d(VOC["lr"], DEMO["lr"]))
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--aux-weight", type=float, default=0.2, help="weight of the position and channel losses")
     p.add_argument("--workers", type=int, help="data loading processes; " + d(VOC["workers"], DEMO["workers"]))
-    p.add_argument("--demo-images", type=int, default=1000, help="size of the synthetic training set")
+    p.add_argument("--demo-images", type=positive, default=1000, help="size of the synthetic training set")
     p.add_argument("--out-dir", help=d(VOC["out_dir"], DEMO["out_dir"]))
     p.add_argument("--resume", help="a last.pt to continue from (same schedule)")
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
                    "else fp16 on GPU; fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--val-every", type=int, help=d(VOC["val_every"], DEMO["val_every"]))
-    p.add_argument("--log-every", type=int, help=d(VOC["log_every"], DEMO["log_every"]))
+    p.add_argument("--val-every", type=positive, help=d(VOC["val_every"], DEMO["val_every"]))
+    p.add_argument("--log-every", type=positive, help=d(VOC["log_every"], DEMO["log_every"]))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
-    p.add_argument("--benchmark-steps", type=int, default=10)
+    p.add_argument("--benchmark-steps", type=positive, default=10)
     args = p.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        p.error("argument --workers: expected a number >= 0")
     for key, value in (VOC if args.data_root else DEMO).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -411,7 +424,7 @@ def train_step(model, images, masks, optimizer, scaler, autocast, aux_weight):
     return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
 
 
-def benchmark(args, model, optimizer, scaler, device, autocast):
+def benchmark(args, model, optimizer, scaler, device, autocast, master=True):
     """Time training steps on random tensors: no dataset, no data loading."""
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
     images = images.to(memory_format=torch.channels_last)
@@ -426,9 +439,10 @@ def benchmark(args, model, optimizer, scaler, device, autocast):
     sync()
     ms = (time.perf_counter() - start) / args.benchmark_steps * 1000
     attention = "dense" if args.dense_attention else "efficient"
-    print(f"benchmark {args.backbone} crop {args.crop_size} batch {args.batch_size} {args.precision} {device.type} "
-          f"{attention} attention: {ms:.1f} ms/step, {args.batch_size * 1000 / ms:.2f} images/s, "
-          f"peak memory {peak_memory_gib(device):.2f} GiB")
+    if master:
+        print(f"benchmark {args.backbone} crop {args.crop_size} batch {args.batch_size} {args.precision} {device.type} "
+              f"{attention} attention: {ms:.1f} ms/step, {args.batch_size * 1000 / ms:.2f} images/s, "
+              f"peak memory {peak_memory_gib(device):.2f} GiB")
 
 
 def main(argv=None):
@@ -440,6 +454,10 @@ def main(argv=None):
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
+        missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
+        if missing:
+            raise UserError(f"{args.resume} is not a train.py checkpoint to resume from "
+                            f"(no {', '.join(sorted(missing))})")
         if checkpoint["args"]["backbone"] != args.backbone:
             raise UserError(f"checkpoint {args.resume} is for {checkpoint['args']['backbone']}, not {args.backbone}")
     if args.benchmark:
@@ -456,12 +474,16 @@ def main(argv=None):
     model = build_model({**config, "pretrained": args.pretrained and checkpoint is None})
     if checkpoint is not None:
         load_model_state(model, checkpoint, args.resume)
-    if world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+        if checkpoint["args"]["iters"] != args.iters:
+            raise UserError(f"checkpoint {args.resume} follows a schedule of {checkpoint['args']['iters']} "
+                            f"iterations: resume with --iters {checkpoint['args']['iters']}")
+    if world_size > 1 and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last)
     raw_model = model  # for saving: no DDP / compile wrappers in the state dict
     if args.compile:
         model = torch.compile(model)
+    eval_model = model  # validation runs without DDP, whose forward would expect every rank in step
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -479,27 +501,26 @@ def main(argv=None):
 
     if args.benchmark:
         model.train()
-        return benchmark(args, model, optimizer, scaler, device, autocast) if master else None
+        return benchmark(args, model, optimizer, scaler, device, autocast, master)
 
     sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if world_size > 1 else None
     loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
                          persistent_workers=args.workers > 0)
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                               **loader_kwargs)
-    val_sampler = DistributedSampler(val_set, shuffle=False) if world_size > 1 else None
-    val_loader = DataLoader(val_set, 1, sampler=val_sampler, collate_fn=pad_collate, **loader_kwargs)
+    val_shard = Subset(val_set, range(rank, len(val_set), world_size))  # each image once: the metric is exact
+    val_loader = DataLoader(val_shard, 1, collate_fn=pad_collate, **loader_kwargs)
     out_dir = Path(args.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(out_dir / "log.jsonl", "a")
         print(f"training {args.backbone} on {type(train_set).__name__} {len(train_set)} images, {world_size} "
               f"process(es) on {device.type}, {args.precision}, {args.iters} iterations from {iteration}")
 
     def log(record, text):
         if master:
             print(text, flush=True)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            with open(out_dir / "log.jsonl", "a") as log_file:
+                log_file.write(json.dumps(record) + "\n")
 
     def save(name):
         if master:
@@ -508,54 +529,78 @@ def main(argv=None):
                              "iteration": iteration, "best_miou": best_miou, "args": config,
                              "class_names": list(train_set.class_names)}, out_dir / name)
 
+    def train_loop():
+        nonlocal iteration, best_miou
+        epoch, batches = iteration // len(train_loader), iter(())
+        start, start_iteration, sums, logged_steps = time.perf_counter(), iteration, {}, 0
+        model.train()
+        stopping = False
+        while iteration < args.iters and not stopping:
+            try:
+                images, masks = next(batches)
+            except StopIteration:
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                batches, epoch = iter(train_loader), epoch + 1
+                continue
+            images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+            masks = masks.to(device, non_blocking=True)
+            losses = train_step(model, images, masks, optimizer, scaler, autocast, args.aux_weight)
+            scheduler.step()
+            iteration += 1
+            sums = {k: sums.get(k, 0) + v for k, v in losses.items()}  # stays on the device: no sync
+            logged_steps += 1
+
+            if iteration % args.log_every == 0 or iteration == args.iters:
+                steps, elapsed = iteration - start_iteration, time.perf_counter() - start
+                record = {"iteration": iteration, **{k: v.item() / logged_steps for k, v in sums.items()},
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": steps * args.batch_size * world_size / elapsed,
+                          "ms_per_iter": elapsed / steps * 1000, "eta_s": elapsed / steps * (args.iters - iteration),
+                          "peak_memory_gib": peak_memory_gib(device)}
+                log(record, f"iter {iteration}/{args.iters} loss {record['loss']:.4f} (out {record['out']:.4f} "
+                            f"position {record['position']:.4f} channel {record['channel']:.4f}) lr {record['lr']:.5f} "
+                            f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
+                            f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB")
+                sums, logged_steps = {}, 0
+
+            if iteration % args.val_every == 0 or iteration == args.iters:
+                metric = evaluate(eval_model, val_loader, args.num_classes, device, autocast).compute()
+                model.train()
+                best = metric["miou"] > best_miou
+                best_miou = max(best_miou, metric["miou"])
+                log({"iteration": iteration, "val_miou": metric["miou"],
+                     "val_pixel_accuracy": metric["pixel_accuracy"]},
+                    f"val iter {iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
+                    + (" (best)" if best else ""))
+                save("last.pt")
+                if best:
+                    save("best.pt")
+
+            if world_size == 1 or iteration % args.log_every == 0:  # a collective: only every log step under DDP
+                stopping = agreed_stop()
+        return stopping
+
     stop = []  # Ctrl-C: finish the step, save last.pt, exit; a second Ctrl-C exits at once
-    signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
 
-    epoch, batches = iteration // len(train_loader), iter(())
-    start, start_iteration, sums, logged_steps = time.perf_counter(), iteration, {}, 0
-    model.train()
-    while iteration < args.iters and not stop:
-        try:
-            images, masks = next(batches)
-        except StopIteration:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            batches, epoch = iter(train_loader), epoch + 1
-            continue
-        images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-        masks = masks.to(device, non_blocking=True)
-        losses = train_step(model, images, masks, optimizer, scaler, autocast, args.aux_weight)
-        scheduler.step()
-        iteration += 1
-        sums = {k: sums.get(k, 0) + v for k, v in losses.items()}  # stays on the device: no sync
-        logged_steps += 1
+    def on_interrupt(*_):
+        stop.append(1)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-        if iteration % args.log_every == 0 or iteration == args.iters:
-            steps, elapsed = iteration - start_iteration, time.perf_counter() - start
-            record = {"iteration": iteration, **{k: v.item() / logged_steps for k, v in sums.items()},
-                      "lr": optimizer.param_groups[0]["lr"],
-                      "images_per_s": steps * args.batch_size * world_size / elapsed,
-                      "ms_per_iter": elapsed / steps * 1000, "eta_s": elapsed / steps * (args.iters - iteration),
-                      "peak_memory_gib": peak_memory_gib(device)}
-            log(record, f"iter {iteration}/{args.iters} loss {record['loss']:.4f} (out {record['out']:.4f} position "
-                        f"{record['position']:.4f} channel {record['channel']:.4f}) lr {record['lr']:.5f} "
-                        f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
-                        f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB")
-            sums, logged_steps = {}, 0
+    def agreed_stop():  # under DDP every rank must leave the loop after the same iteration
+        if world_size == 1:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
-        if iteration % args.val_every == 0 or iteration == args.iters:
-            metric = evaluate(model, val_loader, args.num_classes, device, autocast).compute()
-            model.train()
-            best = metric["miou"] > best_miou
-            best_miou = max(best_miou, metric["miou"])
-            log({"iteration": iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"]},
-                f"val iter {iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
-                + (" (best)" if best else ""))
-            save("last.pt")
-            if best:
-                save("best.pt")
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        interrupted = train_loop()
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
 
-    if stop:
+    if interrupted:
         save("last.pt")
         log({"iteration": iteration, "interrupted": True}, f"interrupted: saved {out_dir / 'last.pt'} at iteration "
                                                            f"{iteration}; continue with --resume")
