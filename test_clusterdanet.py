@@ -762,6 +762,16 @@ def test_cuda_without_cuda_exits_2(tmp_path, capsys):
     assert_nothing_half_written(tmp_path, tmp_path / "out")
 
 
+def test_offline_downloads_exit_2(voc_root, tmp_path, capsys, monkeypatch):
+    """ImageNet weights and --download need the internet: offline (see isolate), one clear line each."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached weights
+    line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", voc_root, "--train-split", "train", "--pretrained"))
+    assert "could not download the ImageNet weights of resnet18" in line and "--no-pretrained" in line
+    line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", tmp_path / "new", "--download"))
+    assert f"could not download VOC 2012 into {tmp_path / 'new'}" in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
 def bad_checkpoint(case, real, tmp_path):
     """(path, expected message fragment) for a --resume checkpoint that train.py must refuse."""
     path = tmp_path / f"{case}.pt"

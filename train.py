@@ -282,9 +282,15 @@ def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=p
 
 def build_model(config):
     """ClusterDANet from a train.py args dict (as stored in every checkpoint)."""
-    return ClusterDANet(num_classes=config["num_classes"], backbone=config["backbone"],
-                        pretrained_backbone=config.get("pretrained", False), num_clusters=config["num_clusters"],
-                        temperature=config["temperature"], dense_attention=config["dense_attention"])
+    pretrained = config.get("pretrained", False)
+    try:
+        return ClusterDANet(num_classes=config["num_classes"], backbone=config["backbone"],
+                            pretrained_backbone=pretrained, num_clusters=config["num_clusters"],
+                            temperature=config["temperature"], dense_attention=config["dense_attention"])
+    except RuntimeError as e:  # the ImageNet weights could not be downloaded: the message says what to do
+        if pretrained:
+            raise UserError(str(e)) from None
+        raise
 
 
 def save_checkpoint(state, path):
