@@ -258,6 +258,7 @@ def main(argv=None):
             print(f"{path}: {found}")
             if save_dir:
                 save_pictures(image, prediction, Path(path).stem)
+        print(f"peak memory {train.peak_memory_gib(device):.2f} GiB")
         return
 
     if args.data_root:
@@ -292,7 +293,7 @@ def main(argv=None):
     print_table(result, class_names)
     split = args.split if args.data_root else "synthetic val"
     print(f"{args.checkpoint} on {split} ({len(dataset)} images, {protocol}): mIoU {result['miou']:.4f}, "
-          f"pixel accuracy {result['pixel_accuracy']:.4f}")
+          f"pixel accuracy {result['pixel_accuracy']:.4f}, peak memory {train.peak_memory_gib(device):.2f} GiB")
     if args.json:
         summary = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
                    "per_class_iou": {n: None if math.isnan(v) else v for n, v in zip(class_names, result["iou"])},
