@@ -253,7 +253,7 @@ def main(argv=None):
             image = transform(train.read_image(path)).to(device)  # [3, H, W]
             with torch.inference_mode(), autocast():
                 prediction = predict(model, image[None], **options).argmax(1)[0]  # [H, W]
-            counts = prediction.flatten().bincount(minlength=len(class_names))
+            counts = prediction.flatten().bincount(minlength=len(class_names))  # [H, W] -> [num_classes]
             found = ", ".join(f"{class_names[c]} {counts[c] / prediction.numel():.0%}" for c in counts.nonzero()[:, 0])
             print(f"{path}: {found}")
             if save_dir:

@@ -104,7 +104,7 @@ def read_image(path):
     """[3, H, W] uint8 tv_tensors.Image; an unreadable file is a UserError that names it."""
     try:
         with Image.open(path) as image:
-            return tv_tensors.Image(np.array(image.convert("RGB")).transpose(2, 0, 1))
+            return tv_tensors.Image(np.array(image.convert("RGB")).transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 
@@ -212,7 +212,8 @@ def pad_collate(batch):
     sizes = torch.tensor([image.shape[1:] for image, _ in batch])  # [B, 2]
     H, W = sizes.amax(0).tolist()
     images = torch.stack([F.pad(i, (0, W - i.shape[2], 0, H - i.shape[1])) for i, _ in batch])  # [B, 3, H, W]
-    masks = torch.stack([F.pad(m, (0, W - m.shape[1], 0, H - m.shape[0]), value=IGNORE_INDEX) for _, m in batch])
+    masks = torch.stack([F.pad(m, (0, W - m.shape[1], 0, H - m.shape[0]), value=IGNORE_INDEX)
+                         for _, m in batch])  # [B, H, W]
     return images, masks, sizes
 
 
@@ -232,7 +233,7 @@ class ConfusionMatrix:
     def update(self, prediction, target):
         keep = target != IGNORE_INDEX
         index = target[keep] * self.num_classes + prediction[keep]  # [n_pixels]
-        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)  # [K, K]
 
     def all_reduce(self):
         if dist.is_available() and dist.is_initialized():
