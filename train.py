@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -32,6 +31,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from clusterdanet import BACKBONES, ClusterDANet
+
+try:
+    import resource  # Unix only: the peak memory of a CPU run
+except ImportError:
+    resource = None
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -154,8 +158,8 @@ class SyntheticShapes(Dataset):
     """A deterministic in-memory dataset for the demo: discs, squares and triangles on a textured background.
 
     Image `index` is drawn from a generator seeded with (seed, index), so every run sees the same data.
-    Each class has its own colour (jittered) on a grey, textured background, so a small network trained
-    from scratch learns it in minutes.
+    Each class has its own colour (jittered) on a grey, textured background, so a small network without
+    pretrained weights learns it in minutes.
     """
 
     COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.25, 0.2], [0.2, 0.8, 0.3], [0.25, 0.35, 0.95]])  # [4, 3]
@@ -413,7 +417,10 @@ def setup_device(args):
 def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS (KiB on Linux)
+    if resource is None:
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process's peak RSS: KiB, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 # ----------------------------------------------------------------------------- training
