@@ -15,7 +15,6 @@ The metric, the dataset and the whole-image prediction are train.py's: validatio
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import draw_keypoints, draw_segmentation_masks, make_grid, save_image
 
 import train
-from train import MEAN, STD, UserError
+from train import MEAN, STD, UserError, save_atomic
 
 
 def voc_palette():
@@ -73,6 +72,7 @@ def predict_slide(model, images, crop_size):
 def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=512):
     """Scores [B, K, H, W]: logits for one scale without flip, else softmax averaged over scales and flips."""
     H, W = images.shape[-2:]
+
     def run(x):
         return train.predict_logits(model, x) if mode == "whole" else predict_slide(model, x, crop_size)
 
@@ -92,14 +92,6 @@ def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=51
 
 
 # ----------------------------------------------------------------------------- pictures
-
-def save_atomic(path, write):
-    """write(tmp_path) then rename, so an interrupt never leaves a half-written picture."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def save_label_png(labels, path):
     """VOC's submission format: a palette PNG whose pixel values are the class indices."""

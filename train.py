@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -75,8 +76,6 @@ def find_voc_root(data_root):
 
 
 def download_voc(data_root):
-    import torchvision  # only this uses the rest of torchvision
-
     try:
         torchvision.datasets.VOCSegmentation(data_root, year="2012", image_set="trainval", download=True)
     except OSError as e:  # URLError and socket errors included
@@ -298,15 +297,21 @@ def build_model(config):
         raise
 
 
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, then rename: an interrupt never leaves a half-written checkpoint."""
+def save_atomic(path, write):
+    """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:  # disk full, Ctrl-C: keep the previous file, leave no temporary one
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(state, path):
+    save_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -543,8 +548,21 @@ def main(argv=None):
                              "iteration": iteration, "best_miou": best_miou, "args": config,
                              "class_names": list(train_set.class_names)}, out_dir / name)
 
-    def train_loop():
-        nonlocal iteration, best_miou
+    stop = []  # Ctrl-C: finish the step, save last.pt, exit; a second Ctrl-C exits at once
+
+    def on_interrupt(*_):
+        stop.append(1)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def agreed_stop():  # under DDP every rank must leave the loop after the same iteration
+        if world_size == 1:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    try:
         epoch, batches = iteration // len(train_loader), iter(())
         start, start_iteration, sums, logged_steps = time.perf_counter(), iteration, {}, 0
         model.train()
@@ -593,28 +611,10 @@ def main(argv=None):
 
             if world_size == 1 or iteration % args.log_every == 0:  # a collective: only every log step under DDP
                 stopping = agreed_stop()
-        return stopping
-
-    stop = []  # Ctrl-C: finish the step, save last.pt, exit; a second Ctrl-C exits at once
-
-    def on_interrupt(*_):
-        stop.append(1)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    def agreed_stop():  # under DDP every rank must leave the loop after the same iteration
-        if world_size == 1:
-            return bool(stop)
-        flag = torch.tensor([float(bool(stop))], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
-
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        interrupted = train_loop()
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
-    if interrupted:
+    if stopping:
         save("last.pt")
         log({"iteration": iteration, "interrupted": True}, f"interrupted: saved {out_dir / 'last.pt'} at iteration "
                                                            f"{iteration}; continue with --resume")
