@@ -15,6 +15,7 @@ The metric, the dataset and the whole-image prediction are train.py's: validatio
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -192,7 +193,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["whole", "slide"], default="whole")
     p.add_argument("--crop-size", type=int, default=512, help="window size for --mode slide")
     p.add_argument("--batch-size", type=int, default=1, help="images of a batch are padded to one size; 1 is exact")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--save-dir", help="write <id>.png (VOC palette PNG) and overlays/<id>.png for every image")

@@ -342,7 +342,7 @@ def load_model_state(model, checkpoint, path):
 DEMO = dict(backbone="resnet18", pretrained=False, crop_size=64, base_size=64, batch_size=8, iters=500, lr=0.01,
             workers=0, val_every=250, log_every=25, out_dir="runs/demo")
 VOC = dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16, iters=30000,
-           lr=0.01, workers=8, val_every=2000, log_every=50, out_dir="runs/voc")
+           lr=0.01, workers=min(8, os.cpu_count() or 1), val_every=2000, log_every=50, out_dir="runs/voc")
 
 
 def positive(text):
