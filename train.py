@@ -372,7 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="backbone LR (head: 10x); " + d(VOC["lr"], DEMO["lr"]))
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--aux-weight", type=float, default=0.2, help="weight of the position and channel losses")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the position and channel losses "
+                   "(1.0: the original DANet code's equal weights)")
     p.add_argument("--workers", type=int, help="data loading processes; " + d(VOC["workers"], DEMO["workers"]))
     p.add_argument("--demo-images", type=positive, default=1000, help="size of the synthetic training set")
     p.add_argument("--out-dir", help=d(VOC["out_dir"], DEMO["out_dir"]))
