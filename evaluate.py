@@ -184,7 +184,8 @@ def save_clusters(model, image, path, num_queries=3):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt or last.pt)")
+    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt or last.pt), or one of the "
+                   "original DANet code (DANet101.pth.tar)")
     p.add_argument("--data-root", help="VOC2012 folder or its parent; default: the demo's synthetic val set "
                    "for a demo checkpoint")
     p.add_argument("--split", default="val", choices=["val", "train", "trainval", "train_aug"])
@@ -208,8 +209,11 @@ def parse_args(argv=None):
 
 
 def load_model(path, device):
+    """A train.py checkpoint, or one of the original DANet code (DANet101.pth.tar) read as it is."""
     checkpoint = train.load_checkpoint(path)
     config = checkpoint["args"]
+    if checkpoint.get("original"):
+        print(train.describe(checkpoint, path))
     try:
         model = train.build_model({**config, "pretrained": False})
     except (KeyError, TypeError, ValueError) as e:
@@ -229,6 +233,8 @@ def main(argv=None):
     args = parse_args(argv)
     device, _, _, autocast = train.setup_device(args)
     model, config, class_names = load_model(args.checkpoint, device)
+    if args.show_clusters and not config.get("clustering", True):
+        raise UserError(f"--show-clusters draws the clustering layer, and {args.checkpoint} is plain DANet")
     save_dir = Path(args.save_dir) if args.save_dir else None
     options = dict(scales=args.scales, flip=args.flip, mode=args.mode, crop_size=args.crop_size)
     protocol = f"{args.mode}, scales {' '.join(map(str, args.scales))}{', flip' if args.flip else ''}"
@@ -261,7 +267,8 @@ def main(argv=None):
         dataset = train.SyntheticShapes(64, config["base_size"], seed=1)
         ids = [f"shapes_{i:03d}" for i in range(len(dataset))]
     else:
-        raise UserError(f"checkpoint {args.checkpoint} was trained on VOC: give --data-root (or --image)")
+        raise UserError(f"checkpoint {args.checkpoint} was trained on {config.get('dataset') or 'VOC'}: "
+                        f"give --data-root (or --image)")
     if len(dataset.class_names) != config["num_classes"]:
         raise UserError(f"checkpoint {args.checkpoint} predicts {config['num_classes']} classes, the dataset has "
                         f"{len(dataset.class_names)}")
