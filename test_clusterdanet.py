@@ -1182,7 +1182,8 @@ def test_plain_danet_follows_the_equations():
 
     def conv_bn_relu(x, prefix):
         x = F.conv2d(x, w[f"{prefix}.0.weight"], padding=1)
-        x = (x - b[f"{prefix}.1.running_mean"][:, None, None]) / torch.sqrt(b[f"{prefix}.1.running_var"] + 1e-5)[:, None, None]
+        mean, var = b[f"{prefix}.1.running_mean"], b[f"{prefix}.1.running_var"]
+        x = (x - mean[:, None, None]) / torch.sqrt(var + 1e-5)[:, None, None]
         return F.relu(x * w[f"{prefix}.1.weight"][:, None, None] + w[f"{prefix}.1.bias"][:, None, None])
 
     def conv1x1(x, prefix):
@@ -1218,7 +1219,8 @@ def test_plain_danet_checkpoint_round_trip(tmp_path, capsys):
     assert checkpoint["args"]["clustering"] is False and checkpoint["args"]["multi_grid"] is False
     assert not [k for k in checkpoint["model"] if "centers" in k or "counts" in k]
     model, config, _ = evaluate.load_model(out / "last.pt", torch.device("cpu"))
-    assert isinstance(model.position_branch[1], torch.nn.Identity) and isinstance(model.channel_branch[1], torch.nn.Identity)
+    assert isinstance(model.position_branch[1], torch.nn.Identity)
+    assert isinstance(model.channel_branch[1], torch.nn.Identity)
     check = cli_error(capsys, ["--checkpoint", out / "last.pt", "--save-dir", tmp_path / "p", "--show-clusters"],
                       main=evaluate.main)
     assert "plain DANet" in check
@@ -1281,7 +1283,8 @@ class OriginalResNet(torch.nn.Module):
         inplanes = 64
         dilations = ([1] * blocks[0], [1] * blocks[1], [1] + [2] * (blocks[2] - 1), [4, 8, 16])
         for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 1), (512, 1))):
-            downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
             layer = [OriginalBottleneck(inplanes, planes, stride, dilations[i][0], downsample)]
             layer += [OriginalBottleneck(planes * 4, planes, 1, d) for d in dilations[i][1:]]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
@@ -1461,7 +1464,7 @@ def test_init_from_original_checkpoint_loads_backbone_and_head(original_checkpoi
 
 
 def test_init_from_on_the_command_line(demo_run, tmp_path, capsys):
-    """train.py --init-from (here a train.py checkpoint into plain DANet): with lr 0 the saved weights are the file's."""
+    """train.py --init-from, a train.py checkpoint into plain DANet: with lr 0 the saved weights are the file's."""
     train.main(tiny(tmp_path / "plain", "--no-clustering", "--init-from", str(demo_run / "last.pt"), "--lr", "0",
                     "--iters", "1", "--demo-images", "2"))
     out = capsys.readouterr().out

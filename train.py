@@ -377,7 +377,8 @@ def from_original(checkpoint, path):
     DANet101 (--multi-grid --multi-dilation 4 8 16 --os 8 --no-deepstem); the depth is read off its blocks.
     """
     state = checkpoint["state_dict"]
-    blocks = tuple(len({k.split(".")[2] for k in state if k.startswith(f"pretrained.layer{i}.")}) for i in range(1, 5))
+    blocks = tuple(len({k.split(".")[2] for k in state if k.startswith(f"pretrained.layer{i}.") and k.count(".") > 2})
+                   for i in range(1, 5))  # pretrained.layer3.22.conv1.weight: block 22 of layer3
     if "pretrained.conv1.weight" not in state:
         raise UserError(f"{path} is an original DANet checkpoint with a deep stem (pretrained.conv1.0.*): only the "
                         f"plain 7x7 stem (--no-deepstem, as in DANet101) has a counterpart here")
@@ -444,7 +445,8 @@ def init_from(model, path, log=print):
     kind = "the original DANet code's checkpoint" if checkpoint.get("original") else "a train.py checkpoint"
     log(f"init from {path} ({kind}): loaded {sum(loaded.values())} tensors "
         f"({', '.join(f'{part} {n}' for part, n in loaded.items())})")
-    for label, names in (("kept fresh (clustering)", sorted(fresh)), ("skipped, other shape (file -> model)", other_shape),
+    for label, names in (("kept fresh (clustering)", sorted(fresh)),
+                         ("skipped, other shape (file -> model)", other_shape),
                          ("skipped, not in the file", absent), ("unused from the file", unused)):
         if names:
             log(f"  {label} {some(names)}")
