@@ -31,6 +31,8 @@ from torchvision.utils import draw_keypoints, draw_segmentation_masks, make_grid
 import train
 from train import MEAN, STD, UserError, save_atomic
 
+LARGE_IMAGE = 2048 * 1024  # pixels: above this, --image in whole mode suggests --mode slide
+
 
 def voc_palette():
     """VOC's colour map as 256 (r, g, b) tuples: class c's colour is read off the bits of c."""
@@ -203,31 +205,52 @@ def save_clusters(model, image, path, num_queries=3):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt or last.pt)")
+    p = train.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    path = os.path.expanduser  # every path flag accepts ~
+    p.add_argument("--checkpoint", type=path, required=True, help="a train.py checkpoint (best.pt or last.pt)")
     p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"], help="default: the checkpoint's (voc for a "
                    "demo checkpoint given --data-root)")
-    p.add_argument("--data-root", help="the dataset's folder, as for train.py; default: the demo's synthetic val set "
-                   "for a demo checkpoint")
+    p.add_argument("--data-root", type=path, help="the dataset's folder, as for train.py; default: the demo's "
+                   "synthetic val set for a demo checkpoint")
     p.add_argument("--split", default="val", choices=["val", "train", "trainval", "train_aug"])
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
+    p.add_argument("--scales", type=train.positive_float, nargs="+", default=[1.0],
+                   help="e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    p.add_argument("--crop-size", type=int, default=512, help="window size for --mode slide")
-    p.add_argument("--batch-size", type=int, default=1, help="images of a batch are padded to one size; 1 is exact")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--crop-size", type=train.positive, default=512, help="window size for --mode slide")
+    p.add_argument("--batch-size", type=train.positive, default=1,
+                   help="images of a batch are padded to one size; 1 is exact")
+    p.add_argument("--workers", type=train.non_negative, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--save-dir", help="write <id>.png (class indices; Cityscapes: label ids) and overlays/<id>.png "
-                   "for every image")
-    p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--image", nargs="+", help="predict these image files instead of a dataset")
+    p.add_argument("--save-dir", type=path, help="write <id>.png (class indices; Cityscapes: label ids) and "
+                   "overlays/<id>.png for every image; --image files are named by their stem, repeated stems get "
+                   "_2, _3, ...")
+    p.add_argument("--json", type=path, help="write the results to this JSON file")
+    p.add_argument("--image", type=path, nargs="+", help="predict these image files instead of a dataset")
     p.add_argument("--show-clusters", action="store_true", help="also save clusters/<id>.png: nearest centre "
                    "per pixel and the position attention of a few query pixels (needs --save-dir)")
     args = p.parse_args(argv)
     if args.show_clusters and not args.save_dir:
         raise UserError("--show-clusters writes pictures: give --save-dir too")
+    if args.save_dir:
+        train.check_writable(args.save_dir, "--save-dir")
+    if args.json:
+        train.check_writable(args.json, "--json", folder=False)
     return args
+
+
+def picture_names(paths):
+    """A name for each --image file's pictures: its stem; a stem seen before gets _2, _3, ... (the first free one)."""
+    names = []
+    for path in paths:
+        stem = name = Path(path).stem
+        n = 1
+        while name in names:
+            n += 1
+            name = f"{stem}_{n}"
+        names.append(name)
+    return names
 
 
 def load_model(path, device):
@@ -260,6 +283,8 @@ def main(argv=None):
     save_dir = Path(args.save_dir) if args.save_dir else None
     options = dict(scales=args.scales, flip=args.flip, mode=args.mode, crop_size=args.crop_size)
     protocol = f"{args.mode}, scales {' '.join(map(str, args.scales))}{', flip' if args.flip else ''}"
+    if args.batch_size > 1:
+        protocol += f", batch size {args.batch_size} (images padded to one size)"
 
     def save_pictures(image, prediction, name, target=None):
         save_label_png(prediction, save_dir / f"{name}.png", style)
@@ -269,16 +294,24 @@ def main(argv=None):
             save_clusters(model, image, save_dir / "clusters" / f"{name}.png")
 
     if args.image:  # arbitrary files: no ground truth, no metric
+        train.check_files_exist(args.image, "--image file")
         transform = train.eval_transform()
-        for path in args.image:
-            image = transform(train.read_image(path)).to(device)  # [3, H, W]
+        for i, (path, name) in enumerate(zip(args.image, picture_names(args.image)), 1):
+            start = time.perf_counter()
+            image = train.read_image(path)  # [3, H, W] uint8
+            H, W = image.shape[1:]
+            if args.mode == "whole" and H * W > LARGE_IMAGE:
+                print(f"[{i}/{len(args.image)}] {path} is {W}x{H}: predicting it whole can take minutes on a CPU and "
+                      f"much memory; --mode slide --crop-size 512 is faster for large images", flush=True)
+            image = transform(image).to(device)  # [3, H, W]
             with torch.inference_mode(), autocast():
                 prediction = predict(model, image[None], **options).argmax(1)[0]  # [H, W]
             counts = prediction.flatten().bincount(minlength=len(class_names))  # [H, W] -> [num_classes]
             found = ", ".join(f"{class_names[c]} {counts[c] / prediction.numel():.0%}" for c in counts.nonzero()[:, 0])
-            print(f"{path}: {found}")
             if save_dir:
-                save_pictures(image, prediction, Path(path).stem)
+                save_pictures(image, prediction, name)
+            saved = f" -> {save_dir / name}.png" if save_dir else ""
+            print(f"[{i}/{len(args.image)}] {path}: {found} ({time.perf_counter() - start:.1f} s){saved}", flush=True)
         print(f"peak memory {train.peak_memory_gib(device):.2f} GiB")
         return
 
@@ -319,7 +352,8 @@ def main(argv=None):
         summary = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
                    "per_class_iou": train.per_class(result["iou"], class_names),
                    "checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": split,
-                   "images": len(dataset), "mode": args.mode, "scales": args.scales, "flip": args.flip}
+                   "images": len(dataset), "mode": args.mode, "scales": args.scales, "flip": args.flip,
+                   "batch_size": args.batch_size}
         save_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 

@@ -8,14 +8,18 @@ import gc
 import json
 import math
 import os
+import queue
 import re
 import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,15 +40,16 @@ H, W = 11, 13  # non-square, not multiples of 8
 @pytest.fixture(autouse=True)
 def isolate(monkeypatch):
     """Seed, stay offline (a proxy that refuses every connection, for this process and its children), and give
-    back the SIGINT handler that train.main() replaces."""
+    back the SIGINT and SIGTERM handlers that train.main() and train.run_main() replace."""
     torch.manual_seed(0)
     for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     for name in ("no_proxy", "NO_PROXY", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
-    signal.signal(signal.SIGINT, handler)
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -525,13 +530,47 @@ def test_eval_items_are_whole_images_and_masks(voc_root):
         assert 255 in mask and len(mask.unique()) == 4  # background, two classes, void
 
 
-def test_find_voc_root_accepts_voc2012_or_its_grandparent(voc_root):
+def test_find_voc_root_accepts_voc2012_its_parent_or_its_grandparent(voc_root):
     voc = voc_root / "VOCdevkit" / "VOC2012"
     assert train.find_voc_root(voc_root) == voc
     assert train.find_voc_root(voc) == voc
+    assert train.find_voc_root(voc_root / "VOCdevkit") == voc
     assert len(train.VOCSegmentation(voc, "train")) == len(train.VOCSegmentation(voc_root, "train")) == 4
+    assert len(train.VOCSegmentation(voc_root / "VOCdevkit", "train")) == 4
     with pytest.raises(train.UserError, match="is neither a VOC2012 folder"):
-        train.find_voc_root(voc_root / "VOCdevkit")
+        train.find_voc_root(voc / "JPEGImages")
+
+
+def test_read_image_as_the_user_sees_it(tmp_path):
+    """EXIF orientation applied (a phone photo stored sideways), 16-bit grey and float grey scaled to 8 bits."""
+    rng = np.random.RandomState(0)
+    stored = rng.randint(0, 256, (5, 8, 3), dtype=np.uint8)  # 5 rows, 8 columns, as the camera stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF Orientation 6: turn 90 degrees clockwise to show it
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    image = train.read_image(tmp_path / "phone.png")
+    assert image.shape == (3, 8, 5) and image.dtype == torch.uint8
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), np.rot90(stored, k=-1))  # k=-1: clockwise
+
+    grey16 = rng.randint(0, 65536, (6, 7)).astype(np.uint16)
+    grey16[0, :2] = 0, 65535
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as png:
+        assert png.mode == "I;16"
+    image = train.read_image(tmp_path / "grey16.png")
+    expected = np.floor(grey16 / 65535 * 255 + 0.5).astype(np.uint8)  # 0..65535 -> 0..255, rounded
+    assert expected[0, :2].tolist() == [0, 255]
+    for channel in image:
+        np.testing.assert_array_equal(channel.numpy(), expected)
+
+    grey = rng.rand(4, 9).astype(np.float32)
+    Image.fromarray(grey).save(tmp_path / "float.tiff")
+    image = train.read_image(tmp_path / "float.tiff")
+    np.testing.assert_array_equal(image[1].numpy(), np.floor(grey.astype(np.float64) * 255 + 0.5).astype(np.uint8))
+    Image.fromarray(grey * 1000).save(tmp_path / "depth.tiff")  # not an image in 0..1: refused, not guessed
+    with pytest.raises(train.UserError, match=r"depth.tiff: its F values span [\d.]+\.\.[\d.]+, not 0\.\.1; "
+                                              r"convert it to an 8-bit image"):
+        train.read_image(tmp_path / "depth.tiff")
 
 
 def test_train_aug_reads_segmentation_class_aug(tmp_path):
@@ -577,7 +616,9 @@ def test_training_lowers_the_loss(demo_run):
     assert all(math.isfinite(r[k]) for r in steps for k in ("loss", "out", "position", "channel"))
     for r in steps:  # the logged loss is the one train_step optimises
         assert r["loss"] == pytest.approx(r["out"] + 1.0 * (r["position"] + r["channel"]), rel=1e-5)  # --aux-weight 1.0
-        assert r["lr"] == pytest.approx(0.01 * (1 - r["iteration"] / DEMO_ITERS) ** 0.9, abs=1e-12)
+        # the LR that the logged step used: step k (1-based) runs at lr (1 - (k - 1) / iters)^0.9
+        assert r["lr"] == pytest.approx(0.01 * (1 - (r["iteration"] - 1) / DEMO_ITERS) ** 0.9, abs=1e-12)
+    assert steps[-1]["lr"] > 0  # the last step's LR, not the next one's (0)
     assert steps[-1]["loss"] < steps[0]["loss"]
     validation = [r for r in records if "val_miou" in r]
     assert [r["iteration"] for r in validation] == [DEMO_ITERS]
@@ -629,33 +670,61 @@ def interrupt_after(monkeypatch, steps, counter):
     monkeypatch.setattr(train, "train_step", train_step)
 
 
+def record_train_reads(monkeypatch, seen, val_ids):
+    """Append to `seen` the id of every VOC image read that is not a validation image, in reading order."""
+    original = train.VOCSegmentation.__getitem__
+
+    def getitem(self, index):
+        if self.ids[index] not in val_ids:
+            seen.append(self.ids[index])
+        return original(self, index)
+
+    monkeypatch.setattr(train.VOCSegmentation, "__getitem__", getitem)
+
+
 def test_resumed_run_matches_uninterrupted_run(voc_root, tmp_path, monkeypatch):
+    """Run A: 6 steps. Run B: Ctrl-C after 3, then --resume. Same schedule, and the same images in the same order:
+    the resumed run goes on with the images its epoch had not shown (4 images, batch 2: 2 steps per epoch)."""
     iters = 6
     args = ["--data-root", str(voc_root), "--train-split", "train", "--iters", str(iters), "--log-every", "1",
             "--val-every", str(iters)]
+    val_ids = set(train.VOCSegmentation(voc_root, "val").ids)
+    train_ids = train.VOCSegmentation(voc_root, "train").ids
+    seen_a, seen_b = [], []
+    record_train_reads(monkeypatch, seen_a, val_ids)
     steps = [0]
     interrupt_after(monkeypatch, 0, steps)  # counts only
-    train.main(tiny(tmp_path / "a", *args))
+    assert train.main(tiny(tmp_path / "a", *args)) == 0
     assert steps[0] == iters
 
     # run B: Ctrl-C after 3 steps. If train.main had no handler of its own, this one would see the signal.
     unhandled = []
     signal.signal(signal.SIGINT, lambda *_: unhandled.append(1))
     steps = [0]
+    monkeypatch.undo()
+    record_train_reads(monkeypatch, seen_b, val_ids)
     interrupt_after(monkeypatch, 3, steps)
-    train.main(tiny(tmp_path / "b", *args))
+    assert train.main(tiny(tmp_path / "b", *args)) == 130  # 128 + SIGINT
     assert not unhandled and steps[0] == 3
     interrupted = torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=True)
     assert interrupted["iteration"] == 3
-    assert read_log(tmp_path / "b")[-1] == {"iteration": 3, "interrupted": True}
+    assert (interrupted["epoch"], interrupted["epoch_images"]) == (1, 2)  # epoch 1, its first batch done
+    assert read_log(tmp_path / "b")[-1] == {"iteration": 3, "interrupted": "SIGINT"}
     assert not (tmp_path / "b" / "best.pt").exists()  # no validation yet
     expected_lr = 0.01 * (1 - 3 / iters) ** 0.9
     assert [g["lr"] for g in interrupted["optimizer"]["param_groups"]] == pytest.approx([expected_lr, 10 * expected_lr])
+    assert len(seen_b) == 3 * 2
 
     steps = [0]
     interrupt_after(monkeypatch, 0, steps)
-    train.main(tiny(tmp_path / "b", *args, "--resume", str(tmp_path / "b" / "last.pt")))
+    assert train.main(tiny(tmp_path / "b", *args, "--resume", str(tmp_path / "b" / "last.pt"))) == 0
     assert steps[0] == iters - 3  # only the missing steps
+
+    # the data order: 3 epochs, each a permutation of the 4 train images, and B read exactly what A read
+    assert len(seen_a) == iters * 2 and seen_b == seen_a
+    for epoch in range(3):
+        assert sorted(seen_a[4 * epoch:4 * epoch + 4]) == sorted(train_ids)
+    assert seen_a[:4] != seen_a[4:8] or seen_a[4:8] != seen_a[8:]  # a new order each epoch
 
     a = torch.load(tmp_path / "a" / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=True)
@@ -663,14 +732,254 @@ def test_resumed_run_matches_uninterrupted_run(voc_root, tmp_path, monkeypatch):
     assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
     assert a["scheduler"] == b["scheduler"] and a["scheduler"]["last_epoch"] == iters
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    # the logged learning rates, step by step, are the same and follow lr (1 - k / iters)^0.9
+    # the logged learning rates, step by step, are the same: step k ran at lr (1 - (k - 1) / iters)^0.9
     lrs_a = {r["iteration"]: r["lr"] for r in read_log(tmp_path / "a") if "lr" in r}
     lrs_b = {r["iteration"]: r["lr"] for r in read_log(tmp_path / "b") if "lr" in r}
     assert lrs_a == lrs_b and sorted(lrs_a) == list(range(1, iters + 1))
     for k, lr in lrs_a.items():
-        assert lr == pytest.approx(0.01 * (1 - k / iters) ** 0.9, abs=1e-12)
+        assert lr == pytest.approx(0.01 * (1 - (k - 1) / iters) ** 0.9, abs=1e-12)
     # B validated once, at the end, like A
     assert [r["iteration"] for r in read_log(tmp_path / "b") if "val_miou" in r] == [iters]
+
+
+def test_epoch_sampler_continues_the_epoch_on_any_number_of_processes():
+    """Each epoch is one permutation (seed + epoch, independent of the process count); process r takes positions
+    r, r + W, ...; skipping k B W images leaves exactly the permutation's unseen rest, split evenly."""
+    n, seed = 23, 5
+    for epoch in (0, 3):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        single = train.EpochSampler(n, seed)
+        single.set_position(epoch, 0)
+        assert list(single) == order and len(single) == n
+        for world_size in (2, 3):
+            for skip in (0, 6, 12):  # e.g. 3 steps of batch 2 on 1 process, or of batch 1 on 2 processes
+                shards = []
+                for rank in range(world_size):
+                    sampler = train.EpochSampler(n, seed, rank, world_size)
+                    sampler.set_position(epoch, skip)
+                    shards.append(list(sampler))
+                    assert len(sampler) == len(shards[-1]) == (n - skip) // world_size
+                rest = order[skip:][:(n - skip) // world_size * world_size]
+                interleaved = [shards[i % world_size][i // world_size] for i in range(len(rest))]
+                assert interleaved == rest  # every unseen image once, none seen before
+    epochs = [train.EpochSampler(n, seed) for _ in range(2)]
+    epochs[1].set_position(1, 0)
+    assert list(epochs[0]) != list(epochs[1])  # a new order each epoch
+
+
+# ----------------------------------------------------------------------------- 3b. signals and divergence
+
+def start_script(args, cwd, module=(), **popen):
+    """python [module...] train.py args in a fresh process; threads read its stdout line by line into a queue
+    and its stderr into a list."""
+    process = subprocess.Popen([sys.executable, *module, str(REPO / "train.py"), *args], cwd=cwd, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    process.lines, process.errors = queue.Queue(), []
+    process.readers = [threading.Thread(target=lambda: [process.lines.put(line) for line in process.stdout]),
+                       threading.Thread(target=lambda: process.errors.extend(process.stderr))]
+    for reader in process.readers:
+        reader.start()
+    return process
+
+
+def wait_for(process, prefix, timeout=180):
+    """Wait until the process prints a line that starts with prefix."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = process.lines.get(timeout=max(1, deadline - time.monotonic()))
+        if line.startswith(prefix):
+            return
+
+
+def finish_script(process, timeout=180):
+    """(exit code, stdout lines still unread, stderr) once the process ends."""
+    process.wait(timeout)
+    for reader in process.readers:
+        reader.join()
+    lines = []
+    while not process.lines.empty():
+        lines.append(process.lines.get())
+    return process.returncode, "".join(lines), "".join(process.errors)
+
+
+def assert_saved_on_signal(out, name, tmp_path):
+    """last.pt holds the iteration of the log's last record, which says the run stopped on `name`; returns it."""
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert read_log(out)[-1] == {"iteration": checkpoint["iteration"], "interrupted": name}
+    assert not list(Path(tmp_path).rglob("*.tmp"))
+    return checkpoint["iteration"]
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_143(tmp_path):
+    """What SLURM or Kubernetes send to the training process: a real SIGTERM, mid-run."""
+    out = tmp_path / "out"
+    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "1",
+                                "--val-every", "1000"), cwd=tmp_path)
+    wait_for(process, "iter 2/1000")
+    process.send_signal(signal.SIGTERM)
+    code, stdout, stderr = finish_script(process)
+    assert code == 143, stderr
+    assert stderr.strip() == ("SIGTERM: finishing the step in flight, then saving last.pt (a validation in progress "
+                              "is abandoned); send it again to stop at once")
+    iteration = assert_saved_on_signal(out, "SIGTERM", tmp_path)
+    assert 2 <= iteration < 1000
+    last = out / "last.pt"
+    assert f"SIGTERM: saved {last} at iteration {iteration}; continue with --resume {last}" in stdout
+
+
+def test_ctrl_c_in_a_terminal_with_loader_workers_exits_130(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included: they must not die."""
+    out = tmp_path / "out"
+    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "1",
+                                "--val-every", "1000", "--workers", "1"), cwd=tmp_path, start_new_session=True)
+    wait_for(process, "iter 2/1000")
+    os.killpg(process.pid, signal.SIGINT)
+    code, stdout, stderr = finish_script(process)
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and stderr.count("SIGINT: finishing the step in flight") == 1
+    assert 2 <= assert_saved_on_signal(out, "SIGINT", tmp_path) < 1000
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_a_log_step(tmp_path):
+    """torchrun passes SIGTERM on to every rank; they agree to stop at the next log step, rank 0 saves."""
+    out = tmp_path / "out"
+    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "2",
+                                "--val-every", "1000"), cwd=tmp_path,
+                           module=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    wait_for(process, "iter 2/1000", timeout=240)
+    process.send_signal(signal.SIGTERM)  # to torchrun
+    code, stdout, stderr = finish_script(process)
+    assert code != 0  # torchrun reports the signal
+    iteration = assert_saved_on_signal(out, "SIGTERM", tmp_path)
+    assert iteration % 2 == 0 and 2 <= iteration < 1000
+    assert f"SIGTERM: saved {out / 'last.pt'} at iteration {iteration}" in stdout
+
+
+def test_interrupt_abandons_validation_and_saves(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while validating: the validation stops at the next image, last.pt of that step is saved."""
+    reads = []
+    original = train.SyntheticShapes.__getitem__
+
+    def getitem(self, index):
+        if self.seed == 1:  # the demo's validation set (64 images)
+            reads.append(index)
+            if len(reads) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, index)
+
+    monkeypatch.setattr(train.SyntheticShapes, "__getitem__", getitem)
+    out = tmp_path / "out"
+    assert train.main(tiny(out, "--iters", "4", "--demo-images", "4", "--val-every", "2", "--log-every", "2")) == 130
+    assert reads == [0, 1, 2]  # the loop asks before each image
+    assert assert_saved_on_signal(out, "SIGINT", tmp_path) == 2
+    assert not [r for r in read_log(out) if "val_miou" in r] and not (out / "best.pt").exists()
+    assert "SIGINT: finishing the step in flight, then saving last.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("when", ["in_a_step", "in_validation", "while_saving"])
+def test_second_interrupt_stops_at_once(when, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C stops at once: last.pt is saved when the weights are between two steps, and when they
+    are not (in a step, or the save itself is cut short) the run says so and the previous last.pt stays whole."""
+    out = tmp_path / "out"
+    steps, original_step = [0], train.train_step
+
+    def train_step(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == (4 if when == "in_a_step" else 3) and when != "in_validation":
+            os.kill(os.getpid(), signal.SIGINT)
+            if when == "in_a_step":
+                os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here, before the weights change
+        return original_step(*args, **kwargs)
+
+    original_save = torch.save
+
+    def save(state, file, *args, **kwargs):
+        if when == "while_saving" and state.get("iteration") == 3:
+            Path(file).write_bytes(b"PK half a checkpoint")
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_save(state, file, *args, **kwargs)
+
+    original_getitem, reads = train.SyntheticShapes.__getitem__, [0]
+
+    def getitem(self, index):
+        if self.seed == 1 and when == "in_validation":
+            reads[0] += 1
+            if reads[0] == 64 + 5:  # the 5th image of the second validation, after step 6
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+        return original_getitem(self, index)
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(train.SyntheticShapes, "__getitem__", getitem)
+    capsys.readouterr()
+    val_every = "3" if when == "in_validation" else "2"
+    assert train.main(tiny(out, "--iters", "6", "--demo-images", "4", "--val-every", val_every,
+                           "--log-every", "1")) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert err[0] == ("SIGINT: finishing the step in flight, then saving last.pt (a validation in progress is "
+                      "abandoned); send it again to stop at once")
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    if when == "in_validation":  # between steps 6 and 7: saved
+        assert err[1:] == [f"SIGINT again: stopped at once; saved {out / 'last.pt'} at iteration 6"]
+        assert checkpoint["iteration"] == 6
+    else:
+        busy = "in the middle of a step" if when == "in_a_step" else "while saving"
+        assert err[1:] == [f"SIGINT again: stopped at once {busy}, last.pt not saved; the latest checkpoint is "
+                           f"{out / 'last.pt'} from iteration 2"]
+        assert checkpoint["iteration"] == 2  # the one of the validation at step 2, whole
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_the_finite_checkpoint(tmp_path, capsys):
+    """--lr 1e9 diverges: the run stops at the first log step whose loss is not finite, exits 1, and never saves
+    a checkpoint after it; what was saved before holds finite weights."""
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert train.main(tiny(out, "--iters", "40", "--demo-images", "8", "--lr", "1e9", "--log-every", "2",
+                           "--val-every", "2")) == 1
+    records = read_log(out)
+    stopped = records[-1]["iteration"]
+    assert records[-1] == {"iteration": stopped, "diverged": True} and stopped < 40
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert all(math.isfinite(loss) for loss in losses[:-1])  # it stopped at the first bad log step, or earlier
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: training diverged (the loss or the weights became nan or "
+                                               f"infinite by iteration {stopped}): stopped without saving, ")
+    assert err[0].endswith("try a lower --lr than 1e+09")
+    for name in ("last.pt", "best.pt"):
+        if (out / name).exists():
+            checkpoint = torch.load(out / name, map_location="cpu", weights_only=True)
+            assert checkpoint["iteration"] < stopped
+            assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+def test_nan_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """A weight turns nan after the validation of step 2; the validation of step 4 saves nothing and the run
+    stops with exit code 1 (no log step in between: --log-every 100)."""
+    original, steps = train.train_step, [0]
+
+    def train_step(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        steps[0] += 1
+        if steps[0] == 3:
+            with torch.no_grad():
+                weight = next(model.parameters())
+                weight[(0,) * weight.dim()] = math.nan  # one weight
+        return result
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert train.main(tiny(out, "--iters", "6", "--demo-images", "4", "--log-every", "100", "--val-every", "2")) == 1
+    assert steps[0] == 4
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert checkpoint["iteration"] == 2
+        assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert read_log(out)[-1] == {"iteration": 4, "diverged": True}
+    assert (f"stopped without saving, the latest checkpoint is {out / 'last.pt'} from iteration 2"
+            in capsys.readouterr().err)
 
 
 # ----------------------------------------------------------------------------- 4. errors a user can fix
@@ -706,6 +1015,91 @@ def test_malformed_data_root_exits_2(case, tmp_path, capsys):
     line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(data), *split, "--iters", "2"))
     assert expected in line
     assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("missing", ["images", "mask"])
+def test_missing_listed_file_exits_2_before_training(missing, voc_root, tmp_path, capsys):
+    """Found when the dataset is built, not when first read: out dir not even created."""
+    voc = voc_root / "VOCdevkit" / "VOC2012"
+    if missing == "images":
+        for name in ("2007_000003", "2007_000001"):
+            (voc / "JPEGImages" / f"{name}.jpg").unlink()
+        expected = (f"image listed in {voc}/ImageSets/Segmentation/train.txt not found: "
+                    f"{voc}/JPEGImages/2007_000001.jpg (and 1 more)")
+    else:
+        (voc / "SegmentationClass" / "2007_000002.png").unlink()
+        expected = (f"mask listed in {voc}/ImageSets/Segmentation/train.txt not found: "
+                    f"{voc}/SegmentationClass/2007_000002.png")
+    line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", voc_root, "--train-split", "train", "--iters", "2"))
+    assert line == f"error: {expected}"
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+def test_existing_out_dir_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = tiny(out, "--iters", "1", "--demo-images", "2", "--val-every", "1", "--log-every", "1")
+    assert train.main(args) == 0
+    best, records = (out / "best.pt").read_bytes(), read_log(out)
+    line = cli_error(capsys, args)
+    assert line == (f"error: --out-dir {out} holds last.pt and best.pt of an earlier run: continue it with --resume "
+                    f"{out / 'last.pt'}, choose another --out-dir, or give --overwrite to replace it")
+    assert (out / "best.pt").read_bytes() == best and read_log(out) == records
+    (out / "last.pt").unlink()
+    assert "holds best.pt of an earlier run: choose another --out-dir" in cli_error(capsys, args)
+
+    assert train.main(args + ["--overwrite", "--seed", "1"]) == 0  # a new run: other weights, its own log only
+    assert (out / "best.pt").read_bytes() != best and len(read_log(out)) == len(records)
+    assert train.main(args + ["--resume", str(out / "last.pt")]) == 0  # nothing left to do, nothing refused
+
+
+def test_unwritable_outputs_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out-dir, --json, --save-dir: a file in the way or a read-only folder is found before anything runs (the
+    evaluate.py checkpoint does not even exist: the outputs are checked first)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits: judge by them, as for any other user
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and (
+            not mode & os.W_OK or bool(os.stat(path).st_mode & 0o200)))
+    try:
+        for out, message in ((a_file, f"--out-dir {a_file} is a file"),
+                             (a_file / "sub", f"--out-dir {a_file / 'sub'} cannot be created: {a_file} is a file"),
+                             (read_only / "out", f"--out-dir {read_only / 'out'} cannot be written: {read_only} "
+                                                 f"is read-only")):
+            assert cli_error(capsys, tiny(out, "--iters", "1")) == f"error: {message}"
+        missing = tmp_path / "missing.pt"
+        for flags, message in ((["--json", a_file / "r.json"], f"--json {a_file / 'r.json'} cannot be created: "
+                                                               f"{a_file} is a file"),
+                               (["--json", tmp_path], f"--json {tmp_path} is a folder"),
+                               (["--json", read_only / "r.json"], f"--json {read_only / 'r.json'} cannot be written: "
+                                                                  f"{read_only} is read-only"),
+                               (["--save-dir", a_file], f"--save-dir {a_file} is a file"),
+                               (["--save-dir", read_only / "pictures" / "x"], f"--save-dir "
+                                f"{read_only / 'pictures' / 'x'} cannot be written: {read_only} is read-only")):
+            line = cli_error(capsys, ["--checkpoint", missing, *flags], main=evaluate.main)
+            assert line == f"error: {message}"
+    finally:
+        read_only.chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "read-only"] and not list(read_only.iterdir())
+
+
+def test_paths_may_start_with_tilde(voc_root, tmp_path, monkeypatch):
+    """~ in every path flag of both scripts is the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # voc_root is tmp_path / "data"
+    args = tiny("~/out", "--data-root", "~/data", "--train-split", "train", "--iters", "1")
+    assert train.main(args) == 0 and (tmp_path / "out" / "last.pt").is_file()
+    assert train.main(args + ["--resume", "~/out/last.pt"]) == 0
+    Image.fromarray(np.full((12, 20, 3), 128, np.uint8)).save(tmp_path / "photo.png")
+    evaluate.main(["--checkpoint", "~/out/last.pt", "--image", "~/photo.png", "--save-dir", "~/pictures",
+                   "--device", "cpu"])
+    assert (tmp_path / "pictures" / "photo.png").is_file()
+    evaluate.main(["--checkpoint", "~/out/last.pt", "--data-root", "~/data", "--json", "~/r.json", "--workers", "0",
+                   "--device", "cpu"])
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == 2
+    assert not Path("~").exists()  # nothing was written into a folder literally named ~
 
 
 def test_truncated_image_exits_2_naming_it(voc_root, tmp_path):
@@ -806,8 +1200,21 @@ def bad_checkpoint(case, real, tmp_path):
                                   "weights_only", "no_optimizer"])
 def test_bad_checkpoint_exits_2(case, demo_run, tmp_path, capsys):
     path, message = bad_checkpoint(case, demo_run / "last.pt", tmp_path)
-    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", "--resume", str(path)))
+    argv = tiny(tmp_path / "out", "--iters", str(DEMO_ITERS), "--demo-images", "4", "--resume", str(path))
+    line = cli_error(capsys, argv)
     assert message in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iters", "30"], "was trained with --iters 20: resume with --iters 20"),
+    (["--iters", str(DEMO_ITERS), "--lr", "0.02"], "was trained with --lr 0.01: resume with --lr 0.01"),
+    (["--iters", str(DEMO_ITERS), "--momentum", "0.5"], "was trained with --momentum 0.9: resume with --momentum 0.9"),
+])
+def test_resume_with_another_schedule_exits_2(flags, message, demo_run, tmp_path, capsys):
+    """The optimizer state would silently keep the old LR, momentum and schedule: say so instead."""
+    line = cli_error(capsys, tiny(tmp_path / "out", "--demo-images", "4", "--resume", demo_run / "last.pt", *flags))
+    assert line == f"error: checkpoint {demo_run / 'last.pt'} {message} (a resumed run continues its schedule)"
     assert_nothing_half_written(tmp_path, tmp_path / "out")
 
 
@@ -818,15 +1225,45 @@ def test_truncated_checkpoint_exits_2_from_the_command_line(demo_run, tmp_path):
     assert_nothing_half_written(tmp_path, tmp_path / "out")
 
 
-@pytest.mark.parametrize("flags", [["--log-every", "0"], ["--val-every", "0"], ["--batch-size", "0"],
-                                   ["--benchmark", "--benchmark-steps", "0"]])
-def test_nonpositive_numbers_exit_2(flags, tmp_path, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train.run_main(lambda: train.main(tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", *flags)))
-    assert exit_info.value.code == 2
-    assert f"error: argument {flags[-2]}" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "argument --log-every: expected a whole number >= 1, got '0'"),
+    (["--val-every", "0"], "argument --val-every: expected a whole number >= 1, got '0'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
+    (["--benchmark", "--benchmark-steps", "0"], "argument --benchmark-steps: expected a whole number >= 1, got '0'"),
+    (["--workers", "-1"], "argument --workers: expected a whole number >= 0, got '-1'"),
+    (["--num-clusters", "12"], "argument --num-clusters: expected a multiple of 8 (position attention reads the K "
+                               "similarities through K / 8 query dimensions), got 12"),
+    (["--device", "gpu"], "--device gpu is not supported: use cuda, cuda:N or cpu"),
+    (["--device", "mps"], "--device mps is not supported: use cuda, cuda:N or cpu"),
+    (["--device", "tpu3"], "--device tpu3 is not supported: use cuda, cuda:N or cpu"),
+    (["--lr", "0"], "argument --lr: expected a number > 0, got '0'"),
+    (["--lr", "-0.01"], "argument --lr: expected a number > 0, got '-0.01'"),
+    (["--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
+    (["--lr", "inf"], "argument --lr: expected a number > 0, got 'inf'"),
+    (["--lr", "fast"], "argument --lr: expected a number > 0, got 'fast'"),
+    (["--crop-size", "8", "--batch-size", "1"], "--crop-size 8 with --batch-size 1 leaves BatchNorm one value "
+                                                "per channel (a 1x1 feature map at output stride 8): use a larger "
+                                                "crop or batch"),
+    (["--resume", "last.pt", "--overwrite"], "--resume continues the run in --out-dir and --overwrite starts a new "
+                                             "one: give only one"),
+    (["--bacbone", "resnet18"], "unrecognized arguments: --bacbone resnet18"),
+])
+def test_bad_flags_exit_2_in_one_line(flags, message, tmp_path, capsys):
+    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", *flags))
+    assert line.startswith(f"error: {message}"), line
     assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+def test_smallest_crop_is_where_batchnorm_fails():
+    """The --crop-size / --batch-size check agrees with BatchNorm itself: a 1x1 map at stride 8 of one image fails."""
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=32).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.randn(1, 3, 8, 8))
+    for batch, crop in ((1, 9), (2, 8), (2, 1)):
+        assert model(torch.randn(batch, 3, crop, crop))["out"].shape == (batch, 3, crop, crop)
+        train.parse_args(["--crop-size", str(crop), "--batch-size", str(batch)])  # accepted
+    with pytest.raises(train.UserError, match="leaves BatchNorm one value per channel"):
+        train.parse_args(["--crop-size", "8", "--batch-size", "1"])
 
 
 def test_failed_save_leaves_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
@@ -866,6 +1303,44 @@ def test_torchrun_two_cpu_processes(tmp_path):
             assert r["images_per_s"] == pytest.approx(2 * 2 * 1000 / r["ms_per_iter"], rel=1e-6)
     validation = [r for r in records if "val_miou" in r]
     assert [r["iteration"] for r in validation] == [4] and 0 <= validation[0]["val_miou"] <= 1
+
+
+def _log_progress_on_rank(rank, world_size, init_file, out_dir, result_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # rank r summed 3 steps of losses: loss r + 1 each step, the terms 0.5 (r + 1), 0.25 (r + 1), 0.25 (r + 1)
+    sums = {k: torch.tensor(3.0 * w * (rank + 1)) for k, w in
+            (("loss", 1.0), ("out", 0.5), ("position", 0.25), ("channel", 0.25))}
+    run = SimpleNamespace(args=SimpleNamespace(batch_size=2, iters=10), iteration=3, world_size=world_size,
+                          master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir))
+    record = train.log_progress(run, sums, 3, 0.01, time.perf_counter() - 1.0, 0)
+    torch.save(record, f"{result_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_logged_loss_is_averaged_over_ranks(tmp_path):
+    """Each of 2 ranks has its own loss (1 and 2 per step): both log their mean, 1.5."""
+    torch.multiprocessing.spawn(_log_progress_on_rank, args=(2, tmp_path / "init", tmp_path, tmp_path / "r"), nprocs=2)
+    for rank in range(2):
+        record = torch.load(f"{tmp_path / 'r'}.{rank}")
+        assert record["loss"] == pytest.approx(1.5) and record["out"] == pytest.approx(0.75)
+        assert record["position"] == pytest.approx(0.375) and record["channel"] == pytest.approx(0.375)
+        assert record["images_per_s"] == pytest.approx(3 * 2 * 2 / 1.0, rel=0.05)  # both ranks' images
+    assert read_log(tmp_path) == [{k: v for k, v in torch.load(f"{tmp_path / 'r'}.0").items()}]  # rank 0 writes
+
+
+def test_compile_under_ddp_compiles_the_ddp_model(tmp_path):
+    """torch.compile wraps DistributedDataParallel (its gradient all_reduce then overlaps the backward pass); the raw
+    model, for validation and saving, is neither (a one-process group is enough to build the DDP wrapper)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        args = train.parse_args(tiny(tmp_path / "out", "--compile"))
+        args.num_classes = 4
+        model, raw_model, *_ = train.build_model_and_optimizer(args, None, torch.device("cpu"), world_size=2)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(model._orig_mod, torch.nn.parallel.DistributedDataParallel)
+    assert model._orig_mod.module is raw_model and type(raw_model) is ClusterDANet
 
 
 def test_distributed_validation_counts_every_image_once(tmp_path):
@@ -966,8 +1441,8 @@ def test_confusion_matrix_by_hand():
 
 # ----------------------------------------------------------------------------- 8. what main() leaves behind
 
-def test_main_gives_back_sigint_handler_and_log_file(voc_root, tmp_path):
-    handler = signal.getsignal(signal.SIGINT)
+def test_main_gives_back_signal_handlers_and_log_file(voc_root, tmp_path):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     gc.collect()  # what earlier tests left
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -976,7 +1451,7 @@ def test_main_gives_back_sigint_handler_and_log_file(voc_root, tmp_path):
     assert (tmp_path / "out" / "last.pt").is_file()
     log_file = str(tmp_path / "out" / "log.jsonl")
     assert not [w for w in caught if issubclass(w.category, ResourceWarning) and log_file in str(w.message)]
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 # ----------------------------------------------------------------------------- evaluate.py
@@ -1054,6 +1529,7 @@ def test_evaluate_demo_checkpoint_end_to_end(demo_run, tmp_path):
     ious = [v for v in summary["per_class_iou"].values() if v is not None]
     assert summary["miou"] == pytest.approx(sum(ious) / len(ious)) and 0 <= summary["pixel_accuracy"] <= 1
     assert f"mIoU {summary['miou']:.4f}" in result.stdout
+    assert "batch size 3 (images padded to one size)" in result.stdout and summary["batch_size"] == 3
     masks = sorted(out.glob("*.png"))
     assert len(masks) == 64 and len(list((out / "overlays").glob("*.png"))) == 64
     assert len(list((out / "clusters").glob("*.png"))) == 64
@@ -1064,18 +1540,85 @@ def test_evaluate_demo_checkpoint_end_to_end(demo_run, tmp_path):
 
 
 def test_evaluate_images_end_to_end(voc_checkpoint, tmp_path):
-    for name, size in (("a.jpg", (50, 34)), ("b.png", (23, 41))):
-        Image.fromarray(np.random.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name)
+    """Pictures at each image's size as shown: b.png is stored 41 x 23 with EXIF orientation 8 (turn 90 degrees
+    counter-clockwise), so it is shown, and predicted, 23 wide and 41 high."""
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    for name, size, extra in (("a.jpg", (50, 34), {}), ("b.png", (41, 23), {"exif": exif})):
+        Image.fromarray(np.random.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name, **extra)
     result = run_evaluate("--checkpoint", voc_checkpoint, "--image", tmp_path / "a.jpg", tmp_path / "b.png",
                           "--save-dir", tmp_path / "out", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "a.jpg:" in result.stdout and "b.png:" in result.stdout
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(rf"\[1/2\] {re.escape(str(tmp_path / 'a.jpg'))}: .+ \([\d.]+ s\) -> "
+                        rf"{re.escape(str(tmp_path / 'out' / 'a.png'))}", lines[0])
+    assert lines[1].startswith(f"[2/2] {tmp_path / 'b.png'}: ")
     for name, size in (("a", (50, 34)), ("b", (23, 41))):
         with Image.open(tmp_path / "out" / f"{name}.png") as png:
             assert png.mode == "P" and png.size == size and np.array(png).max() <= 20
         with Image.open(tmp_path / "out" / "overlays" / f"{name}.png") as picture:
             assert picture.mode == "RGB" and picture.width > 2 * size[0]  # image | prediction (+ legend below)
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_evaluate_images_with_one_stem_are_kept_apart(voc_checkpoint, tmp_path, capsys):
+    """a/x.png, b/x.png, c/x_2.png: pictures x, x_2, x_2_2, each at its own image's size; every file is checked
+    before the first is predicted."""
+    sizes = {"a": (20, 12), "b": (17, 9), "c": (10, 14)}
+    for folder, (w, h) in sizes.items():
+        (tmp_path / folder).mkdir()
+        name = "x_2.png" if folder == "c" else "x.png"
+        Image.fromarray(np.random.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / folder / name)
+    images = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "c" / "x_2.png"]
+    assert evaluate.picture_names(images) == ["x", "x_2", "x_2_2"]
+    capsys.readouterr()
+    evaluate.main([str(a) for a in ["--checkpoint", voc_checkpoint, "--image", *images, "--save-dir", tmp_path / "out",
+                                    "--device", "cpu"]])
+    lines = capsys.readouterr().out.splitlines()
+    for i, (image, name, size) in enumerate(zip(images, ["x", "x_2", "x_2_2"], sizes.values())):
+        assert lines[i].startswith(f"[{i + 1}/3] {image}: ") and lines[i].endswith(f" -> {tmp_path / 'out' / name}.png")
+        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+            assert png.size == size
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+
+    line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--image", images[0], tmp_path / "missing.png",
+                              images[1], "--save-dir", tmp_path / "out2", "--device", "cpu"], main=evaluate.main)
+    assert line == f"error: --image file not found: {tmp_path / 'missing.png'}"
+    assert not (tmp_path / "out2").exists()  # not even the first image was predicted
+
+
+def test_evaluate_suggests_slide_for_large_images(voc_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "LARGE_IMAGE", 200)  # pixels; the real threshold is 2048 x 1024
+    for name, (w, h) in (("small.png", (10, 20)), ("large.png", (20, 11))):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
+    capsys.readouterr()
+    argv = [str(a) for a in ("--checkpoint", voc_checkpoint, "--image", tmp_path / "small.png", tmp_path / "large.png",
+                             "--device", "cpu")]
+    evaluate.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"[1/2] {tmp_path / 'small.png'}: ")  # 200 pixels: no hint
+    assert lines[1] == (f"[2/2] {tmp_path / 'large.png'} is 20x11: predicting it whole can take minutes on a CPU and "
+                        f"much memory; --mode slide --crop-size 512 is faster for large images")
+    assert lines[2].startswith(f"[2/2] {tmp_path / 'large.png'}: ")
+    evaluate.main(argv + ["--mode", "slide", "--crop-size", "16"])
+    assert "--mode slide" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scales", "1.0", "0"], "argument --scales: expected a number > 0, got '0'"),
+    (["--scales", "-0.5"], "argument --scales: expected a number > 0, got '-0.5'"),
+    (["--scales", "nan"], "argument --scales: expected a number > 0, got 'nan'"),
+    (["--scales", "inf"], "argument --scales: expected a number > 0, got 'inf'"),
+    (["--crop-size", "0"], "argument --crop-size: expected a whole number >= 1, got '0'"),
+    (["--crop-size", "-3"], "argument --crop-size: expected a whole number >= 1, got '-3'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
+    (["--workers", "-1"], "argument --workers: expected a whole number >= 0, got '-1'"),
+    (["--device", "gpu"], "--device gpu is not supported: use cuda, cuda:N or cpu"),
+    (["--mode", "tiles"], "argument --mode: invalid choice: 'tiles'"),
+])
+def test_evaluate_bad_flags_exit_2_in_one_line(flags, message, voc_checkpoint, capsys):
+    line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--image", "unused.png", *flags], main=evaluate.main)
+    assert line.startswith(f"error: {message}"), line
 
 
 def test_evaluate_voc_end_to_end(voc_checkpoint, tmp_path):

@@ -9,6 +9,8 @@
 
 This file also holds what evaluate.py builds on: the datasets, the one mIoU metric (a confusion matrix),
 whole-image prediction, and checkpoint loading. Errors a user can fix end in one line and exit code 2.
+Exit codes: 0 done, 2 a user error (nothing was trained), 1 the loss became nan or infinite, 130 / 143 stopped
+by Ctrl-C (SIGINT) / SIGTERM after saving last.pt.
 """
 
 import argparse
@@ -20,16 +22,16 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -54,27 +56,65 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run main(); a UserError (also one raised in a DataLoader worker) becomes one line and exit code 2."""
+    """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
+    worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
+    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        main()
+        code = main()
     except UserError as e:
         message = str(e).strip().splitlines()[-1]  # a DataLoader worker re-raises it with its traceback
         print(f"error: {message.split('UserError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        code = 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        sys.exit(code)
+
+
+def check_files_exist(paths, what):
+    """A UserError naming the first of `paths` that is not a file, and how many more are missing; for datasets to
+    call when they are built, not when a missing file is first read (hours into training)."""
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{what} not found: {missing[0]}{more}")
+
+
+def check_writable(path, what, folder=True):
+    """A UserError unless `path` (a folder, or a file if not `folder`) can be written, before any work is done.
+    Nothing is created: what does not exist yet must be creatable in the nearest existing folder above it."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{what} {path} is {'a file' if folder else 'a folder'}")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: {parent} is read-only")
 
 
 # ----------------------------------------------------------------------------- data
 
 def find_voc_root(data_root):
-    """The VOC2012 folder: data_root itself or data_root/VOCdevkit/VOC2012."""
+    """The VOC2012 folder: data_root itself, data_root/VOC2012 (VOCdevkit given) or data_root/VOCdevkit/VOC2012."""
     root = Path(data_root)
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist (download VOC with --download, see README)")
-    for candidate in (root, root / "VOCdevkit" / "VOC2012"):
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets" / "Segmentation").is_dir():
             return candidate
     raise UserError(f"{root} is neither a VOC2012 folder (with JPEGImages/ and ImageSets/Segmentation/) "
-                    f"nor a folder holding VOCdevkit/VOC2012")
+                    f"nor a folder holding VOC2012 or VOCdevkit/VOC2012")
 
 
 def download_voc(data_root):
@@ -135,10 +175,21 @@ def pair_files(images, masks, mask_of, image_of):
 
 
 def read_image(path):
-    """[3, H, W] uint8 tv_tensors.Image; an unreadable file is a UserError that names it."""
+    """[3, H, W] uint8 tv_tensors.Image, as the user sees the file: turned by its EXIF orientation (phone photos),
+    16-bit grey scaled to 8 bits, float grey in 0..1 scaled to 0..255. An unreadable file is a UserError naming it."""
     try:
         with Image.open(path) as image:
-            return tv_tensors.Image(np.array(image.convert("RGB")).transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit integer or float grey
+                top = 1.0 if image.mode == "F" else 65535.0
+                grey = np.array(image, dtype=np.float64)  # [H, W]
+                if not (np.isfinite(grey).all() and grey.min() >= 0 and grey.max() <= top):
+                    raise UserError(f"cannot read image {path}: its {image.mode} values span {grey.min():g}.."
+                                    f"{grey.max():g}, not 0..{top:g}; convert it to an 8-bit image")
+                rgb = np.repeat(np.round(grey * (255 / top)).astype(np.uint8)[..., None], 3, axis=2)  # [H, W, 3]
+            else:
+                rgb = np.array(image.convert("RGB"))  # [H, W, 3]
+            return tv_tensors.Image(rgb.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 
@@ -164,6 +215,8 @@ class VOCSegmentation(Dataset):
             raise UserError(f"split file {split_file} lists no images")
         self.images = [self.root / "JPEGImages" / f"{i}.jpg" for i in self.ids]
         self.masks = [mask_dir / f"{i}.png" for i in self.ids]
+        check_files_exist(self.images, f"image listed in {split_file}")
+        check_files_exist(self.masks, f"mask listed in {split_file}")
         self.transform = transform or eval_transform()
         self.class_names = VOC_CLASSES
 
@@ -348,6 +401,31 @@ def pad_collate(batch):
     return images, masks, sizes
 
 
+class EpochSampler(Sampler):
+    """The training order: a new random permutation of the dataset each epoch (from seed + epoch, as
+    DistributedSampler), of which process `rank` takes the positions rank, rank + world_size, ... (as many for
+    every process), starting `skip` images into the epoch.
+
+    After k steps of batch B on W processes the epoch has shown exactly the first k B W images of its permutation,
+    whatever W, so a resumed run sets skip = k B W and goes on with the images that epoch has not shown yet.
+    """
+
+    def __init__(self, length, seed=0, rank=0, world_size=1):
+        self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
+        self.epoch = self.skip = 0
+
+    def set_position(self, epoch, skip):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        rest = order[self.skip:][:len(self) * self.world_size]  # the unseen part, a multiple of world_size
+        return iter(rest[self.rank::self.world_size].tolist())
+
+    def __len__(self):
+        return max(0, self.length - self.skip) // self.world_size
+
+
 # ----------------------------------------------------------------------------- metric and prediction
 
 class ConfusionMatrix:
@@ -388,6 +466,15 @@ def per_class(values, class_names):
     return {name: None if math.isnan(v) else v for name, v in zip(class_names, values)}
 
 
+def any_rank(flag, device):
+    """`flag` or-ed over the processes: one all_reduce under torch.distributed, nothing in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 def predict_logits(model, images):
     """Whole-image prediction at any size: pad to a multiple of the output stride, crop back. [B, K, H, W]"""
     H, W = images.shape[-2:]
@@ -397,20 +484,29 @@ def predict_logits(model, images):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits, on_batch=None):
+def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits, on_batch=None,
+             stop=None):
     """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix.
 
     on_batch(images, masks, logits, sizes), if given, sees every batch (evaluate.py saves pictures there).
+    stop(), if given, is asked before each batch: once it says yes on any process, the pass is abandoned and
+    evaluate returns None (the processes agree before the metric's all_reduce).
     """
     model.eval()
     metric = ConfusionMatrix(num_classes, device)
+    abandoned = False
     for images, masks, sizes in loader:
+        if stop is not None and stop():
+            abandoned = True
+            break
         images = images.to(device, non_blocking=True)
         with autocast():
             logits = predict(model, images)  # [B, K, H, W]
         metric.update(logits.argmax(1), masks.to(device, non_blocking=True))
         if on_batch is not None:
             on_batch(images, masks, logits, sizes)
+    if stop is not None and any_rank(abandoned, device):
+        return None
     metric.all_reduce()
     return metric
 
@@ -490,6 +586,13 @@ DATASETS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors end like every other user error: one line, exit code 2 (run_main)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def positive(text):
     """argparse type: an integer >= 1."""
     if not text.isdigit() or int(text) < 1:
@@ -497,8 +600,26 @@ def positive(text):
     return int(text)
 
 
+def non_negative(text):
+    """argparse type: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def d(key):  # the defaults of a flag, dataset by dataset
         return "default: " + ", ".join(f"{name} {recipe[key]}" for name, (_, recipe) in DATASETS.items()
@@ -506,14 +627,16 @@ def parse_args(argv=None):
 
     p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"],
                    help="default: voc with --data-root, else the demo")
-    p.add_argument("--data-root", help="the dataset's folder (VOC: VOC2012 or a folder holding VOCdevkit/VOC2012; "
-                   "Cityscapes: the folder holding leftImg8bit/ and gtFine/; folder: see README); none: the demo")
+    p.add_argument("--data-root", type=os.path.expanduser, help="the dataset's folder (VOC: VOC2012 or a folder "
+                   "holding VOC2012 or VOCdevkit/VOC2012; Cityscapes: the folder holding leftImg8bit/ and gtFine/; "
+                   "folder: see README); none: the demo")
     p.add_argument("--download", action="store_true", help="download VOC 2012 into --data-root first")
     p.add_argument("--train-split", choices=["train", "trainval", "train_aug"], help=d("train_split"))
     p.add_argument("--val-split", default="val", choices=["val", "train", "trainval"])
     p.add_argument("--backbone", choices=BACKBONES, help=d("backbone"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("pretrained"))
-    p.add_argument("--num-clusters", type=positive, help="K, default: the branch width (512, or 128 for resnet18/34)")
+    p.add_argument("--num-clusters", type=positive, help="K, a multiple of 8; default: the branch width (512, or "
+                   "128 for resnet18/34)")
     p.add_argument("--temperature", type=float, default=100.0, help="clustering softmax temperature")
     p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
     p.add_argument("--crop-size", type=positive, help=d("crop_size"))
@@ -521,15 +644,17 @@ def parse_args(argv=None):
                    + d("base_size"))
     p.add_argument("--batch-size", type=positive, help="per process; " + d("batch_size"))
     p.add_argument("--iters", type=positive, help="optimizer steps; " + d("iters"))
-    p.add_argument("--lr", type=float, help="backbone LR (head: 10x); " + d("lr"))
+    p.add_argument("--lr", type=positive_float, help="backbone LR (head: 10x); " + d("lr"))
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the position and channel losses "
                    "(1.0: the original DANet code's equal weights)")
-    p.add_argument("--workers", type=int, help="data loading processes; " + d("workers"))
+    p.add_argument("--workers", type=non_negative, help="data loading processes; " + d("workers"))
     p.add_argument("--demo-images", type=positive, default=1000, help="size of the synthetic training set")
-    p.add_argument("--out-dir", help=d("out_dir"))
-    p.add_argument("--resume", help="a last.pt to continue from (same schedule)")
+    p.add_argument("--out-dir", type=os.path.expanduser, help=d("out_dir"))
+    p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue from (same schedule)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds an earlier "
+                   "one (its checkpoints and log are deleted when training starts)")
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
                    "else fp16 on GPU; fp32 on CPU")
@@ -540,8 +665,11 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
     p.add_argument("--benchmark-steps", type=positive, default=10)
     args = p.parse_args(argv)
-    if args.workers is not None and args.workers < 0:
-        p.error("argument --workers: expected a number >= 0")
+    if args.num_clusters is not None and args.num_clusters % 8:
+        p.error(f"argument --num-clusters: expected a multiple of 8 (position attention reads the K similarities "
+                f"through K / 8 query dimensions), got {args.num_clusters}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
     if args.dataset and not args.data_root and not args.benchmark:
         raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
     args.dataset = args.dataset or ("voc" if args.data_root else "demo")
@@ -550,6 +678,9 @@ def parse_args(argv=None):
     for key, value in DATASETS[args.dataset][1].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.batch_size * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
+        p.error(f"--crop-size {args.crop_size} with --batch-size {args.batch_size} leaves BatchNorm one value per "
+                f"channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop or batch")
     return args
 
 
@@ -557,13 +688,21 @@ def setup_device(args):
     """(device, rank, world_size, autocast context); initialises torch.distributed under torchrun."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # not a device name at all
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {args.device} is not supported: use cuda, cuda:N or cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device} asked for CUDA, but torch.cuda.is_available() is False "
                             f"(no GPU, or a CPU-only PyTorch); use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)  # under torchrun: one GPU per process
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -622,50 +761,101 @@ def benchmark(args, model, optimizer, scaler, device, autocast, master=True):
               f"peak memory {peak_memory_gib(device):.2f} GiB")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device, rank, world_size, autocast = setup_device(args)
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and torchrun send) while training, in a `with` block.
 
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
-        if missing:
-            raise UserError(f"{args.resume} is not a train.py checkpoint to resume from "
-                            f"(no {', '.join(sorted(missing))})")
-        if checkpoint["args"]["backbone"] != args.backbone:
-            raise UserError(f"checkpoint {args.resume} is for {checkpoint['args']['backbone']}, not {args.backbone}")
-        if checkpoint["args"].get("dataset", args.dataset) != args.dataset:
-            raise UserError(f"checkpoint {args.resume} was trained on {checkpoint['args']['dataset']}, "
-                            f"not {args.dataset}")
-    if args.benchmark:
-        train_set = val_set = None
-        args.num_classes = len(VOC_CLASSES)
-    else:
-        train_set, val_set = build_datasets(args)
-        args.num_classes = len(train_set.class_names)
-        if len(train_set) < world_size * args.batch_size:
-            raise UserError(f"{len(train_set)} training images cannot fill a batch of {args.batch_size} on each of "
-                            f"{world_size} processes")
-    config = vars(args).copy()
+    The first signal asks the loop to stop: it finishes the step in flight (a validation in progress is
+    abandoned), saves last.pt and exits with 128 + the signal number: 130 for SIGINT, 143 for SIGTERM. A second
+    one stops at once (KeyboardInterrupt): last.pt is then saved only if the run is not half-way through a step
+    or a save (see stop_at_once).
+    """
 
-    model = build_model({**config, "pretrained": args.pretrained and checkpoint is None})
+    def __init__(self, message=None):
+        self.message, self.signum, self.pid = message, None, os.getpid()
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the main process decides
+            return
+        first, self.signum = self.signum is None, signum
+        if not first:
+            raise KeyboardInterrupt
+        if self.message:
+            print(f"\n{self.name}: {self.message}", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum or signal.SIGINT).name  # another rank may have been the one signalled
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def load_resume_checkpoint(args):
+    """The --resume checkpoint, checked against the command line: same backbone and dataset, same schedule and
+    optimizer."""
+    checkpoint = load_checkpoint(args.resume)
+    missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
+    if missing:
+        raise UserError(f"{args.resume} is not a train.py checkpoint to resume from (no {', '.join(sorted(missing))})")
+    if checkpoint["args"]["backbone"] != args.backbone:
+        raise UserError(f"checkpoint {args.resume} is for {checkpoint['args']['backbone']}, not {args.backbone}")
+    if checkpoint["args"].get("dataset", args.dataset) != args.dataset:
+        raise UserError(f"checkpoint {args.resume} was trained on {checkpoint['args']['dataset']}, not {args.dataset}")
+    return checkpoint
+
+
+def check_same_schedule(args, checkpoint):
+    """A resumed run continues the checkpoint's schedule: --iters, --lr, --momentum, --weight-decay cannot change
+    (the optimizer state would silently keep the old values)."""
+    for key in ("iters", "lr", "momentum", "weight_decay"):
+        if checkpoint["args"][key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"checkpoint {args.resume} was trained with {flag} {checkpoint['args'][key]}: resume "
+                            f"with {flag} {checkpoint['args'][key]} (a resumed run continues its schedule)")
+
+
+def check_out_dir(args):
+    """--out-dir must be writable, and must not hold an earlier run unless --resume or --overwrite says so."""
+    out_dir = Path(args.out_dir)
+    check_writable(out_dir, "--out-dir")
+    earlier = [name for name in ("last.pt", "best.pt") if (out_dir / name).is_file()]
+    if earlier and not (args.resume or args.overwrite):
+        resume = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in earlier else ""
+        raise UserError(f"--out-dir {out_dir} holds {' and '.join(earlier)} of an earlier run: {resume}choose "
+                        f"another --out-dir, or give --overwrite to replace it")
+
+
+def build_model_and_optimizer(args, checkpoint, device, world_size):
+    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given.
+
+    The model to train is wrapped in DDP, then compiled with --compile (so the gradient all_reduce overlaps the
+    backward pass); the raw model, unwrapped, is the one validated and saved.
+    """
+    raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None})
     if checkpoint is not None:
-        load_model_state(model, checkpoint, args.resume)
-        if checkpoint["args"]["iters"] != args.iters:
-            raise UserError(f"checkpoint {args.resume} follows a schedule of {checkpoint['args']['iters']} "
-                            f"iterations: resume with --iters {checkpoint['args']['iters']}")
+        load_model_state(raw_model, checkpoint, args.resume)
+        check_same_schedule(args, checkpoint)
     if world_size > 1 and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last)
-    raw_model = model  # for saving: no DDP / compile wrappers in the state dict
-    if args.compile:
-        model = torch.compile(model)
-    eval_model = model  # validation runs without DDP, whose forward would expect every rank in step
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    raw_model.to(device, memory_format=torch.channels_last)
+    model = raw_model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
 
     optimizer = torch.optim.SGD([
         {"params": raw_model.backbone.parameters(), "lr": args.lr},
@@ -673,116 +863,246 @@ def main(argv=None):
     ], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.iters, power=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    iteration, best_miou = 0, -1.0
     if checkpoint is not None:
         for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             obj.load_state_dict(checkpoint[name])
-        iteration, best_miou = checkpoint["iteration"], checkpoint["best_miou"]
+    return model, raw_model, optimizer, scheduler, scaler
 
-    if args.benchmark:
-        model.train()
-        return benchmark(args, model, optimizer, scaler, device, autocast, master)
 
-    sampler = DistributedSampler(train_set, seed=args.seed, drop_last=True) if world_size > 1 else None
+def build_run(args, checkpoint, device, rank, world_size, autocast):
+    """Everything the training loop works with, in one namespace: data, model, optimizer, and where the run stands
+    (iteration, data position, best mIoU), restored from `checkpoint` when resuming."""
+    train_set, val_set = build_datasets(args)
+    args.num_classes = len(train_set.class_names)
+    if len(train_set) < world_size * args.batch_size:
+        raise UserError(f"{len(train_set)} training images cannot fill a batch of {args.batch_size} on each of "
+                        f"{world_size} processes")
+    model, raw_model, optimizer, scheduler, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
+
+    sampler = EpochSampler(len(train_set), args.seed, rank, world_size)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
                          persistent_workers=args.workers > 0)
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                              **loader_kwargs)
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loader_kwargs)
     val_shard = Subset(val_set, range(rank, len(val_set), world_size))  # each image once: the metric is exact
     val_loader = DataLoader(val_shard, 1, collate_fn=pad_collate, **loader_kwargs)
-    out_dir = Path(args.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"training {args.backbone} on {type(train_set).__name__} {len(train_set)} images, {world_size} "
-              f"process(es) on {device.type}, {args.precision}, {args.iters} iterations from {iteration}")
+    resumed = checkpoint or {}
+    return SimpleNamespace(
+        args=args, config=vars(args).copy(), device=device, master=rank == 0, world_size=world_size,
+        autocast=autocast, model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        sampler=sampler, train_loader=train_loader, val_loader=val_loader, out_dir=Path(args.out_dir),
+        class_names=list(train_set.class_names), train_set=train_set,
+        iteration=resumed.get("iteration", 0), best_miou=resumed.get("best_miou", -1.0),
+        epoch=resumed.get("epoch", 0), epoch_images=resumed.get("epoch_images", 0),  # the data position
+        busy=None, saved_iteration=None)  # what a second interrupt would cut short; the iteration of last.pt
 
-    def log(record, text):
-        if master:
+
+def start_out_dir(run):
+    """Create --out-dir (rank 0), empty it with --overwrite, and say what is about to run."""
+    if run.master:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        if run.args.overwrite:
+            for name in ("last.pt", "best.pt", "log.jsonl"):
+                (run.out_dir / name).unlink(missing_ok=True)
+        print(f"training {run.args.backbone} on {type(run.train_set).__name__} {len(run.train_set)} images, "
+              f"{run.world_size} process(es) on {run.device.type}, {run.args.precision}, {run.args.iters} iterations "
+              f"from {run.iteration}", flush=True)
+
+
+def train_batches(run):
+    """Training batches from the data position (run.epoch, run.epoch_images) on, epoch after epoch."""
+    while True:
+        run.sampler.set_position(run.epoch, run.epoch_images)
+        yield from run.train_loader
+        run.epoch, run.epoch_images = run.epoch + 1, 0
+
+
+def train(run, interrupts):
+    """The training loop, from run.iteration to --iters. Returns "done", "interrupted" or "diverged"."""
+    args, batches = run.args, train_batches(run)
+    start, start_iteration = time.perf_counter(), run.iteration
+    sums, logged_steps = {}, 0  # the loss terms since the last log step, on the device
+    run.model.train()
+    while run.iteration < args.iters:
+        images, masks = next(batches)
+        images = images.to(run.device, non_blocking=True).to(memory_format=torch.channels_last)
+        masks = masks.to(run.device, non_blocking=True)
+        lr = run.optimizer.param_groups[0]["lr"]  # the backbone LR of this step (the head's is 10x)
+        run.busy = "in the middle of a step"
+        losses = train_step(run.model, images, masks, run.optimizer, run.scaler, run.autocast, args.aux_weight)
+        run.scheduler.step()
+        run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
+        run.busy = None
+        sums = {k: sums.get(k, 0) + v for k, v in losses.items()}  # stays on the device: no sync
+        logged_steps += 1
+
+        log_step = run.iteration % args.log_every == 0 or run.iteration == args.iters
+        if log_step:
+            record = log_progress(run, sums, logged_steps, lr, start, start_iteration)
+            sums, logged_steps = {}, 0
+            if not math.isfinite(record["loss"]):
+                return "diverged"
+        if (run.world_size == 1 or log_step) and any_rank(interrupts.requested, run.device):  # DDP: at log steps
+            return "interrupted"
+        if run.iteration % args.val_every == 0 or run.iteration == args.iters:
+            if not weights_finite(run):
+                return "diverged"
+            if not validate(run, interrupts):
+                return "interrupted"  # a signal abandoned the validation
+    return "done"
+
+
+def log_progress(run, sums, steps, lr, start, start_iteration):
+    """Log the loss terms averaged over the last `steps` steps and over the processes (an all_reduce, at log steps
+    only), the LR of the last step, speed, ETA and peak memory. Returns the record."""
+    args = run.args
+    totals = torch.stack(list(sums.values()))  # [n_terms]
+    if run.world_size > 1:
+        dist.all_reduce(totals)  # summed over the processes
+    means = (totals / (steps * run.world_size)).tolist()
+    done, elapsed = run.iteration - start_iteration, time.perf_counter() - start
+    record = {"iteration": run.iteration, **dict(zip(sums, means)), "lr": lr,
+              "images_per_s": done * args.batch_size * run.world_size / elapsed,
+              "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
+              "peak_memory_gib": peak_memory_gib(run.device)}
+    log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} (out {record['out']:.4f} "
+                     f"position {record['position']:.4f} channel {record['channel']:.4f}) lr {record['lr']:.5f} "
+                     f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
+                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB")
+    return record
+
+
+def finite(model):
+    """True if every floating-point parameter and buffer of `model` is finite (one sync: before saving only)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def weights_finite(run):
+    """finite(run.raw_model) on every process."""
+    return not any_rank(not finite(run.raw_model), run.device)
+
+
+def validate(run, interrupts):
+    """Validation mIoU, logged; saves last.pt, and best.pt at a new best. False if a signal abandoned it."""
+    metric = evaluate(run.raw_model, run.val_loader, run.args.num_classes, run.device, run.autocast,
+                      stop=lambda: interrupts.requested)  # the raw model: DDP's forward expects every rank in step
+    run.model.train()
+    if metric is None:
+        return False
+    metric = metric.compute()
+    best = metric["miou"] > run.best_miou
+    run.best_miou = max(run.best_miou, metric["miou"])
+    log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
+              "val_iou": per_class(metric["iou"], run.class_names)},
+        f"val iter {run.iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
+        + (" (best)" if best else ""))
+    save(run, "last.pt")
+    if best:
+        save(run, "best.pt")
+    return True
+
+
+def log(run, record, text=None):
+    """Print `text` and append `record` to out_dir/log.jsonl (rank 0)."""
+    if run.master:
+        if text:
             print(text, flush=True)
-            with open(out_dir / "log.jsonl", "a") as log_file:
-                log_file.write(json.dumps(record) + "\n")
+        with open(run.out_dir / "log.jsonl", "a") as log_file:
+            log_file.write(json.dumps(record) + "\n")
 
-    def save(name):
-        if master:
-            save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "iteration": iteration, "best_miou": best_miou, "args": config,
-                             "class_names": list(train_set.class_names)}, out_dir / name)
 
-    stop = []  # Ctrl-C: finish the step, save last.pt, exit; a second Ctrl-C exits at once
+def save(run, name):
+    """The run's state as out_dir/name (rank 0), written atomically."""
+    if run.master:
+        run.busy = "while saving"
+        save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+                         "iteration": run.iteration, "best_miou": run.best_miou, "args": run.config,
+                         "class_names": run.class_names, "epoch": run.epoch, "epoch_images": run.epoch_images},
+                        run.out_dir / name)
+        run.busy = None
+    if name == "last.pt":
+        run.saved_iteration = run.iteration
 
-    def on_interrupt(*_):
-        stop.append(1)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    def agreed_stop():  # under DDP every rank must leave the loop after the same iteration
-        if world_size == 1:
-            return bool(stop)
-        flag = torch.tensor([float(bool(stop))], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+def latest_checkpoint(run):
+    if run.saved_iteration is None:
+        return "this run has saved no checkpoint"
+    return f"the latest checkpoint is {run.out_dir / 'last.pt'} from iteration {run.saved_iteration}"
 
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        epoch, batches = iteration // len(train_loader), iter(())
-        start, start_iteration, sums, logged_steps = time.perf_counter(), iteration, {}, 0
+
+def finish(run, status, interrupts):
+    """Say how the run ended, saving last.pt after an interrupt; returns the exit code."""
+    if status == "interrupted" and not weights_finite(run):
+        status = "diverged"
+    if status == "diverged":
+        log(run, {"iteration": run.iteration, "diverged": True})
+        if run.master:
+            print(f"error: training diverged (the loss or the weights became nan or infinite by iteration "
+                  f"{run.iteration}): stopped without saving, {latest_checkpoint(run)}; try a lower --lr than "
+                  f"{run.args.lr:g}", file=sys.stderr)
+        return 1
+    if status == "interrupted":
+        if run.saved_iteration != run.iteration:
+            save(run, "last.pt")
+        log(run, {"iteration": run.iteration, "interrupted": interrupts.name},
+            f"{interrupts.name}: saved {run.out_dir / 'last.pt'} at iteration {run.iteration}; continue with "
+            f"--resume {run.out_dir / 'last.pt'}")
+        return interrupts.exit_code
+    if run.master:
+        print(f"done: best val mIoU {run.best_miou:.4f}; checkpoints in {run.out_dir}")
+    return 0
+
+
+def stop_at_once(run, interrupts):
+    """After a second signal: save last.pt if the weights are between two steps, else say that it was not saved.
+    No collective: the other processes may be anywhere."""
+    if not run.master:
+        return interrupts.exit_code
+    saved = f"saved {run.out_dir / 'last.pt'} at iteration {run.iteration}"
+    if run.saved_iteration == run.iteration:
+        outcome = f"; {saved}"  # already
+    elif run.busy:
+        outcome = f" {run.busy}, last.pt not saved; {latest_checkpoint(run)}"
+    elif not finite(run.raw_model):
+        outcome = f", last.pt not saved (the weights are not finite); {latest_checkpoint(run)}"
+    else:
+        try:
+            save(run, "last.pt")
+            outcome = f"; {saved}"
+        except KeyboardInterrupt:  # a third signal: the save is abandoned, the previous last.pt kept
+            outcome = f" while saving, last.pt not saved; {latest_checkpoint(run)}"
+    print(f"{interrupts.name} again: stopped at once{outcome}", file=sys.stderr)
+    return interrupts.exit_code
+
+
+def main(argv=None):
+    """Train, or time training steps (--benchmark). Returns the exit code: 0 done, 1 the loss became nan or
+    infinite, 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM; user errors raise UserError (exit code 2)."""
+    args = parse_args(argv)
+    device, rank, world_size, autocast = setup_device(args)
+    torch.manual_seed(args.seed + rank)
+    checkpoint = load_resume_checkpoint(args) if args.resume else None
+    if args.benchmark:
+        args.num_classes = len(VOC_CLASSES)
+        model, _, optimizer, _, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
         model.train()
-        stopping = False
-        while iteration < args.iters and not stopping:
-            try:
-                images, masks = next(batches)
-            except StopIteration:
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                batches, epoch = iter(train_loader), epoch + 1
-                continue
-            images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-            masks = masks.to(device, non_blocking=True)
-            losses = train_step(model, images, masks, optimizer, scaler, autocast, args.aux_weight)
-            scheduler.step()
-            iteration += 1
-            sums = {k: sums.get(k, 0) + v for k, v in losses.items()}  # stays on the device: no sync
-            logged_steps += 1
+        return benchmark(args, model, optimizer, scaler, device, autocast, rank == 0)
 
-            if iteration % args.log_every == 0 or iteration == args.iters:
-                steps, elapsed = iteration - start_iteration, time.perf_counter() - start
-                record = {"iteration": iteration, **{k: v.item() / logged_steps for k, v in sums.items()},
-                          "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_s": steps * args.batch_size * world_size / elapsed,
-                          "ms_per_iter": elapsed / steps * 1000, "eta_s": elapsed / steps * (args.iters - iteration),
-                          "peak_memory_gib": peak_memory_gib(device)}
-                log(record, f"iter {iteration}/{args.iters} loss {record['loss']:.4f} (out {record['out']:.4f} "
-                            f"position {record['position']:.4f} channel {record['channel']:.4f}) lr {record['lr']:.5f} "
-                            f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
-                            f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB")
-                sums, logged_steps = {}, 0
-
-            if iteration % args.val_every == 0 or iteration == args.iters:
-                metric = evaluate(eval_model, val_loader, args.num_classes, device, autocast).compute()
-                model.train()
-                best = metric["miou"] > best_miou
-                best_miou = max(best_miou, metric["miou"])
-                log({"iteration": iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
-                     "val_iou": per_class(metric["iou"], train_set.class_names)},
-                    f"val iter {iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
-                    + (" (best)" if best else ""))
-                save("last.pt")
-                if best:
-                    save("best.pt")
-
-            if world_size == 1 or iteration % args.log_every == 0:  # a collective: only every log step under DDP
-                stopping = agreed_stop()
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-
-    if stopping:
-        save("last.pt")
-        log({"iteration": iteration, "interrupted": True}, f"interrupted: saved {out_dir / 'last.pt'} at iteration "
-                                                           f"{iteration}; continue with --resume")
-    elif master:
-        print(f"done: best val mIoU {best_miou:.4f}; checkpoints in {out_dir}")
+    check_out_dir(args)
+    run = build_run(args, checkpoint, device, rank, world_size, autocast)
+    start_out_dir(run)
+    together = " and, with the other processes, the steps up to the next log step" if world_size > 1 else ""
+    message = (f"finishing the step in flight{together}, then saving last.pt (a validation in progress is "
+               f"abandoned); send it again to stop at once") if run.master else None
+    with Interrupts(message) as interrupts:
+        try:
+            code = finish(run, train(run, interrupts), interrupts)
+        except KeyboardInterrupt:  # a second signal
+            return stop_at_once(run, interrupts)
     if world_size > 1:
         dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
