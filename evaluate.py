@@ -1,10 +1,14 @@
-"""Evaluate a train.py checkpoint: mIoU by DANet's protocols, and predictions as pictures.
+"""Evaluate a train.py checkpoint (or the original DANet code's): mIoU by DANet's protocols, and pictures.
 
     python evaluate.py --checkpoint runs/demo/best.pt --save-dir runs/demo/pictures --show-clusters  # the demo
     python evaluate.py --checkpoint runs/voc/best.pt --data-root data                       # single scale
     python evaluate.py --checkpoint runs/voc/best.pt --data-root data --flip \\
         --scales 0.5 0.75 1.0 1.25 1.5 1.75                                                 # multi-scale + flip
     python evaluate.py --checkpoint runs/voc/best.pt --image photo.jpg --save-dir predictions
+    python evaluate.py --checkpoint runs/cityscapes/best.pt --data-root cityscapes --save-dir predictions
+    python evaluate.py --checkpoint runs/folder/best.pt --data-root my_data --json results.json
+    python evaluate.py --checkpoint DANet101.pth.tar --dataset cityscapes --data-root cityscapes \
+        --mode slide --crop-size 768 --flip                                  # the original's, its protocol
 
 Protocols: "whole" predicts each image at once at its own size (padded to the output stride, cropped
 back); "slide" averages the logits of overlapping --crop-size windows. With several --scales and/or
@@ -47,6 +51,21 @@ def voc_palette():
 
 
 PALETTE = voc_palette()  # PALETTE[255] is VOC's cream "void" colour
+
+
+def cityscapes_style():
+    """Cityscapes' official colours (train id -> colour) and its submission format: <id>.png holds label ids."""
+    colours, png_values, png_palette = [(0, 0, 0)] * 256, [0] * 256, [(0, 0, 0)] * 256
+    for train_id, (label_id, colour) in enumerate(zip(train.Cityscapes.label_ids, train.Cityscapes.colours)):
+        colours[train_id] = png_palette[label_id] = colour
+        png_values[train_id] = label_id
+    return dict(colours=colours, uncoloured={train.IGNORE_INDEX}, png_values=png_values, png_palette=png_palette)
+
+
+# How predictions are drawn, by dataset: `colours` of the classes, the labels `uncoloured` in overlays, the value
+# <id>.png holds for each class (`png_values`) and the PNG's colour for each value (`png_palette`).
+VOC_STYLE = dict(colours=PALETTE, uncoloured={0}, png_values=list(range(256)), png_palette=PALETTE)
+STYLES = {"demo": VOC_STYLE, "voc": VOC_STYLE, "folder": VOC_STYLE, "cityscapes": cityscapes_style()}
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -96,10 +115,11 @@ def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=51
 
 # ----------------------------------------------------------------------------- pictures
 
-def save_label_png(labels, path):
-    """VOC's submission format: a palette PNG whose pixel values are the class indices."""
-    image = Image.fromarray(labels.to(torch.uint8).cpu().numpy(), mode="P")
-    image.putpalette([v for rgb in PALETTE for v in rgb])
+def save_label_png(labels, path, style=VOC_STYLE):
+    """The benchmarks' submission format: a palette PNG of the class indices (VOC) or label ids (Cityscapes)."""
+    values = torch.tensor(style["png_values"], dtype=torch.uint8)[labels.long().cpu()]  # [H, W]
+    image = Image.fromarray(values.numpy(), mode="P")
+    image.putpalette([v for rgb in style["png_palette"] for v in rgb])
     save_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
@@ -109,20 +129,20 @@ def denormalise(image):
     return ((image * std[:, None, None] + mean[:, None, None]).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def overlay(image, labels, alpha=0.6):
-    """Colour each class of `labels` [H, W] but background (void included) over `image` [3, H, W] uint8."""
-    present = [c for c in labels.unique().tolist() if c != 0]
+def overlay(image, labels, style=VOC_STYLE, alpha=0.6):
+    """Colour each class of `labels` [H, W] but the uncoloured ones (VOC: background) over `image` [3, H, W] uint8."""
+    present = [c for c in labels.unique().tolist() if c not in style["uncoloured"]]
     if not present:
         return image
     masks = torch.stack([labels == c for c in present])  # [n_present, H, W]
-    return draw_segmentation_masks(image, masks.cpu(), alpha=alpha, colors=[PALETTE[c] for c in present])
+    return draw_segmentation_masks(image, masks.cpu(), alpha=alpha, colors=[style["colours"][c] for c in present])
 
 
-def legend(classes, class_names, width):
+def legend(classes, class_names, width, colours=PALETTE):
     """A white strip with a colour swatch and the name of each class in `classes`, as [3, h, width] uint8."""
     if not classes:
         classes = [0]
-    entries = [(PALETTE[c], class_names[c] if c < len(class_names) else "void") for c in classes]
+    entries = [(colours[c], class_names[c] if c < len(class_names) else "void") for c in classes]
     per_row = max(1, width // 110)
     rows = math.ceil(len(entries) / per_row)
     strip = Image.new("RGB", (width, 16 * rows + 4), "white")
@@ -134,13 +154,15 @@ def legend(classes, class_names, width):
     return torch.from_numpy(np.array(strip)).permute(2, 0, 1)  # [H, W, 3] -> [3, h, width]
 
 
-def save_overlay(image, prediction, path, class_names, target=None):
+def save_overlay(image, prediction, path, class_names, target=None, style=VOC_STYLE):
     """image | ground truth | prediction side by side (no ground truth panel without one), with a legend."""
-    panels = [image] + ([overlay(image, target)] if target is not None else []) + [overlay(image, prediction)]
+    panels = [image] + ([overlay(image, target, style)] if target is not None else [])
+    panels.append(overlay(image, prediction, style))
     grid = make_grid(panels, nrow=len(panels), padding=4, pad_value=255)  # [3, H + 8, n * (W + 4) + 4]
     classes = set(prediction.unique().tolist()) | (set(target.unique().tolist()) if target is not None else set())
-    classes = sorted(classes - {0})  # background is left uncoloured
-    picture = torch.cat([grid, legend(classes, class_names, grid.shape[2])], dim=1)  # stacked vertically
+    classes = sorted(classes - style["uncoloured"])
+    strip = legend(classes, class_names, grid.shape[2], style["colours"])
+    picture = torch.cat([grid, strip], dim=1)  # stacked vertically
     save_atomic(path, lambda tmp: save_image(picture.float() / 255, tmp, format="png"))
 
 
@@ -189,8 +211,10 @@ def parse_args(argv=None):
     path = os.path.expanduser  # every path flag accepts ~
     p.add_argument("--checkpoint", type=path, required=True, help="a train.py checkpoint (best.pt or last.pt), "
                    "or one of the original DANet code (DANet101.pth.tar)")
-    p.add_argument("--data-root", type=path, help="VOC2012 folder or a folder holding VOC2012 or VOCdevkit/VOC2012; "
-                   "default: the demo's synthetic val set for a demo checkpoint")
+    p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"], help="default: the checkpoint's (voc for a "
+                   "demo checkpoint given --data-root)")
+    p.add_argument("--data-root", type=path, help="the dataset's folder, as for train.py; default: the demo's "
+                   "synthetic val set for a demo checkpoint")
     p.add_argument("--split", default="val", choices=["val", "train", "trainval", "train_aug"])
     p.add_argument("--scales", type=train.positive_float, nargs="+", default=[1.0],
                    help="e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
@@ -202,8 +226,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=train.non_negative, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--save-dir", type=path, help="write <id>.png (VOC palette PNG) and overlays/<id>.png for every "
-                   "image; --image files are named by their stem, repeated stems get _2, _3, ...")
+    p.add_argument("--save-dir", type=path, help="write <id>.png (class indices; Cityscapes: label ids) and "
+                   "overlays/<id>.png for every image; --image files are named by their stem, repeated stems get "
+                   "_2, _3, ...")
     p.add_argument("--json", type=path, help="write the results to this JSON file")
     p.add_argument("--image", type=path, nargs="+", help="predict these image files instead of a dataset")
     p.add_argument("--show-clusters", action="store_true", help="also save clusters/<id>.png: nearest centre "
@@ -247,9 +272,10 @@ def load_model(path, device):
 
 
 def print_table(result, class_names):
-    print(f"{'class':<14} IoU")
+    width = max(14, *(len(name) + 1 for name in class_names))
+    print(f"{'class':<{width}} IoU")
     for name, iou in zip(class_names, result["iou"]):
-        print(f"{name:<14} {'n/a' if math.isnan(iou) else f'{iou:.4f}'}")
+        print(f"{name:<{width}} {'n/a' if math.isnan(iou) else f'{iou:.4f}'}")
 
 
 def main(argv=None):
@@ -258,6 +284,10 @@ def main(argv=None):
     model, config, class_names = load_model(args.checkpoint, device)
     if args.show_clusters and not config.get("clustering", True):
         raise UserError(f"--show-clusters draws the clustering layer, and {args.checkpoint} is plain DANet")
+    dataset_name = args.dataset or config.get("dataset") or ("voc" if config.get("data_root") else "demo")
+    if dataset_name == "demo" and args.data_root:
+        dataset_name = "voc"  # as in train.py: --data-root without --dataset is VOC
+    style = STYLES[dataset_name]
     save_dir = Path(args.save_dir) if args.save_dir else None
     options = dict(scales=args.scales, flip=args.flip, mode=args.mode, crop_size=args.crop_size)
     protocol = f"{args.mode}, scales {' '.join(map(str, args.scales))}{', flip' if args.flip else ''}"
@@ -265,9 +295,9 @@ def main(argv=None):
         protocol += f", batch size {args.batch_size} (images padded to one size)"
 
     def save_pictures(image, prediction, name, target=None):
-        save_label_png(prediction, save_dir / f"{name}.png")
+        save_label_png(prediction, save_dir / f"{name}.png", style)
         save_overlay(denormalise(image), prediction.cpu(), save_dir / "overlays" / f"{name}.png", class_names,
-                     None if target is None else target.cpu())
+                     None if target is None else target.cpu(), style)
         if args.show_clusters:
             save_clusters(model, image, save_dir / "clusters" / f"{name}.png")
 
@@ -294,17 +324,15 @@ def main(argv=None):
         return
 
     if args.data_root:
-        dataset = train.VOCSegmentation(args.data_root, args.split)
-        ids = dataset.ids
-    elif config.get("data_root") is None:  # a demo checkpoint: its synthetic validation set
+        dataset = train.DATASETS[dataset_name][0](args.data_root, args.split)
+    elif dataset_name == "demo":  # a demo checkpoint: its synthetic validation set
         dataset = train.SyntheticShapes(64, config["base_size"], seed=1)
-        ids = [f"shapes_{i:03d}" for i in range(len(dataset))]
     else:
-        raise UserError(f"checkpoint {args.checkpoint} was trained on {config.get('dataset') or 'VOC'}: "
-                        f"give --data-root (or --image)")
+        raise UserError(f"evaluating {args.checkpoint} on {dataset_name} needs --data-root (or --image)")
     if len(dataset.class_names) != config["num_classes"]:
         raise UserError(f"checkpoint {args.checkpoint} predicts {config['num_classes']} classes, the dataset has "
                         f"{len(dataset.class_names)}")
+    class_names, ids = dataset.class_names, dataset.ids
 
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, collate_fn=train.pad_collate,
                         pin_memory=device.type == "cuda")
@@ -325,12 +353,13 @@ def main(argv=None):
     result = metric.compute()
     print_table(result, class_names)
     split = args.split if args.data_root else "synthetic val"
-    print(f"{args.checkpoint} on {split} ({len(dataset)} images, {protocol}): mIoU {result['miou']:.4f}, "
-          f"pixel accuracy {result['pixel_accuracy']:.4f}, peak memory {train.peak_memory_gib(device):.2f} GiB")
+    print(f"{args.checkpoint} on {dataset_name} {split} ({len(dataset)} images, {protocol}): "
+          f"mIoU {result['miou']:.4f}, pixel accuracy {result['pixel_accuracy']:.4f}, "
+          f"peak memory {train.peak_memory_gib(device):.2f} GiB")
     if args.json:
         summary = {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
-                   "per_class_iou": {n: None if math.isnan(v) else v for n, v in zip(class_names, result["iou"])},
-                   "checkpoint": str(args.checkpoint), "split": split,
+                   "per_class_iou": train.per_class(result["iou"], class_names),
+                   "checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": split,
                    "images": len(dataset), "mode": args.mode, "scales": args.scales, "flip": args.flip,
                    "batch_size": args.batch_size}
         save_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))

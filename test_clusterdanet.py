@@ -1689,6 +1689,295 @@ def test_evaluate_bad_inputs(demo_run, voc_checkpoint, tmp_path, capsys):
     check(["--checkpoint", voc_checkpoint, "--show-clusters", "--image", broken_image], "--save-dir")
 
 
+# ----------------------------------------------------------------------------- Cityscapes and a folder of your own
+
+# cityscapesScripts' labels.py, written out again: label id -> train id of the 19 evaluated classes (others: 255)
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                    "bicycle"]
+CITYSCAPES_SIZE = (22, 38)  # (height, width)
+
+
+def make_cityscapes(root, cities=(("train", "aachen", 2), ("train", "bremen", 2), ("val", "lindau", 2))):
+    """Write root/leftImg8bit/<split>/<city>/<id>_leftImg8bit.png (random RGB) and
+    root/gtFine/<split>/<city>/<id>_gtFine_labelIds.png (every label id 0..33 at random places), plus the gtFine
+    files that are not read (colour, instance ids, polygons). Returns {id: (image [H, W, 3], label ids [H, W])}."""
+    rng = np.random.RandomState(0)
+    H, W = CITYSCAPES_SIZE
+    samples = {}
+    for split, city, count in cities:
+        for folder in ("leftImg8bit", "gtFine"):
+            (root / folder / split / city).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            name = f"{city}_{i:06d}_000019"
+            image = rng.randint(0, 256, (H, W, 3), dtype=np.uint8)
+            label_ids = rng.permutation(np.arange(H * W) % 34).reshape(H, W).astype(np.uint8)
+            Image.fromarray(image).save(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png")
+            Image.fromarray(label_ids).save(root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png")
+            Image.fromarray(image).save(root / "gtFine" / split / city / f"{name}_gtFine_color.png")
+            Image.fromarray(label_ids.astype(np.uint16) * 1000).save(
+                root / "gtFine" / split / city / f"{name}_gtFine_instanceIds.png")
+            (root / "gtFine" / split / city / f"{name}_gtFine_polygons.json").write_text("{}")
+            samples[name] = image, label_ids
+    return samples
+
+
+FOLDER_CLASSES = ["sky", "grass", "cow"]
+FOLDER_COLOURS = [(90, 150, 230), (60, 170, 60), (120, 80, 40)]
+
+
+def make_folder(root, n_train=4, n_val=2, classes=FOLDER_CLASSES):
+    """Write root/classes.txt, root/images/{train,val}/NAME.{jpg,jpeg,png} and root/masks/{train,val}/NAME.png: sky
+    above grass, a cow (a rectangle) on it, a 1-pixel void (255) rim around the cow; grey and palette mask PNGs.
+    Returns {NAME: (image [H, W, 3], mask [H, W])}."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
+    rng = np.random.RandomState(1)
+    samples = {}
+    for split, count in (("train", n_train), ("val", n_val)):
+        for folder in ("images", "masks"):
+            (root / folder / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            name, extension = f"{split}_{i}", (".png", ".jpg", ".jpeg")[i % 3]
+            H, W = 30 + rng.randint(0, 12), 40 + rng.randint(0, 12)
+            mask = np.zeros((H, W), np.uint8)
+            mask[H // 3:] = 1
+            y0, x0 = H // 2 + rng.randint(0, 3), rng.randint(2, W // 2)
+            mask[y0 - 1:y0 + 7, x0 - 1:x0 + 11] = 255
+            mask[y0:y0 + 6, x0:x0 + 10] = 2
+            image = np.array(FOLDER_COLOURS, np.uint8)[np.minimum(mask, 2)]  # the rim takes the cow's colour
+            Image.fromarray(image).save(root / "images" / split / f"{name}{extension}", quality=95)
+            save_mask(mask, root / "masks" / split / f"{name}.png", mode="LP"[i % 2])
+            samples[name] = image, mask
+    return samples
+
+
+@pytest.fixture(scope="module")
+def cityscapes_run(tmp_path_factory):
+    """A tiny Cityscapes tree and a 2-iteration training run on it: (data root, out dir, samples)."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    samples = make_cityscapes(root / "data")
+    torch.manual_seed(0)
+    train.main(tiny(root / "out", "--dataset", "cityscapes", "--data-root", str(root / "data"), "--iters", "2",
+                    "--val-every", "2"))
+    return root / "data", root / "out", samples
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A tiny folder dataset and a 4-iteration training run on it: (data root, out dir, samples)."""
+    root = tmp_path_factory.mktemp("folder")
+    samples = make_folder(root / "data")
+    torch.manual_seed(0)
+    train.main(tiny(root / "out", "--dataset", "folder", "--data-root", str(root / "data"), "--iters", "4",
+                    "--val-every", "4", "--log-every", "2"))
+    return root / "data", root / "out", samples
+
+
+def test_cityscapes_label_ids_become_train_ids(tmp_path):
+    samples = make_cityscapes(tmp_path)
+    for split, cities in (("train", ("aachen", "bremen")), ("val", ("lindau",)), ("trainval", ("aachen", "bremen",
+                                                                                                 "lindau"))):
+        dataset = train.Cityscapes(tmp_path, split)
+        assert dataset.ids == sorted(name for name in samples if name.split("_")[0] in cities)
+        assert list(dataset.class_names) == CITYSCAPES_NAMES
+        for index, name in enumerate(dataset.ids):
+            image, mask = dataset[index]
+            source, label_ids = samples[name]
+            expected = np.vectorize(lambda i: CITYSCAPES_TRAIN_IDS.get(i, 255))(label_ids)
+            assert mask.dtype == torch.int64 and np.array_equal(mask.numpy(), expected)
+            assert set(mask.unique().tolist()) == set(range(19)) | {255}  # every id was drawn
+            torch.testing.assert_close(unnormalise(image), torch.from_numpy(source).permute(2, 0, 1) / 255)
+    # training items: random crops keep the pairing, and padding is void
+    image, mask = train.Cityscapes(tmp_path, "train", train.train_transform(48, 40))[0]
+    assert image.shape == (3, 48, 48) and mask.shape == (48, 48)
+    assert (mask[(image == ((0 - MEAN) / STD)[:, None, None]).all(0)] == 255).all()
+
+
+def test_cityscapes_trains_and_evaluates_with_label_id_pngs(cityscapes_run, tmp_path):
+    """Training stores the dataset and its class names; evaluate.py defaults to that dataset and writes the
+    predictions as label-id PNGs (the benchmark's format), named by image, in the official colours."""
+    data, out, samples = cityscapes_run
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["class_names"] == CITYSCAPES_NAMES and checkpoint["args"]["dataset"] == "cityscapes"
+    assert checkpoint["args"]["num_classes"] == 19
+    validation = [r for r in read_log(out) if "val_miou" in r][-1]
+    assert list(validation["val_iou"]) == CITYSCAPES_NAMES
+
+    result = run_evaluate("--checkpoint", out / "last.pt", "--data-root", data, "--save-dir", tmp_path / "out",
+                          "--json", tmp_path / "r.json", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["dataset"] == "cityscapes" and summary["images"] == 2
+    assert list(summary["per_class_iou"]) == CITYSCAPES_NAMES
+    assert [line.split("  ")[0] for line in result.stdout.splitlines()[-21:-1]] == ["class", *CITYSCAPES_NAMES]
+    model = train.build_model(checkpoint["args"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    to_label_id = {train_id: label_id for label_id, train_id in CITYSCAPES_TRAIN_IDS.items()}
+    H, W = CITYSCAPES_SIZE
+    for name in ("lindau_000000_000019", "lindau_000001_000019"):
+        image = (torch.from_numpy(samples[name][0]).permute(2, 0, 1) / 255 - MEAN[:, None, None]) / STD[:, None, None]
+        with torch.no_grad():
+            train_ids = model(F.pad(image[None], (0, -W % 8, 0, -H % 8)))["out"][0, :, :H, :W].argmax(0).numpy()
+        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+            assert png.size == (W, H)
+            assert (np.array(png) == np.vectorize(to_label_id.get)(train_ids)).mean() > 0.999  # argmax ties
+            palette = png.getpalette()
+        assert palette[7 * 3:8 * 3] == [128, 64, 128] and palette[26 * 3:27 * 3] == [0, 0, 142]  # road, car
+        assert (tmp_path / "out" / "overlays" / f"{name}.png").is_file()
+
+    # overlays: each class in its official colour, road (train id 0) included, void (255) left as it is
+    labels = torch.tensor([[0, 10, 13, 255]])
+    picture = evaluate.overlay(torch.zeros(3, 1, 4, dtype=torch.uint8), labels, evaluate.STYLES["cityscapes"], 1.0)
+    assert picture[:, 0].T.tolist() == [[128, 64, 128], [70, 130, 180], [0, 0, 142], [0, 0, 0]]
+
+
+def test_folder_dataset_reads_pairs_by_name(tmp_path):
+    samples = make_folder(tmp_path)
+    dataset = train.FolderDataset(tmp_path, "train")
+    assert dataset.class_names == tuple(FOLDER_CLASSES) and dataset.ids == ["train_0", "train_1", "train_2", "train_3"]
+    assert [p.suffix for p in dataset.images] == [".png", ".jpg", ".jpeg", ".png"]
+    for index, name in enumerate(dataset.ids):
+        image, mask = dataset[index]
+        source, labels = samples[name]
+        assert torch.equal(mask, torch.from_numpy(labels).long()) and 255 in mask  # grey and palette PNGs alike
+        expected = torch.from_numpy(source).permute(2, 0, 1) / 255
+        if dataset.images[index].suffix == ".png":
+            torch.testing.assert_close(unnormalise(image), expected)
+        else:  # JPEG: close to the colours away from the edges, where it rings
+            inside = interior(mask)
+            torch.testing.assert_close(unnormalise(image)[:, inside], expected[:, inside], atol=0.05, rtol=0)
+
+
+def test_folder_dataset_trains_and_evaluates_with_its_class_names(folder_run, tmp_path):
+    data, out, samples = folder_run
+    checkpoint = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["class_names"] == FOLDER_CLASSES and checkpoint["args"]["dataset"] == "folder"
+    assert checkpoint["args"]["num_classes"] == 3
+    validation = [r for r in read_log(out) if "val_miou" in r][-1]
+    assert list(validation["val_iou"]) == FOLDER_CLASSES
+
+    result = run_evaluate("--checkpoint", out / "best.pt", "--data-root", data, "--save-dir", tmp_path / "out",
+                          "--json", tmp_path / "r.json", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert list(summary["per_class_iou"]) == FOLDER_CLASSES and summary["dataset"] == "folder"
+    assert summary["images"] == 2 and summary["miou"] == pytest.approx(validation["val_miou"], abs=1e-6)
+    assert [line.split()[0] for line in result.stdout.splitlines()[-5:-1]] == ["class", *FOLDER_CLASSES]
+    for name in ("val_0", "val_1"):
+        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+            assert png.size == samples[name][1].shape[::-1] and np.array(png).max() <= 2
+        assert (tmp_path / "out" / "overlays" / f"{name}.png").is_file()
+
+
+def test_each_dataset_has_its_recipe():
+    assert train.parse_args([]).dataset == "demo" and train.parse_args([]).crop_size == 64
+    voc = train.parse_args(["--data-root", "d"])
+    assert (voc.dataset, voc.crop_size, voc.batch_size, voc.train_split) == ("voc", 480, 16, "train_aug")
+    cityscapes = train.parse_args(["--dataset", "cityscapes", "--data-root", "d"])
+    assert (cityscapes.crop_size, cityscapes.batch_size, cityscapes.lr, cityscapes.base_size) == (768, 8, 0.01, 1024)
+    assert cityscapes.train_split == "train" and cityscapes.out_dir == "runs/cityscapes"
+    folder = train.parse_args(["--dataset", "folder", "--data-root", "d", "--crop-size", "96"])
+    assert (folder.crop_size, folder.train_split, folder.out_dir) == (96, "train", "runs/folder")
+
+
+def break_dataset(case, root):
+    """Write a dataset at root broken as `case` says; returns (train.py flags, expected error line fragments)."""
+    if case.startswith("cityscapes"):
+        make_cityscapes(root)
+        flags = ["--dataset", "cityscapes", "--data-root", root]
+        if case == "cityscapes_no_leftImg8bit":
+            (root / "leftImg8bit").rename(root / "images")
+            return flags, [f"{root} has no leftImg8bit/ folder"]
+        if case == "cityscapes_no_gtFine":
+            (root / "gtFine").rename(root / "labels")
+            return flags, [f"{root} has no gtFine/ folder"]
+        if case == "cityscapes_empty_split":
+            for path in (root / "leftImg8bit" / "train").rglob("*.png"):
+                path.unlink()
+            return flags, [f"{root / 'leftImg8bit' / 'train'} holds no <city>/<id>_leftImg8bit.png images"]
+        if case == "cityscapes_image_without_mask":
+            mask = root / "gtFine" / "train" / "bremen" / "bremen_000001_000019_gtFine_labelIds.png"
+            mask.unlink()
+            return flags, [f"image {root}/leftImg8bit/train/bremen/bremen_000001_000019_leftImg8bit.png has no mask "
+                           f"{mask}"]
+        mask = root / "gtFine" / "train" / "aachen" / "aachen_000001_000019_gtFine_labelIds.png"  # a bad label id
+        labels = np.array(Image.open(mask))
+        labels[3, 4] = 40
+        Image.fromarray(labels).save(mask)
+        return flags, [f"mask {mask} is not a 22x38 map of Cityscapes label ids 0..33 (found [40])"]
+    make_folder(root)
+    flags = ["--dataset", "folder", "--data-root", root]
+    if case == "folder_no_classes_txt":
+        (root / "classes.txt").unlink()
+        return flags, [f"{root / 'classes.txt'} not found"]
+    if case == "folder_empty_classes_txt":
+        (root / "classes.txt").write_text("sky\n\ncow\n")
+        return flags, [f"{root / 'classes.txt'} must name 1 to 255 different classes"]
+    if case == "folder_image_without_mask":
+        Image.new("RGB", (8, 8)).save(root / "images" / "train" / "extra.jpg")
+        return flags, [f"image {root}/images/train/extra.jpg has no mask {root}/masks/train/extra.png"]
+    if case == "folder_mask_without_image":
+        Image.new("L", (8, 8)).save(root / "masks" / "train" / "orphan.png")
+        return flags, [f"mask {root}/masks/train/orphan.png has no image {root}/images/train/orphan.jpg"]
+    if case == "folder_empty_split":
+        for path in [*(root / "images" / "train").iterdir(), *(root / "masks" / "train").iterdir()]:
+            path.unlink()
+        return flags, [f"{root}/images/train holds no images"]
+    if case == "folder_no_split_folder":
+        (root / "masks" / "val").rename(root / "masks" / "validation")
+        return flags, [f"folder {root}/masks/val not found"]
+    if case == "folder_bad_mask_value":  # found when the mask is read
+        mask = root / "masks" / "train" / "train_2.png"
+        labels = np.array(Image.open(mask))
+        labels[0, :2] = 3  # 3 classes: 0..2
+        save_mask(labels, mask)
+        return flags, [f"mask {mask} is not a ", "map of class indices 0..2 and 255 (found [3])"]
+    if case == "dataset_without_data_root":
+        return ["--dataset", "folder"], ["--dataset folder needs --data-root"]
+    return flags + ["--download"], ["--download fetches VOC only"]  # "download_not_voc"
+
+
+@pytest.mark.parametrize("case", ["cityscapes_no_leftImg8bit", "cityscapes_no_gtFine", "cityscapes_empty_split",
+                                  "cityscapes_image_without_mask", "cityscapes_bad_label_id", "folder_no_classes_txt",
+                                  "folder_empty_classes_txt", "folder_image_without_mask", "folder_mask_without_image",
+                                  "folder_empty_split", "folder_no_split_folder", "folder_bad_mask_value",
+                                  "dataset_without_data_root", "download_not_voc"])
+def test_bad_dataset_exits_2_naming_the_file(case, tmp_path, capsys):
+    flags, fragments = break_dataset(case, tmp_path / "data")
+    line = cli_error(capsys, tiny(tmp_path / "out", *flags, "--iters", "2", "--train-split", "train"))
+    assert all(str(f) in line for f in fragments), line
+    assert_nothing_half_written(tmp_path, tmp_path / "out", created="bad" in case)  # masks are read in training
+
+
+def test_bad_mask_value_exits_2_from_a_data_loading_worker(tmp_path):
+    flags, fragments = break_dataset("folder_bad_mask_value", tmp_path / "data")
+    result = run_script([*map(str, tiny(tmp_path / "out", *flags)), "--iters", "2", "--workers", "1"], cwd=tmp_path)
+    assert_script_error(result, *fragments)
+
+
+def test_evaluate_bad_dataset_inputs(cityscapes_run, folder_run, tmp_path, capsys):
+    def check(argv, *fragments):
+        line = cli_error(capsys, argv, main=evaluate.main)
+        assert all(str(f) in line for f in fragments), line
+
+    cityscapes_data, cityscapes_out, _ = cityscapes_run
+    folder_data, folder_out, _ = folder_run
+    check(["--checkpoint", cityscapes_out / "last.pt"], "on cityscapes needs --data-root")
+    check(["--checkpoint", cityscapes_out / "last.pt", "--data-root", folder_data], "has no leftImg8bit/ folder")
+    check(["--checkpoint", folder_out / "last.pt", "--dataset", "cityscapes", "--data-root", cityscapes_data],
+          "predicts 3 classes, the dataset has 19")
+    make_folder(tmp_path / "four", classes=["sky", "grass", "cow", "fence"])
+    check(["--checkpoint", folder_out / "last.pt", "--data-root", tmp_path / "four"],
+          "predicts 3 classes, the dataset has 4")
+    flags, fragments = break_dataset("folder_mask_without_image", tmp_path / "broken")
+    check(["--checkpoint", folder_out / "last.pt", "--data-root", tmp_path / "broken", "--split", "train"],
+          *fragments)
+
+
 # ----------------------------------------------------------------------------- plain DANet, multi-grid
 
 def test_multi_grid_dilates_layer4_4_8_16():
@@ -1897,10 +2186,6 @@ class OriginalDANet(torch.nn.Module):
         return tuple(F.interpolate(y, size, mode="bilinear", align_corners=True) for y in self.head(self.pretrained(x)))
 
 
-CITYSCAPES_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                    "bicycle"]
-
 
 @pytest.fixture(scope="module")
 def original_checkpoint(tmp_path_factory):
@@ -1964,8 +2249,37 @@ def test_evaluate_original_checkpoint_on_an_image(original_checkpoint, tmp_path,
     counts = labels.flatten().bincount(minlength=19)
     expected = ", ".join(f"{CITYSCAPES_NAMES[c]} {counts[c] / labels.numel():.0%}" for c in counts.nonzero()[:, 0])
     assert f"street.png: {expected}" in capsys.readouterr().out
-    with Image.open(tmp_path / "out" / "street.png") as png:
-        assert (np.array(png) == labels.numpy()).mean() > 0.999
+    to_label_id = {train_id: label_id for label_id, train_id in CITYSCAPES_TRAIN_IDS.items()}
+    with Image.open(tmp_path / "out" / "street.png") as png:  # Cityscapes' format: label ids
+        assert (np.array(png) == np.vectorize(to_label_id.get)(labels.numpy())).mean() > 0.999
+
+
+def test_original_checkpoint_on_cityscapes_end_to_end(original_checkpoint, tmp_path, monkeypatch, capsys):
+    """The README's command for the published checkpoint, on a tiny Cityscapes tree: evaluate.py's mIoU is the mIoU
+    of the stand-in's own predictions (whole images in one 768 window, flipped copies averaged). Cityscapes' 2048x1024
+    images and 768 windows are multiples of 8, and so are the tree's images here."""
+    path, original = original_checkpoint
+    monkeypatch.setitem(globals(), "CITYSCAPES_SIZE", (24, 40))
+    samples = make_cityscapes(tmp_path / "data")
+    evaluate.main(["--checkpoint", str(path), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"),
+                   "--mode", "slide", "--crop-size", "768", "--flip", "--json", str(tmp_path / "r.json"),
+                   "--workers", "0", "--device", "cpu"])
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["images"] == 2 and list(summary["per_class_iou"]) == CITYSCAPES_NAMES
+    matrix = np.zeros((19, 19), np.int64)
+    for name in ("lindau_000000_000019", "lindau_000001_000019"):
+        image, label_ids = samples[name]
+        x = ((torch.from_numpy(image).permute(2, 0, 1) / 255 - MEAN[:, None, None]) / STD[:, None, None])[None]
+        with torch.no_grad():
+            scores = original(x)[0].softmax(1) + original(x.flip(-1))[0].flip(-1).softmax(1)  # [1, 19, 24, 40]
+        prediction = scores[0].argmax(0).numpy()
+        truth = np.vectorize(lambda i: CITYSCAPES_TRAIN_IDS.get(i, 255))(label_ids)
+        keep = truth != 255
+        np.add.at(matrix, (truth[keep], prediction[keep]), 1)
+    tp, union = np.diag(matrix), matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    assert len(np.unique(prediction)) > 1  # the stand-in does not predict one class everywhere
+    assert summary["miou"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]), abs=1e-9)
+    assert summary["pixel_accuracy"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-9)
 
 
 def test_init_from_original_checkpoint_loads_backbone_and_head(original_checkpoint, capsys):

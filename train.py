@@ -1,7 +1,9 @@
-"""Train ClusterDANet on PASCAL VOC 2012, or on a built-in synthetic dataset (the demo).
+"""Train ClusterDANet on PASCAL VOC 2012, Cityscapes, a folder of your own images, or synthetic shapes (the demo).
 
     python train.py                                                    # demo: synthetic shapes, no download
     python train.py --data-root data --train-split train_aug           # VOC 2012, one GPU
+    python train.py --dataset cityscapes --data-root cityscapes        # Cityscapes (fine annotations)
+    python train.py --dataset folder --data-root my_data               # your images: see README for the layout
     torchrun --standalone --nproc_per_node=8 train.py --data-root data --train-split train_aug --batch-size 2
     python train.py --benchmark --backbone resnet50 --crop-size 256 --batch-size 2 --device cpu
     python train.py --out-dir runs/demo_danet --no-clustering          # plain DANet, the same recipe
@@ -46,9 +48,6 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor")
 SHAPE_CLASSES = ("background", "disc", "square", "triangle")
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-                      "bicycle")
 IGNORE_INDEX = 255  # VOC's "void" label: object borders and ambiguous pixels, ignored by loss and metric
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
 OUTPUT_STRIDE = 8
@@ -148,6 +147,35 @@ def eval_transform():
     ])
 
 
+def read_mask(path, image, labels, description):
+    """[H, W] uint8 label map of a grey or palette PNG the size of `image` [3, H, W]; a value not in `labels`
+    (or another size) is a UserError that names the file, the size and the `description` of the labels."""
+    try:
+        with Image.open(path) as mask:  # palette ("P") or grey ("L") PNG of labels
+            mask = np.array(mask)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read mask {path}: {e}") from None
+    bad = np.setdiff1d(np.unique(mask), labels)
+    if mask.ndim != 2 or mask.shape != image.shape[1:] or bad.size:
+        raise UserError(f"mask {path} is not a {image.shape[1]}x{image.shape[2]} map of {description} "
+                        f"(found {bad.tolist() or mask.shape})")
+    return mask.astype(np.uint8)
+
+
+def pair_files(images, masks, mask_of, image_of):
+    """Match {id: image path} with {id: mask path}: (ids, image paths, mask paths), sorted by id.
+
+    A file without its partner is a UserError naming it and where the partner was looked for (mask_of(id),
+    image_of(id)).
+    """
+    for i in sorted(images.keys() - masks.keys()):
+        raise UserError(f"image {images[i]} has no mask {mask_of(i)}")
+    for i in sorted(masks.keys() - images.keys()):
+        raise UserError(f"mask {masks[i]} has no image {image_of(i)}")
+    ids = sorted(images)
+    return ids, [images[i] for i in ids], [masks[i] for i in ids]
+
+
 def read_image(path):
     """[3, H, W] uint8 tv_tensors.Image, as the user sees the file: turned by its EXIF orientation (phone photos),
     16-bit grey scaled to 8 bits, float grey in 0..1 scaled to 0..255. An unreadable file is a UserError naming it."""
@@ -199,15 +227,111 @@ class VOCSegmentation(Dataset):
 
     def __getitem__(self, index):
         image = read_image(self.images[index])
-        try:
-            with Image.open(self.masks[index]) as mask:  # palette ("P") or grey ("L") PNG of class indices
-                mask = np.array(mask)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read mask {self.masks[index]}: {e}") from None
-        bad = np.setdiff1d(np.unique(mask), [*range(len(VOC_CLASSES)), IGNORE_INDEX])
-        if mask.ndim != 2 or mask.shape != image.shape[1:] or bad.size:
-            raise UserError(f"mask {self.masks[index]} is not a {image.shape[1]}x{image.shape[2]} map of labels "
-                            f"0..20 and 255 (found {bad.tolist() or mask.shape})")
+        mask = read_mask(self.masks[index], image, [*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")
+        return self.transform(image, tv_tensors.Mask(mask))
+
+
+# The 19 classes Cityscapes is evaluated on, from cityscapesScripts' labels.py: (name, label id, colour). A class's
+# train id is its position here; every other label id (void, and the classes not evaluated) becomes 255.
+CITYSCAPES_CLASSES = (
+    ("road", 7, (128, 64, 128)), ("sidewalk", 8, (244, 35, 232)), ("building", 11, (70, 70, 70)),
+    ("wall", 12, (102, 102, 156)), ("fence", 13, (190, 153, 153)), ("pole", 17, (153, 153, 153)),
+    ("traffic light", 19, (250, 170, 30)), ("traffic sign", 20, (220, 220, 0)), ("vegetation", 21, (107, 142, 35)),
+    ("terrain", 22, (152, 251, 152)), ("sky", 23, (70, 130, 180)), ("person", 24, (220, 20, 60)),
+    ("rider", 25, (255, 0, 0)), ("car", 26, (0, 0, 142)), ("truck", 27, (0, 0, 70)), ("bus", 28, (0, 60, 100)),
+    ("train", 31, (0, 80, 100)), ("motorcycle", 32, (0, 0, 230)), ("bicycle", 33, (119, 11, 32)),
+)
+
+
+class Cityscapes(Dataset):
+    """Cityscapes with its fine annotations, in the layout torchvision.datasets.Cityscapes reads:
+    leftImg8bit/<split>/<city>/<id>_leftImg8bit.png and gtFine/<split>/<city>/<id>_gtFine_labelIds.png.
+
+    Splits: train (2,975 images), val (500), trainval (both). The masks hold label ids 0..33; items hold the
+    19 train ids (0..18) and 255. `ids` are the <id> parts of the file names (city_sequence_frame).
+    """
+
+    class_names = tuple(name for name, _, _ in CITYSCAPES_CLASSES)
+    label_ids = tuple(label_id for _, label_id, _ in CITYSCAPES_CLASSES)  # train id -> label id
+    colours = tuple(colour for _, _, colour in CITYSCAPES_CLASSES)  # train id -> official colour
+
+    def __init__(self, data_root, split="train", transform=None):
+        root = Path(data_root)
+        if not root.is_dir():
+            raise UserError(f"data root {root} does not exist (Cityscapes: see README)")
+        for folder in ("leftImg8bit", "gtFine"):
+            if not (root / folder).is_dir():
+                raise UserError(f"{root} has no {folder}/ folder: give the Cityscapes folder that holds leftImg8bit/ "
+                                f"and gtFine/")
+        if split not in ("train", "val", "trainval"):
+            raise UserError(f"Cityscapes has no split {split} (train, val or trainval)")
+        self.ids, self.images, self.masks = [], [], []
+        for part in ("train", "val") if split == "trainval" else (split,):
+            image_dir, mask_dir = root / "leftImg8bit" / part, root / "gtFine" / part
+            images = {p.name.removesuffix("_leftImg8bit.png"): p for p in image_dir.glob("*/*_leftImg8bit.png")}
+            masks = {p.name.removesuffix("_gtFine_labelIds.png"): p for p in mask_dir.glob("*/*_gtFine_labelIds.png")}
+            if not images:
+                raise UserError(f"{image_dir} holds no <city>/<id>_leftImg8bit.png images")
+            ids, image_paths, mask_paths = pair_files(  # the partner is looked for in the same city's folder
+                images, masks, lambda i: mask_dir / images[i].parent.name / f"{i}_gtFine_labelIds.png",
+                lambda i: image_dir / masks[i].parent.name / f"{i}_leftImg8bit.png")
+            self.ids, self.images, self.masks = self.ids + ids, self.images + image_paths, self.masks + mask_paths
+        self.to_train_id = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> train id
+        self.to_train_id[list(self.label_ids)] = range(len(self.label_ids))
+        self.transform = transform or eval_transform()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image = read_image(self.images[index])
+        mask = read_mask(self.masks[index], image, range(34), "Cityscapes label ids 0..33")
+        return self.transform(image, tv_tensors.Mask(self.to_train_id[mask]))
+
+
+class FolderDataset(Dataset):
+    """Your own data: DATA/classes.txt names the classes, one per line (line i is label i);
+    DATA/images/<split>/NAME.jpg (.jpeg, .png) goes with DATA/masks/<split>/NAME.png, a grey or palette PNG of
+    class indices with 255 for pixels to ignore. `ids` are the NAMEs.
+    """
+
+    EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+    def __init__(self, data_root, split="train", transform=None):
+        root = Path(data_root)
+        if not root.is_dir():
+            raise UserError(f"data root {root} does not exist")
+        classes_file = root / "classes.txt"
+        if not classes_file.is_file():
+            raise UserError(f"{classes_file} not found: it names the classes, one per line (see README)")
+        names = [line.strip() for line in classes_file.read_text(encoding="utf-8-sig").rstrip().splitlines()]
+        if not names or "" in names or len(set(names)) < len(names) or len(names) > IGNORE_INDEX:
+            raise UserError(f"{classes_file} must name 1 to 255 different classes, one per line, no empty lines")
+        self.class_names = tuple(names)
+        image_dir, mask_dir = root / "images" / split, root / "masks" / split
+        for folder in (image_dir, mask_dir):
+            if not folder.is_dir():
+                raise UserError(f"folder {folder} not found (see README for the layout)")
+        images = {}
+        for path in sorted(image_dir.iterdir()):
+            if path.suffix.lower() in self.EXTENSIONS:
+                if path.stem in images:
+                    raise UserError(f"images {images[path.stem]} and {path} have the same name")
+                images[path.stem] = path
+        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+        if not images:
+            raise UserError(f"{image_dir} holds no images (NAME.jpg, .jpeg or .png)")
+        self.ids, self.images, self.masks = pair_files(images, masks, lambda i: mask_dir / f"{i}.png",
+                                                       lambda i: image_dir / f"{i}.jpg (.jpeg, .png)")
+        self.transform = transform or eval_transform()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image = read_image(self.images[index])
+        labels = f"class indices 0..{len(self.class_names) - 1} and 255"
+        mask = read_mask(self.masks[index], image, [*range(len(self.class_names)), IGNORE_INDEX], labels)
         return self.transform(image, tv_tensors.Mask(mask))
 
 
@@ -225,6 +349,7 @@ class SyntheticShapes(Dataset):
         self.length, self.size, self.seed = length, size, seed
         self.transform = transform or eval_transform()
         self.class_names = SHAPE_CLASSES
+        self.ids = [f"shapes_{i:03d}" for i in range(length)]
 
     def __len__(self):
         return self.length
@@ -255,14 +380,14 @@ class SyntheticShapes(Dataset):
 
 
 def build_datasets(args):
-    """(train, val) datasets: VOC when args.data_root is given, else the synthetic demo data."""
+    """(train, val) datasets of args.dataset (see DATASETS); the demo's are synthetic."""
     train_tf = train_transform(args.crop_size, args.base_size)
-    if args.data_root is None:
+    if args.dataset == "demo":
         return SyntheticShapes(args.demo_images, args.base_size, 0, train_tf), SyntheticShapes(64, args.base_size, 1)
     if args.download:
         download_voc(args.data_root)
-    return (VOCSegmentation(args.data_root, args.train_split, train_tf),
-            VOCSegmentation(args.data_root, args.val_split))
+    dataset = DATASETS[args.dataset][0]
+    return dataset(args.data_root, args.train_split, train_tf), dataset(args.data_root, args.val_split)
 
 
 def pad_collate(batch):
@@ -336,6 +461,11 @@ class ConfusionMatrix:
             "pixel_accuracy": (tp.sum() / m.sum().clamp(min=1)).item(),
             "iou": iou.tolist(),
         }
+
+
+def per_class(values, class_names):
+    """{class name: value} in class order, None for nan (a class absent from ground truth and prediction)."""
+    return {name: None if math.isnan(v) else v for name, v in zip(class_names, values)}
 
 
 def any_rank(flag, device):
@@ -491,11 +621,10 @@ def from_original(checkpoint, path):
     for key in [k for k in model if k.endswith(".running_mean")]:  # files of PyTorch < 0.4.1 have no BN counters
         model.setdefault(key.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
     num_classes = state["head.conv8.1.weight"].shape[0]
-    cityscapes = num_classes == len(CITYSCAPES_CLASSES)
+    dataset = {len(Cityscapes.class_names): "cityscapes", len(VOC_CLASSES): "voc"}.get(num_classes, "folder")
     config = dict(num_classes=num_classes, backbone=ORIGINAL_DEPTHS[blocks], num_clusters=None, temperature=100.0,
-                  dense_attention=False, clustering=False, multi_grid=True, align_corners=True,
-                  dataset="cityscapes" if cityscapes else None, data_root="")  # not the demo's data
-    class_names = list(CITYSCAPES_CLASSES) if cityscapes else None
+                  dense_attention=False, clustering=False, multi_grid=True, align_corners=True, dataset=dataset)
+    class_names = {"cityscapes": list(Cityscapes.class_names), "voc": list(VOC_CLASSES)}.get(dataset)
     return {"model": model, "args": config, "iteration": checkpoint.get("epoch", 0), "class_names": class_names,
             "original": True, "unused": unused}
 
@@ -559,10 +688,22 @@ def load_model_state(model, checkpoint, path):
 
 # ----------------------------------------------------------------------------- command line
 
-DEMO = dict(backbone="resnet18", pretrained=False, crop_size=64, base_size=64, batch_size=8, iters=500, lr=0.01,
-            workers=0, val_every=250, log_every=25, out_dir="runs/demo")
-VOC = dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16, iters=30000,
-           lr=0.01, workers=min(8, os.cpu_count() or 1), val_every=2000, log_every=50, out_dir="runs/voc")
+WORKERS = min(8, os.cpu_count() or 1)
+
+# Each dataset: its class, and the recipe that fills in every flag left out (the README gives each one's source).
+DATASETS = {
+    "demo": (SyntheticShapes, dict(backbone="resnet18", pretrained=False, crop_size=64, base_size=64, batch_size=8,
+                                   iters=500, lr=0.01, workers=0, val_every=250, log_every=25, out_dir="runs/demo")),
+    "voc": (VOCSegmentation, dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16,
+                                  iters=30000, lr=0.01, workers=WORKERS, val_every=2000, log_every=50,
+                                  out_dir="runs/voc", train_split="train_aug")),
+    "cityscapes": (Cityscapes, dict(backbone="resnet101", pretrained=True, crop_size=768, base_size=1024,
+                                    batch_size=8, iters=90000, lr=0.01, workers=WORKERS, val_every=5000,
+                                    log_every=50, out_dir="runs/cityscapes", train_split="train")),
+    "folder": (FolderDataset, dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16,
+                                   iters=30000, lr=0.01, workers=WORKERS, val_every=2000, log_every=50,
+                                   out_dir="runs/folder", train_split="train")),
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -599,14 +740,21 @@ def positive_float(text):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = "default: VOC {} / demo {}".format
-    p.add_argument("--data-root", type=os.path.expanduser,
-                   help="VOC2012 folder or a folder holding VOC2012 or VOCdevkit/VOC2012; none: the demo")
+
+    def d(key):  # the defaults of a flag, dataset by dataset
+        return "default: " + ", ".join(f"{name} {recipe[key]}" for name, (_, recipe) in DATASETS.items()
+                                       if key in recipe)
+
+    p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"],
+                   help="default: voc with --data-root, else the demo")
+    p.add_argument("--data-root", type=os.path.expanduser, help="the dataset's folder (VOC: VOC2012 or a folder "
+                   "holding VOC2012 or VOCdevkit/VOC2012; Cityscapes: the folder holding leftImg8bit/ and gtFine/; "
+                   "folder: see README); none: the demo")
     p.add_argument("--download", action="store_true", help="download VOC 2012 into --data-root first")
-    p.add_argument("--train-split", default="train_aug", choices=["train", "trainval", "train_aug"])
+    p.add_argument("--train-split", choices=["train", "trainval", "train_aug"], help=d("train_split"))
     p.add_argument("--val-split", default="val", choices=["val", "train", "trainval"])
-    p.add_argument("--backbone", choices=BACKBONES, help=d(VOC["backbone"], DEMO["backbone"]))
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("yes", "no"))
+    p.add_argument("--backbone", choices=BACKBONES, help=d("backbone"))
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("pretrained"))
     p.add_argument("--num-clusters", type=positive, help="K, a multiple of 8; default: the branch width (512, or "
                    "128 for resnet18/34)")
     p.add_argument("--temperature", type=float, default=100.0, help="clustering softmax temperature")
@@ -618,20 +766,19 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
                    "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; a new "
                    "run, not --resume")
-    p.add_argument("--crop-size", type=positive, help=d(VOC["crop_size"], DEMO["crop_size"]))
+    p.add_argument("--crop-size", type=positive, help=d("crop_size"))
     p.add_argument("--base-size", type=positive, help="longer side before the 0.5-2x random scale; "
-                   + d(VOC["base_size"], DEMO["base_size"]))
-    p.add_argument("--batch-size", type=positive, help="per process; " + d(VOC["batch_size"], DEMO["batch_size"]))
-    p.add_argument("--iters", type=positive, help="optimizer steps; " + d(VOC["iters"], DEMO["iters"]))
-    p.add_argument("--lr", type=positive_float, help="backbone LR (head: 10x); " + d(VOC["lr"], DEMO["lr"]))
+                   + d("base_size"))
+    p.add_argument("--batch-size", type=positive, help="per process; " + d("batch_size"))
+    p.add_argument("--iters", type=positive, help="optimizer steps; " + d("iters"))
+    p.add_argument("--lr", type=positive_float, help="backbone LR (head: 10x); " + d("lr"))
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the position and channel losses "
                    "(1.0: the original DANet code's equal weights)")
-    p.add_argument("--workers", type=non_negative, help="data loading processes; "
-                   + d(VOC["workers"], DEMO["workers"]))
+    p.add_argument("--workers", type=non_negative, help="data loading processes; " + d("workers"))
     p.add_argument("--demo-images", type=positive, default=1000, help="size of the synthetic training set")
-    p.add_argument("--out-dir", type=os.path.expanduser, help=d(VOC["out_dir"], DEMO["out_dir"]))
+    p.add_argument("--out-dir", type=os.path.expanduser, help=d("out_dir"))
     p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue from (same schedule)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds an earlier "
                    "one (its checkpoints and log are deleted when training starts)")
@@ -639,8 +786,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
                    "else fp16 on GPU; fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--val-every", type=positive, help=d(VOC["val_every"], DEMO["val_every"]))
-    p.add_argument("--log-every", type=positive, help=d(VOC["log_every"], DEMO["log_every"]))
+    p.add_argument("--val-every", type=positive, help=d("val_every"))
+    p.add_argument("--log-every", type=positive, help=d("log_every"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
     p.add_argument("--benchmark-steps", type=positive, default=10)
@@ -654,7 +801,12 @@ def parse_args(argv=None):
         p.error("--num-clusters sets the clustering layers, which --no-clustering leaves out")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
-    for key, value in (VOC if args.data_root else DEMO).items():
+    if args.dataset and not args.data_root and not args.benchmark:
+        raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
+    args.dataset = args.dataset or ("voc" if args.data_root else "demo")
+    if args.download and args.dataset != "voc":
+        raise UserError(f"--download fetches VOC only; put the {args.dataset} data in place by hand (see README)")
+    for key, value in DATASETS[args.dataset][1].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.batch_size * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
@@ -783,7 +935,8 @@ class Interrupts:
 
 
 def load_resume_checkpoint(args):
-    """The --resume checkpoint, checked against the command line: same backbone, same schedule and optimizer."""
+    """The --resume checkpoint, checked against the command line: same backbone and dataset, same schedule and
+    optimizer."""
     checkpoint = load_checkpoint(args.resume)
     missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
     if missing:
@@ -792,6 +945,8 @@ def load_resume_checkpoint(args):
                         f"(no {', '.join(sorted(missing))}){hint}")
     if checkpoint["args"]["backbone"] != args.backbone:
         raise UserError(f"checkpoint {args.resume} is for {checkpoint['args']['backbone']}, not {args.backbone}")
+    if checkpoint["args"].get("dataset", args.dataset) != args.dataset:
+        raise UserError(f"checkpoint {args.resume} was trained on {checkpoint['args']['dataset']}, not {args.dataset}")
     return checkpoint
 
 
@@ -973,7 +1128,8 @@ def validate(run, interrupts):
     metric = metric.compute()
     best = metric["miou"] > run.best_miou
     run.best_miou = max(run.best_miou, metric["miou"])
-    log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"]},
+    log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
+              "val_iou": per_class(metric["iou"], run.class_names)},
         f"val iter {run.iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
         + (" (best)" if best else ""))
     save(run, "last.pt")
