@@ -31,7 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import BACKBONES, ClusterDANet
+from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet
 
 try:
     import resource  # Unix only: the peak memory of a CPU run
@@ -44,7 +44,6 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 SHAPE_CLASSES = ("background", "disc", "square", "triangle")
 IGNORE_INDEX = 255  # VOC's "void" label: object borders and ambiguous pixels, ignored by loss and metric
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
-OUTPUT_STRIDE = 8
 
 
 class UserError(Exception):
@@ -256,11 +255,8 @@ class ConfusionMatrix:
 
 
 def predict_logits(model, images):
-    """Whole-image prediction at any size: pad to a multiple of the output stride, crop back. [B, K, H, W]"""
-    H, W = images.shape[-2:]
-    pad_h, pad_w = -H % OUTPUT_STRIDE, -W % OUTPUT_STRIDE
-    padded = F.pad(images, (0, pad_w, 0, pad_h))  # [B, 3, H + pad_h, W + pad_w]
-    return model(padded)["out"][..., :H, :W].float()  # [B, K, H, W]
+    """Whole-image prediction at any size (the model pads to its output stride and crops back). [B, K, H, W]"""
+    return model(images)["out"].float()  # [B, K, H, W]
 
 
 @torch.inference_mode()
@@ -290,7 +286,9 @@ def build_model(config):
     try:
         return ClusterDANet(num_classes=config["num_classes"], backbone=config["backbone"],
                             pretrained_backbone=pretrained, num_clusters=config["num_clusters"],
-                            temperature=config["temperature"], dense_attention=config["dense_attention"])
+                            temperature=config["temperature"], dense_attention=config["dense_attention"],
+                            cluster_init=config.get("cluster_init", "random"),
+                            cluster_reseed=config.get("cluster_reseed", 0))
     except RuntimeError as e:  # the ImageNet weights could not be downloaded: the message says what to do
         if pretrained:
             raise UserError(str(e)) from None
@@ -364,6 +362,10 @@ def parse_args(argv=None):
     p.add_argument("--num-clusters", type=positive, help="K, default: the branch width (512, or 128 for resnet18/34)")
     p.add_argument("--temperature", type=float, default=100.0, help="clustering softmax temperature")
     p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
+    p.add_argument("--cluster-init", choices=["random", "data"], default="random", help="clustering centres: "
+                   "random unit vectors (the original) or drawn from the first batch, k-means++ style")
+    p.add_argument("--cluster-reseed", type=int, default=0, metavar="N", help="draw again the centres that were "
+                   "dead (under a tenth of an equal share of the mass) for N steps in a row; 0: never")
     p.add_argument("--crop-size", type=positive, help=d(VOC["crop_size"], DEMO["crop_size"]))
     p.add_argument("--base-size", type=positive, help="longer side before the 0.5-2x random scale; "
                    + d(VOC["base_size"], DEMO["base_size"]))
@@ -390,6 +392,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.workers is not None and args.workers < 0:
         p.error("argument --workers: expected a number >= 0")
+    if args.cluster_reseed < 0:
+        p.error("argument --cluster-reseed: expected a number >= 0")
     for key, value in (VOC if args.data_root else DEMO).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -602,10 +606,13 @@ def main(argv=None):
                 model.train()
                 best = metric["miou"] > best_miou
                 best_miou = max(best_miou, metric["miou"])
-                log({"iteration": iteration, "val_miou": metric["miou"],
-                     "val_pixel_accuracy": metric["pixel_accuracy"]},
+                usage = raw_model.cluster_usage()  # over the training steps since the last validation
+                log({"iteration": iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
+                     **{f"{branch}_{k}": v for branch, u in usage.items() for k, v in u.items()}},
                     f"val iter {iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
-                    + (" (best)" if best else ""))
+                    + (" (best)" if best else "") + "".join(
+                        f", {branch} clusters: {u['live']}/{u['clusters']} live, perplexity {u['perplexity']:.1f}"
+                        for branch, u in usage.items()))
                 save("last.pt")
                 if best:
                     save("best.pt")
