@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import BACKBONES, ClusterDANet
+from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet
 
 try:
     import resource  # Unix only: the peak memory of a CPU run
@@ -48,7 +48,6 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 SHAPE_CLASSES = ("background", "disc", "square", "triangle")
 IGNORE_INDEX = 255  # VOC's "void" label: object borders and ambiguous pixels, ignored by loss and metric
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
-OUTPUT_STRIDE = 8
 
 
 class UserError(Exception):
@@ -476,11 +475,8 @@ def any_rank(flag, device):
 
 
 def predict_logits(model, images):
-    """Whole-image prediction at any size: pad to a multiple of the output stride, crop back. [B, K, H, W]"""
-    H, W = images.shape[-2:]
-    pad_h, pad_w = -H % OUTPUT_STRIDE, -W % OUTPUT_STRIDE
-    padded = F.pad(images, (0, pad_w, 0, pad_h))  # [B, 3, H + pad_h, W + pad_w]
-    return model(padded)["out"][..., :H, :W].float()  # [B, K, H, W]
+    """Whole-image prediction at any size (the model pads to its output stride and crops back). [B, K, H, W]"""
+    return model(images)["out"].float()  # [B, K, H, W]
 
 
 @torch.inference_mode()
@@ -519,7 +515,9 @@ def build_model(config):
     try:
         return ClusterDANet(num_classes=config["num_classes"], backbone=config["backbone"],
                             pretrained_backbone=pretrained, num_clusters=config["num_clusters"],
-                            temperature=config["temperature"], dense_attention=config["dense_attention"])
+                            temperature=config["temperature"], dense_attention=config["dense_attention"],
+                            cluster_init=config.get("cluster_init", "random"),
+                            cluster_reseed=config.get("cluster_reseed", 0))
     except RuntimeError as e:  # the ImageNet weights could not be downloaded: the message says what to do
         if pretrained:
             raise UserError(str(e)) from None
@@ -639,6 +637,10 @@ def parse_args(argv=None):
                    "128 for resnet18/34)")
     p.add_argument("--temperature", type=float, default=100.0, help="clustering softmax temperature")
     p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
+    p.add_argument("--cluster-init", choices=["random", "data"], default="random", help="clustering centres: "
+                   "random unit vectors (the original) or drawn from the first batch, k-means++ style")
+    p.add_argument("--cluster-reseed", type=non_negative, default=0, metavar="N", help="draw again the centres that "
+                   "were dead (under a tenth of an equal share of the mass) for N steps in a row; 0: never")
     p.add_argument("--crop-size", type=positive, help=d("crop_size"))
     p.add_argument("--base-size", type=positive, help="longer side before the 0.5-2x random scale; "
                    + d("base_size"))
@@ -992,10 +994,14 @@ def validate(run, interrupts):
     metric = metric.compute()
     best = metric["miou"] > run.best_miou
     run.best_miou = max(run.best_miou, metric["miou"])
+    usage = run.raw_model.cluster_usage()  # over the training steps since the last validation
     log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
-              "val_iou": per_class(metric["iou"], run.class_names)},
+              "val_iou": per_class(metric["iou"], run.class_names),
+              **{f"{branch}_{k}": v for branch, u in usage.items() for k, v in u.items()}},
         f"val iter {run.iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
-        + (" (best)" if best else ""))
+        + (" (best)" if best else "") + "".join(
+            f", {branch} clusters: {u['live']}/{u['clusters']} live, perplexity {u['perplexity']:.1f}"
+            for branch, u in usage.items()))
     save(run, "last.pt")
     if best:
         save(run, "best.pt")
