@@ -11,6 +11,7 @@ Learning", ICLR 2021), which replaces each pixel's feature by its cosine similar
       |
     dilated ResNet (output stride 8)                       -> f [B, C_in, H/8, W/8]   (C_in = 2048 or 512)
       |
+      |     (each branch: conv_in          -> clustering      -> attention         -> conv_out)
       +-- conv3x3+BN+ReLU -> ClusteringLayer -> PositionAttention -> conv3x3+BN+ReLU -> p [B, C, h, w]
       |                       [B, K, h, w]      [B, K, h, w]                       (C = C_in / 4)
       +-- conv3x3+BN+ReLU -> ClusteringLayer -> ChannelAttention  -> conv3x3+BN+ReLU -> c [B, C, h, w]
@@ -27,23 +28,29 @@ Two departures from the original code, both keeping what it computes: position a
 `F.scaled_dot_product_attention`, so the HW x HW attention matrix is never stored (the dense formula is
 kept as `dense=True` for reading and comparison), and the clustering update never divides by the
 cluster mass, which the original does and which turns centres into NaN when a cluster gets no mass.
+One addition, off by default as in the original: ClusteringLayer can draw its centres from the data and
+re-seed centres that stay dead (see its docstring). ClusteringLayer, PositionAttention and
+ChannelAttention each work copied alone into a file that imports torch, torch.nn as nn and
+torch.nn.functional as F.
 """
 
+from collections import OrderedDict
+
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+OUTPUT_STRIDE = 8  # the backbone's features are 8x smaller than the image
 
 
 class ClusteringLayer(nn.Module):
     """Online soft k-means: each pixel's feature becomes its cosine similarity to K centres.
 
-    Input [B, C, H, W], output [B, K, H, W] with s_ik = u_i . c_k / ||c_k||, where u_i = x_i / ||x_i||.
-    The centres are buffers, not parameters: gradients flow through s into x, never into the centres.
-    In training mode each call then moves the centres towards the pixels assigned to them:
+    Input [B, C, H, W], output [B, K, H, W] in the input's dtype, with s_ik = u_i . c_k / ||c_k||, where
+    u_i = x_i / ||x_i||. The centres are buffers, not parameters: gradients flow through s into x, never
+    into the centres. In training mode each call then moves the centres towards the pixels assigned to them:
 
         m_ik   = softmax_k(T * s_ik)                   soft assignment, temperature T
         mass_k = sum_i m_ik,   sum_k = sum_i m_ik u_i
@@ -52,72 +59,187 @@ class ClusteringLayer(nn.Module):
 
     and since alpha * sum_k / mass_k = sum_k / counts_k, we apply the last line in that form: it is the
     same update without dividing by a mass that can underflow to 0 (a centre with no mass stays put).
-    Under torch.distributed, mass and sum are all-reduced first, so every rank holds the same centres,
-    equal to those of one process that saw the global batch.
+    `counts` is 1 plus all the mass a centre ever received, so the step size decays like 1/t (MacQueen's
+    online k-means): after t calls with similar mass a centre moves 1/t of the way to its pixels, and it
+    settles early. The update recomputes the similarities in fp32 from x, also under autocast (in 16 bits
+    a few percent of the hard assignments change), and sums the statistics in fp32. Under
+    torch.distributed, mass and sum are all-reduced first, so every rank holds the same centres, equal to
+    those of one process that saw the global batch.
+
+    Dead centres. With random unit centres, non-negative (post-ReLU) features and T = 100, the few centres
+    nearest to the features take almost all the mass and most others never get any: they stay where they
+    started and their similarities are noise. Two options address it (the original code has neither):
+    - init="data": on the first training call the centres are drawn from that batch's unit features,
+      k-means++ style (each next one with probability proportional to its squared distance to the nearest
+      centre drawn so far). Rank 0 draws and broadcasts, so every rank holds the same centres.
+      init="random" keeps the original random unit centres (drawn from `seed`).
+    - reseed_after=R > 0: a centre that is dead in each of R consecutive training calls is drawn again
+      the same way from the current batch (relative to the live centres), with its count back to 1.
+    A centre is live in a stretch of calls when it receives at least LIVE_SHARE / K of their mass: a
+    tenth of an equal share. usage() reports the live centres and the perplexity exp(-sum_k p_k log p_k)
+    of the mass shares p_k (the effective number of centres in use: K for equal use, 1 when one centre
+    takes all) over the training calls since it was last called.
+
+    `counts` and `mass` stay float64 through .half() / .to(torch.bfloat16) (see _apply); `centers`
+    follows the module's dtype.
     """
 
-    def __init__(self, channels, num_clusters, temperature=100.0, seed=0):
+    LIVE_SHARE = 0.1  # a centre is live when it receives at least a tenth of an equal share (1 / K) of the mass
+
+    def __init__(self, channels, num_clusters, temperature=100.0, seed=0, init="random", reseed_after=0):
         super().__init__()
-        self.temperature = temperature
+        if init not in ("random", "data"):
+            raise ValueError(f"ClusteringLayer init must be 'random' or 'data', got {init!r}")
+        self.temperature, self.init, self.reseed_after = temperature, init, reseed_after
         generator = torch.Generator().manual_seed(seed)  # every build starts from the same centres
         centers = torch.randn(num_clusters, channels, generator=generator)  # [K, C]
         self.register_buffer("centers", F.normalize(centers, dim=1))
-        self.register_buffer("counts", torch.ones(num_clusters, dtype=torch.float64))
+        self.register_buffer("counts", torch.ones(num_clusters, dtype=torch.float64))  # 1 + all mass received
+        self.register_buffer("mass", torch.zeros(num_clusters, dtype=torch.float64))  # since the last usage()
+        self.register_buffer("idle", torch.zeros(num_clusters, dtype=torch.int64))  # consecutive dead calls
+        self.register_buffer("initialised", torch.tensor(init == "random"))  # False until the data initialisation
+        self.calls = 0  # training calls made by this process since it was built
 
     def forward(self, x):
-        u = F.normalize(x, dim=1)  # [B, C, H, W], unit length per pixel (0 stays 0)
-        centers = F.normalize(self.centers, dim=1).to(u.dtype)  # [K, C]
-        s = torch.einsum("bchw,kc->bkhw", u, centers)  # [B, C, H, W] -> [B, K, H, W]
+        if self.training and (self.init == "data" or self.reseed_after):
+            self.seed_centers(x.detach())
+        u = F.normalize(x.float(), dim=1)  # [B, C, H, W], unit length per pixel (0 stays 0; in fp16 it would be NaN)
+        centers = F.normalize(self.centers.float(), dim=1)  # [K, C]
+        s = torch.einsum("bchw,kc->bkhw", u, centers)  # [B, C, H, W] -> [B, K, H, W], under autocast in 16 bits
         if self.training:
-            self.update(u.detach(), s.detach())
-        return s
+            self.update(x.detach())
+        return s.to(x.dtype)
 
     @torch.no_grad()
-    def update(self, u, s):
-        """One k-means step from unit features u [B, C, H, W] and their similarities s [B, K, H, W]."""
-        with torch.autocast(u.device.type, enabled=False):  # the statistics are summed in fp32
-            u, s = u.float(), s.float()
+    def update(self, x):
+        """One k-means step from the features x [B, C, H, W], in fp32 whatever the autocast state."""
+        with torch.autocast(x.device.type, enabled=False):
+            u = F.normalize(x.float(), dim=1)  # [B, C, H, W]
+            s = torch.einsum("bchw,kc->bkhw", u, F.normalize(self.centers.float(), dim=1))  # [B, K, H, W]
             m = torch.softmax(self.temperature * s, dim=1)  # [B, K, H, W]
             mass = m.sum(dim=(0, 2, 3))  # [K]
             sums = torch.einsum("bkhw,bchw->kc", m, u)  # [K, C]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.distributed():
                 stats = torch.cat([mass[:, None], sums], dim=1)  # [K, 1 + C], one all-reduce for both
-                dist.all_reduce(stats)
+                torch.distributed.all_reduce(stats)
                 mass, sums = stats[:, 0], stats[:, 1:]  # [K], [K, C]
-            self.counts += mass.double()
-            alpha = mass.double() / self.counts  # [K], in [0, 1)
-            step = sums.double() / self.counts[:, None]  # [K, C], = alpha * mean without the division
+            mass, sums = mass.double(), sums.double()
+            self.counts += mass
+            alpha = mass / self.counts  # [K], in [0, 1)
+            step = sums / self.counts[:, None]  # [K, C], = alpha * mean without the division
             self.centers.copy_((1 - alpha[:, None]) * self.centers + step)
+            self.mass += mass
+            dead = mass < self.LIVE_SHARE * mass.sum() / len(mass)  # [K]
+            self.idle.add_(1).mul_(dead)  # consecutive calls without a live share; 0 after a live one
+
+    @torch.compiler.disable  # data-dependent Python control flow; the work happens rarely
+    @torch.no_grad()
+    def seed_centers(self, x):
+        """Draw the centres from x on the first training call (init="data"), and every reseed_after calls
+        draw again those that were dead in each of the last reseed_after calls."""
+        calls, self.calls = self.calls, self.calls + 1
+        if calls == 0 and not self.initialised:  # not after loading a checkpoint that was already initialised
+            drawn = self.kmeans_plus_plus(self.unit_rows(x), self.centers[:0], len(self.centers))
+            if drawn is not None:
+                self.centers.copy_(drawn)
+            self.initialised.fill_(True)
+            self.broadcast_centers()
+        elif self.reseed_after and calls and calls % self.reseed_after == 0:
+            dead = self.idle >= self.reseed_after  # [K], the same on every rank (mass is all-reduced)
+            if dead.any():
+                drawn = self.kmeans_plus_plus(self.unit_rows(x), self.centers[~dead], int(dead.sum()))
+                if drawn is not None:
+                    self.centers[dead] = drawn.to(self.centers.dtype)
+                    self.counts[dead], self.idle[dead] = 1, 0
+                self.broadcast_centers()
+
+    @staticmethod
+    def unit_rows(x):
+        return F.normalize(x.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # [B, C, H, W] -> [BHW, C]
+
+    @staticmethod
+    def kmeans_plus_plus(u, centers, n):
+        """n rows of u [N, C] (unit or zero rows), k-means++ style: each with probability proportional to its
+        squared distance to the nearest of `centers` [M, C] and of the rows drawn before it (uniform when
+        M = 0). Zero rows are never drawn. Returns [n, C], or None when u has no nonzero row."""
+        u = u[u.norm(dim=1) > 0]  # [N', C]
+        if len(u) == 0:
+            return None
+        nearest = torch.full((len(u),), 4.0, device=u.device)  # [N'], squared distance to the nearest centre
+        if len(centers):
+            nearest = 2 - 2 * (u @ F.normalize(centers.float(), dim=1).T).amax(dim=1)  # [N', M] -> [N']
+        drawn = []
+        for _ in range(n):
+            i = torch.multinomial(nearest.clamp(min=1e-12), 1)  # [1]; the floor keeps a valid distribution
+            drawn.append(u[i])  # [1, C]
+            nearest = torch.minimum(nearest, 2 - 2 * (u @ u[i].T)[:, 0])  # ||u - v||^2 = 2 - 2 u.v for unit u, v
+        return torch.cat(drawn)  # [n, C]
+
+    def broadcast_centers(self):
+        """Rank 0's centres to every rank: each rank drew its own from its own part of the batch."""
+        if self.distributed():
+            torch.distributed.broadcast(self.centers, src=0)
+
+    @staticmethod
+    def distributed():
+        return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1
+
+    def usage(self, reset=True):
+        """{"live": live centres, "clusters": K, "perplexity": exp(entropy of the mass shares)} over the training
+        calls since the last reset (NaN before any), then reset."""
+        share = self.mass / self.mass.sum()  # [K], NaN before any call
+        live = (share >= self.LIVE_SHARE / len(share)).sum().item() if share.isfinite().all() else float("nan")
+        perplexity = torch.exp(-torch.special.xlogy(share, share).sum()).item()
+        if reset:
+            self.mass.zero_()
+        return {"live": live, "clusters": len(share), "perplexity": perplexity}
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .cuda / .half ...: `counts` and `mass` follow the device but stay float64. They sum the mass
+        of the whole training, which fp16 cannot hold (it overflows at 65504) and to which bf16 stops adding
+        (from 256 on, adding 1 changes nothing)."""
+        kept = {"counts": self.counts, "mass": self.mass}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            if getattr(self, name).dtype != torch.float64:
+                setattr(self, name, value.to(getattr(self, name).device))
+        return self
 
     def extra_repr(self):
-        return f"channels={self.centers.shape[1]}, num_clusters={self.centers.shape[0]}, temperature={self.temperature}"
+        return (f"channels={self.centers.shape[1]}, num_clusters={self.centers.shape[0]}, "
+                f"temperature={self.temperature}, init={self.init!r}, reseed_after={self.reseed_after}")
 
 
 class PositionAttention(nn.Module):
     """DANet's position attention module (PAM, Eq. 2): each pixel attends to every pixel.
 
-    Input and output [B, C, H, W]. With N = H * W, q = Wq x and k = Wk x in C/8 dims, v = Wv x in C:
+    Input and output [B, C, H, W] (the output in the input's dtype). With N = H * W, q = Wq x and k = Wk x
+    in d = C / REDUCTION dims, v = Wv x in C:
         energy_ij = q_i . k_j   (no 1/sqrt(d) scaling),   A = softmax_j(energy),
         out_i = gamma * sum_j A_ij v_j + x_i,   gamma a learnable scalar initialised to 0.
     By default this runs through F.scaled_dot_product_attention, whose fused kernels never store the
-    N x N matrix A (memory linear in N). Those kernels need q, k and v with the same head size, so the C
-    value channels are split into 8 heads of C/8 that all share the one q and k: the same sum, 8 heads.
-    `dense=True` computes the formula literally, storing A, as the reference to read and compare.
+    N x N matrix A (memory linear in N). Those kernels need q, k and v with one head size, so the C value
+    channels are split into C / d = REDUCTION heads of d channels that all share the one q and k: the same
+    sum, in 8 heads. `dense=True` computes the formula literally, storing A, as the reference to read and compare.
     """
+
+    REDUCTION = 8  # q and k have C / 8 channels, as in the paper
 
     def __init__(self, channels, dense=False):
         super().__init__()
-        if channels % 8:
-            raise ValueError(f"PositionAttention needs channels divisible by 8, got {channels}")
-        self.query = nn.Conv2d(channels, channels // 8, kernel_size=1)
-        self.key = nn.Conv2d(channels, channels // 8, kernel_size=1)
+        if channels % self.REDUCTION:
+            raise ValueError(f"PositionAttention needs channels divisible by {self.REDUCTION}, got {channels}")
+        self.query = nn.Conv2d(channels, channels // self.REDUCTION, kernel_size=1)
+        self.key = nn.Conv2d(channels, channels // self.REDUCTION, kernel_size=1)
         self.value = nn.Conv2d(channels, channels, kernel_size=1)
         self.gamma = nn.Parameter(torch.zeros(1))
         self.dense = dense
 
     def forward(self, x):
         B, C, H, W = x.shape
-        N, d = H * W, C // 8
+        N, d = H * W, C // self.REDUCTION
+        heads = C // d  # value heads of q's size d (= REDUCTION = 8): the fused kernels need one head size
         q = self.query(x).flatten(2).transpose(1, 2)  # [B, d, H, W] -> [B, N, d]
         k = self.key(x).flatten(2).transpose(1, 2)  # [B, d, H, W] -> [B, N, d]
         v = self.value(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, N, C]
@@ -126,13 +248,13 @@ class PositionAttention(nn.Module):
             attention = torch.softmax(energy, dim=-1)  # [B, N, N], rows sum to 1
             out = torch.bmm(attention, v)  # [B, N, N] x [B, N, C] -> [B, N, C]
         else:
-            q = q.contiguous().unsqueeze(1).expand(B, 8, N, d)  # [B, 8, N, d], one q shared by 8 heads (no copy)
-            k = k.contiguous().unsqueeze(1).expand(B, 8, N, d)  # [B, 8, N, d]
-            v = v.contiguous().view(B, N, 8, d).transpose(1, 2)  # [B, N, C] -> [B, 8, N, d]
+            q = q.contiguous().unsqueeze(1).expand(B, heads, N, d)  # [B, 8, N, d], one q shared by 8 heads (no copy)
+            k = k.contiguous().unsqueeze(1).expand(B, heads, N, d)  # [B, 8, N, d]
+            v = v.contiguous().view(B, N, heads, d).transpose(1, 2)  # [B, N, C] -> [B, 8, N, d]
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, 8, N, d]
             out = out.transpose(1, 2).reshape(B, N, C)  # [B, 8, N, d] -> [B, N, C]
         out = out.transpose(1, 2).reshape(B, C, H, W)  # [B, N, C] -> [B, C, H, W]
-        return self.gamma * out + x
+        return (self.gamma * out + x).to(x.dtype)  # the fp32 gamma would promote a bf16 result to fp32
 
 
 class ChannelAttention(nn.Module):
@@ -141,7 +263,14 @@ class ChannelAttention(nn.Module):
     Input and output [B, C, H, W]. With X the input as [B, C, N]:
         E = X X^T,   A = softmax(rowmax(E) - E),   out = gamma * (A X) + x,   gamma initialised to 0.
     There are no projections, so the module has one parameter. E is computed in fp32 even under
-    autocast: its entries are sums over all N pixels and lose too much precision in 16 bits.
+    autocast: its entries are sums over all N pixels and lose too much precision in 16 bits. The output
+    has the input's dtype.
+
+    The softmax is saturated: E sums over thousands of pixels, so its rows span hundreds or thousands and
+    softmax(rowmax(E) - E) puts nearly all of a row's weight on the one channel least similar to it. At
+    initialisation (random weights, ResNet-101, a 480x480 image, K = 512) the largest weight of a row is
+    0.99995 on average (median 1.0000); the original code's is saturated the same way (it computes the same
+    formula). We keep the paper's formula; the learnable gamma (starting at 0) sets how much of it is added.
     """
 
     def __init__(self):
@@ -157,7 +286,7 @@ class ChannelAttention(nn.Module):
             # i.e. a channel attends most to the channels it is least similar to.
             attention = torch.softmax(energy.amax(dim=-1, keepdim=True) - energy, dim=-1)  # [B, C, C]
             out = torch.bmm(attention, X).reshape(B, C, H, W)  # [B, C, C] x [B, C, N] -> [B, C, H, W]
-        return self.gamma * out.to(x.dtype) + x
+        return (self.gamma * out + x).to(x.dtype)  # out and gamma are fp32: back to the input's dtype
 
 
 def conv_bn_relu(in_channels, out_channels):
@@ -176,7 +305,10 @@ class DilatedResNet(nn.Module):
     """A torchvision ResNet without pooling and fc, with layer3/4 dilated: output stride 8.
 
     Input [B, 3, H, W], output [B, C_in, ceil(H/8), ceil(W/8)], C_in = 512 (resnet18/34) or 2048.
-    layer4's blocks are dilated 2, 4, 4; with multi_grid (Bottleneck ResNets only) 4, 8, 16, the
+    layer3's blocks have dilation 1, 2, 2, ... and layer4's 2, 4, 4, ...: the first block of each keeps the
+    previous rate, as torchvision's replace_stride_with_dilation does (Bottleneck ResNets) and as we do by
+    hand for the BasicBlock ResNets (18/34), whose blocks have two 3x3 convolutions at the block's rate.
+    With multi_grid (Bottleneck ResNets only) layer4's three blocks are dilated 4, 8, 16 instead: the
     "multi-grid" of DeepLabv3 that the original DANet code offers (--multi-grid --multi-dilation 4 8 16).
     """
 
@@ -198,13 +330,15 @@ class DilatedResNet(nn.Module):
                 f"(they are cached under {torch.hub.get_dir()}/checkpoints), or copy {weights.url.rsplit('/', 1)[-1]} "
                 f"there by hand, or train without them (pretrained_backbone=False, train.py --no-pretrained)."
             ) from None
-        if not bottleneck:
-            for layer, dilation in ((resnet.layer3, 2), (resnet.layer4, 4)):
-                for module in layer.modules():
-                    if isinstance(module, nn.Conv2d):
-                        module.stride = (1, 1)  # the first block's conv1 and its downsample conv
-                        if module.kernel_size == (3, 3):
-                            module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
+        if not bottleneck:  # torchvision's _make_layer(dilate=True): block 0 at the previous rate, the rest at the new
+            for layer, previous, dilation in ((resnet.layer3, 1, 2), (resnet.layer4, 2, 4)):
+                for index, block in enumerate(layer):
+                    rate = previous if index == 0 else dilation
+                    for module in block.modules():
+                        if isinstance(module, nn.Conv2d):
+                            module.stride = (1, 1)  # the first block's conv1 and its downsample conv
+                            if module.kernel_size == (3, 3):
+                                module.dilation, module.padding = (rate, rate), (rate, rate)
         if multi_grid:
             for block, dilation in zip(resnet.layer4, (4, 8, 16)):  # each Bottleneck's 3x3 conv
                 block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
@@ -222,36 +356,38 @@ class ClusterDANet(nn.Module):
     """The full network: dilated ResNet, then clustering + position / channel attention branches.
 
     forward(images [B, 3, H, W]) returns a dict of logits at [B, num_classes, H, W], any H and W:
-    "out" always, and the auxiliary "position" and "channel" outputs in training mode.
+    "out" always, and the auxiliary "position" and "channel" outputs in training mode. Sizes that are not
+    multiples of 8 are padded with zeros (the mean colour of normalised images) at the bottom and right,
+    so the 8x8 cells of the feature grid sit on the image's pixels, and the logits are cropped back.
     num_clusters (K) defaults to the branch width C = C_in / 4 (512 for ResNet-50/101, 128 for 18/34).
+    cluster_init and cluster_reseed are ClusteringLayer's init and reseed_after. Each branch is an
+    nn.Sequential of named steps: model.position_branch.clustering, model.channel_branch.attention, ...
     clustering=False builds plain DANet (no clustering layer: the attention runs on the C branch channels);
     multi_grid=True dilates layer4 4, 8, 16 (Bottleneck backbones). align_corners is how the logits are
     upsampled: the original DANet code uses True, so its checkpoints are evaluated with True.
     """
 
     def __init__(self, num_classes=21, backbone="resnet101", pretrained_backbone=False, num_clusters=None,
-                 temperature=100.0, dense_attention=False, clustering=True, multi_grid=False, align_corners=False):
+                 temperature=100.0, dense_attention=False, cluster_init="random", cluster_reseed=0, clustering=True,
+                 multi_grid=False, align_corners=False):
         super().__init__()
         self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid)
         in_channels = self.backbone.out_channels
         channels = in_channels // 4
         width = (num_clusters or channels) if clustering else channels  # what the attention modules see
 
-        def clustering_layer():  # plain DANet: nothing between the first conv and the attention
-            return ClusteringLayer(channels, width, temperature) if clustering else nn.Identity()
+        def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
+            return nn.Sequential(OrderedDict(
+                conv_in=conv_bn_relu(in_channels, channels),  # [B, C, h, w]
+                clustering=ClusteringLayer(channels, width, temperature, init=cluster_init,
+                                           reseed_after=cluster_reseed)
+                if clustering else nn.Identity(),  # [B, K, h, w]; plain DANet: nothing in between
+                attention=attention,  # [B, K, h, w]
+                conv_out=conv_bn_relu(width, channels),  # [B, C, h, w]
+            ))
 
-        self.position_branch = nn.Sequential(
-            conv_bn_relu(in_channels, channels),
-            clustering_layer(),
-            PositionAttention(width, dense=dense_attention),
-            conv_bn_relu(width, channels),
-        )
-        self.channel_branch = nn.Sequential(
-            conv_bn_relu(in_channels, channels),
-            clustering_layer(),
-            ChannelAttention(),
-            conv_bn_relu(width, channels),
-        )
+        self.position_branch = branch(PositionAttention(width, dense=dense_attention))
+        self.channel_branch = branch(ChannelAttention())
         self.position_classifier = classifier(channels, num_classes)
         self.channel_classifier = classifier(channels, num_classes)
         self.classifier = classifier(channels, num_classes)
@@ -259,24 +395,34 @@ class ClusterDANet(nn.Module):
 
     @property
     def dense_attention(self):
-        return self.position_branch[2].dense
+        return self.position_branch.attention.dense
 
     @dense_attention.setter
     def dense_attention(self, dense):
-        self.position_branch[2].dense = dense
+        self.position_branch.attention.dense = dense
 
     def head_parameters(self):
         """Everything but the backbone (trained with a 10x learning rate)."""
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
+    def cluster_usage(self):
+        """{"position": {"live", "clusters", "perplexity"}, "channel": {...}} of the clustering layers over the training calls
+        since the last call (see ClusteringLayer.usage)."""
+        return {name: branch.clustering.usage() for name, branch in (("position", self.position_branch),
+                                                                      ("channel", self.channel_branch))
+                if isinstance(branch.clustering, ClusteringLayer)}
+
     def forward(self, images):
-        size = images.shape[-2:]
-        features = self.backbone(images)  # [B, 3, H, W] -> [B, C_in, h, w]
+        H, W = images.shape[-2:]
+        if H % OUTPUT_STRIDE or W % OUTPUT_STRIDE:
+            images = F.pad(images, (0, -W % OUTPUT_STRIDE, 0, -H % OUTPUT_STRIDE))  # [B, 3, H', W'], multiples of 8
+        features = self.backbone(images)  # [B, 3, H', W'] -> [B, C_in, h, w] = H' / 8, W' / 8
         position = self.position_branch(features)  # [B, C, h, w]
         channel = self.channel_branch(features)  # [B, C, h, w]
 
-        def logits(classifier, x):  # [B, C, h, w] -> [B, num_classes, H, W]
-            return F.interpolate(classifier(x), size=size, mode="bilinear", align_corners=self.align_corners)
+        def logits(classifier, x):  # [B, C, h, w] -> [B, num_classes, H', W'] -> [B, num_classes, H, W]
+            x = F.interpolate(classifier(x), size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+            return x[..., :H, :W]
 
         outputs = {"out": logits(self.classifier, position + channel)}
         if self.training:

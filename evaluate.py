@@ -173,7 +173,7 @@ def save_clusters(model, image, path, num_queries=3):
     Reads the position branch: its ClusteringLayer's similarities s [1, K, h, w] and, from its
     PositionAttention, the attention row softmax_j(q_i . k_j) of each query pixel i.
     """
-    clustering, attention = model.position_branch[1], model.position_branch[2]
+    clustering, attention = model.position_branch.clustering, model.position_branch.attention
     H, W = image.shape[-2:]
     captured = {}
     hook = clustering.register_forward_hook(lambda module, inputs, output: captured.setdefault("s", output))

@@ -6,6 +6,7 @@ Run: python -m pytest -q
 
 import copy
 import gc
+import inspect
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,6 +38,15 @@ from clusterdanet import ChannelAttention, ClusterDANet, ClusteringLayer, Dilate
 REPO = Path(__file__).resolve().parent
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, written out again
 H, W = 11, 13  # non-square, not multiples of 8
+# Tests that matter on a GPU take a `device`; their CUDA variants (ids containing "cuda") are collected everywhere
+# and skipped without a GPU. `python -m pytest -q -k cuda` runs exactly them.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+FP32_BF16 = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected||, in float64."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +81,28 @@ def test_backbone_output_stride_8(backbone, channels):
     assert features.shape == (1, channels, H, W + 1)  # ceil(size / 8)
 
 
+def dilations(layer):
+    """The dilation of each block's 3x3 convolutions, one list per block, and the strides of all its convolutions."""
+    rates = [sorted({m.dilation[0] for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)})
+             for block in layer]
+    strides = {m.stride for m in layer.modules() if isinstance(m, nn.Conv2d)}
+    return rates, strides
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34"])
+def test_basic_block_resnets_dilate_like_torchvision_bottlenecks(backbone):
+    """torchvision dilates Bottleneck ResNets itself: in layer3 and layer4 the first block keeps the previous rate
+    (1, then 2), the others take the new one (2, then 4). ResNet-18/34 (dilated by hand) follow the same pattern."""
+    bottleneck, basic = DilatedResNet("resnet50"), DilatedResNet(backbone)
+    for name, previous, rate in (("layer3", 1, 2), ("layer4", 2, 4)):
+        expected, expected_strides = dilations(getattr(bottleneck, name))
+        assert expected == [[previous]] + [[rate]] * (len(expected) - 1)  # torchvision's own pattern
+        rates, strides = dilations(getattr(basic, name))
+        assert rates == expected[:len(rates)] and strides == expected_strides == {(1, 1)}
+        assert all(m.padding == m.dilation for m in getattr(basic, name).modules()
+                   if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+
+
 def test_position_attention_needs_channels_divisible_by_8():
     with pytest.raises(ValueError, match="divisible by 8"):
         PositionAttention(12)
@@ -82,18 +115,35 @@ def test_unknown_backbone():
 
 # ----------------------------------------------------------------------------- attention formulas
 
-def test_position_attention_efficient_equals_dense():
-    attention = PositionAttention(64)
+@pytest.mark.parametrize("device", DEVICES)
+@FP32_BF16
+def test_position_attention_efficient_equals_dense(dtype, device):
+    """Outputs and gradients of the two paths agree, in fp32 and under bf16 autocast (there both also stay
+    within 1% of the float64 formula)."""
+    attention = PositionAttention(64).to(device)
     attention.gamma.data.fill_(0.7)  # gamma starts at 0, which would hide the attention term
-    x = torch.randn(2, 64, H, W, requires_grad=True)
+    x = torch.randn(2, 64, H, W, device=device)
+    weights = torch.linspace(-1, 1, x.numel(), device=device).view_as(x)
     outputs, grads = [], []
     for dense in (False, True):
         attention.dense = dense
-        y = attention(x)
+        x_ = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            y = attention(x_)
+        assert y.dtype == torch.float32  # the input's dtype
         outputs.append(y)
-        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), x)[0])
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+        grads.append(torch.autograd.grad((y * weights).sum(), x_)[0])
+    if dtype == torch.float32:
+        tolerance = 1e-5 if device == "cpu" else 1e-4
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(grads[0], grads[1], rtol=tolerance, atol=tolerance)
+        return
+    reference = copy.deepcopy(attention).double()  # dense, float64
+    x_ = x.double().requires_grad_()
+    y = reference(x_)
+    grad = torch.autograd.grad((y * weights.double()).sum(), x_)[0]
+    assert relative_error(outputs[0], outputs[1]) < 1e-2 and relative_error(grads[0], grads[1]) < 1e-2
+    assert all(relative_error(o, y) < 1e-2 for o in outputs) and all(relative_error(g, grad) < 1e-2 for g in grads)
 
 
 def test_position_attention_dense_matches_equation():
@@ -112,12 +162,22 @@ def test_position_attention_dense_matches_equation():
     np.testing.assert_allclose(attention(x)[0].flatten(1).detach().numpy(), expected, rtol=1e-10)
 
 
-def test_position_attention_uses_a_fused_kernel():
-    """With only the fused (flash) kernel allowed, the inputs we pass must be accepted by it."""
-    x = torch.randn(1, 64, H, W, requires_grad=True)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        PositionAttention(64)(x).sum().backward()
-        PositionAttention(64)(x.to(memory_format=torch.channels_last)).sum().backward()
+@pytest.mark.parametrize("device", DEVICES)
+@FP32_BF16
+def test_position_attention_uses_a_fused_kernel(dtype, device):
+    """With only the fused kernels allowed (flash on CPU; flash and memory-efficient on CUDA), the q, k, v we
+    pass (q and k expanded over the heads without a copy) must be accepted: a fallback to the math kernel, which
+    stores the N x N matrix, raises here. The output has the input's dtype, also under autocast."""
+    backends = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if device == "cuda" else [])
+    attention = PositionAttention(64).to(device)
+    attention.gamma.data.fill_(0.5)
+    x = torch.randn(1, 64, H, W, device=device, dtype=dtype, requires_grad=True)
+    with sdpa_kernel(backends), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        for x_ in (x, x.to(memory_format=torch.channels_last)):
+            y = attention(x_)
+            assert y.dtype == dtype
+            y.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and attention.gamma.grad.abs() > 0
 
 
 def test_channel_attention_matches_formula():
@@ -130,6 +190,21 @@ def test_channel_attention_matches_formula():
     A /= A.sum(-1, keepdims=True)
     expected = 0.3 * (A @ X) + X
     np.testing.assert_allclose(attention(x).detach().numpy().reshape(2, 6, -1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_attention_under_autocast(device):
+    """A bf16 input under bf16 autocast gives a bf16 output (the fp32 gamma used to promote it to fp32), equal to
+    the fp32 computation on the same values up to one bf16 rounding: E is computed in fp32."""
+    attention = ChannelAttention().to(device)
+    attention.gamma.data.fill_(0.3)
+    x = (torch.randn(2, 6, H, W, device=device) * 0.2).bfloat16()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = attention(x)
+    assert y.dtype == torch.bfloat16
+    expected = attention(x.float())
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    assert relative_error(y, expected) < 4e-3  # bf16 keeps 8 bits: one rounding is at most 2^-9 relative
 
 
 def test_gammas_start_at_zero():
@@ -219,6 +294,145 @@ def test_clustering_initial_centres_are_deterministic_unit_vectors():
     assert a.counts.dtype == torch.float64 and torch.equal(a.counts, torch.ones(5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_clustering_update_in_fp32_under_autocast(device):
+    """bf16 features under bf16 autocast: the similarities returned are bf16, but the centres move exactly as in
+    an fp32 run on the same values (in bf16 a few percent of the hard assignments would change)."""
+    x = torch.relu(torch.randn(4, 32, H, W, device=device)).bfloat16()
+    layer, reference = ClusteringLayer(32, 16).to(device), ClusteringLayer(32, 16).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        s = layer(x)
+    assert s.dtype == torch.bfloat16
+    reference(x.float())
+    torch.testing.assert_close(layer.centers, reference.centers, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer.counts, reference.counts, rtol=1e-9, atol=0)
+    assert layer.centers.dtype == torch.float32 and layer.counts.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clustering_statistics_stay_float64_under_dtype_casts(device):
+    """counts and mass follow the device but not the dtype: 70000.5 is inf in fp16 and 70144 in bf16."""
+    layer = ClusteringLayer(8, 5)
+    layer.counts.fill_(70000.5)
+    layer.mass.fill_(0.25)
+    casts = [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.to(device), lambda m: m.float(),
+             lambda m: m.to(device, torch.float16)]
+    for cast in casts:
+        layer = cast(layer)
+        for buffer in (layer.counts, layer.mass):
+            assert buffer.dtype == torch.float64 and buffer.device == layer.centers.device
+        assert torch.equal(layer.counts.cpu(), torch.full((5,), 70000.5, dtype=torch.float64))
+        assert torch.equal(layer.mass.cpu(), torch.full((5,), 0.25, dtype=torch.float64))
+    assert layer.centers.dtype == torch.float16 and layer.centers.device.type == device
+    s = layer(torch.rand(2, 8, H, W, device=device, dtype=torch.float16))  # a training call, all in fp16
+    assert s.dtype == torch.float16 and layer.centers.dtype == torch.float16 and layer.counts.dtype == torch.float64
+    assert layer.counts.sum().item() == pytest.approx(5 * 70000.5 + 2 * H * W)  # every pixel's mass, kept exactly
+    state = layer.state_dict()
+    assert state["counts"].dtype == torch.float64 and state["centers"].dtype == torch.float16
+
+
+def test_clustering_usage_by_hand():
+    """Live centres (>= 1/10 of an equal share of the mass) and the perplexity of the mass shares, against numpy."""
+    layer = ClusteringLayer(8, 6, temperature=20.0)
+    x = torch.randn(2, 8, H, W) + torch.linspace(0, 2, 8).view(1, 8, 1, 1)  # one direction favoured: unequal use
+    mass = 0
+    for _ in range(2):
+        centers, counts = layer.centers.double().numpy().copy(), layer.counts.numpy().copy()
+        _, _, s = reference_update(centers, counts, x.double().numpy(), 20.0)
+        m = np.exp(20 * s - (20 * s).max(1, keepdims=True))
+        mass = mass + (m / m.sum(1, keepdims=True)).sum(0)  # [K]
+        layer(x)
+    share = mass / mass.sum()
+    usage = layer.usage()
+    assert usage["clusters"] == 6 and usage["live"] == (share >= 0.1 / 6).sum()
+    assert 0 < usage["live"] < 6  # the data make this a real test of the threshold
+    assert usage["perplexity"] == pytest.approx(np.exp(-(share * np.log(share)).sum()), rel=1e-5)
+    assert all(math.isnan(v) for k, v in layer.usage().items() if k != "clusters")  # reset: nothing since
+
+
+def test_clustering_data_init_draws_kmeans_plus_plus_from_the_batch():
+    """init="data": the first training call draws the centres from the batch's unit features, each next one far
+    from those drawn before (k-means++): two centres cover two clusters of very different sizes."""
+    torch.manual_seed(0)
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 1, 1
+    pixels = torch.cat([a + 0.05 * torch.rand(190, 8), b + 0.05 * torch.rand(10, 8)])  # [200, 8], 190 near a
+    x = (pixels * torch.rand(200, 1) * 3).T.reshape(1, 8, 10, 20)  # [1, 8, 10, 20], lengths vary
+    unit = F.normalize(pixels, dim=1)
+    for trial in range(5):
+        layer = ClusteringLayer(8, 2, init="data")
+        assert not layer.initialised
+        layer.seed_centers(x)
+        assert layer.initialised
+        distances = torch.cdist(layer.centers, unit, compute_mode="donot_use_mm_for_euclid_dist")  # [2, 200]
+        assert distances.min(dim=1).values.max() < 1e-6  # each centre is one of the pixels
+        nearest = distances.argmin(dim=1)
+        assert sorted((nearest >= 190).tolist()) == [False, True]  # one from each cluster
+        drawn = layer.centers.clone()
+        layer.seed_centers(x)  # later calls do not draw again
+        assert torch.equal(layer.centers, drawn)
+    random = ClusteringLayer(8, 2)
+    assert random.initialised and not torch.equal(random.centers, drawn)  # init="random": the original centres
+
+
+def test_clustering_data_init_and_reseeding_keep_centres_alive():
+    """Non-negative features around a common direction (as after ReLU) and random centres: the few centres nearest
+    to that direction take all the mass. Data initialisation keeps most centres alive, re-seeding brings dead ones
+    back. The figures are the live centres of the last of 30 training calls."""
+    live = {}
+    for name, options in {"random": {}, "data": dict(init="data"), "reseed": dict(reseed_after=5)}.items():
+        torch.manual_seed(1)
+        layer = ClusteringLayer(32, 16, **options)
+        for _ in range(30):
+            layer(torch.relu(1 + 0.5 * torch.randn(4, 32, 6, 6)))
+            usage = layer.usage()
+        live[name] = usage["live"]
+    assert live["random"] <= 4 and live["data"] >= 14 and live["reseed"] >= 14, live
+
+
+def test_clustering_reseeds_centres_that_stay_dead():
+    """reseed_after=3: a centre dead in 3 calls in a row is drawn again from the batch, far from the live centre
+    (k-means++), with its count back to 1; before that it stays put."""
+    layer = ClusteringLayer(4, 2, reseed_after=3)
+    layer.centers.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))  # centre 1 points away from all pixels
+    a = torch.tensor([1.0, 0.1, 0, 0]).view(1, 4, 1, 1).expand(2, 4, 3, 3)
+    b = torch.tensor([0.1, 0, 1.0, 0]).view(1, 4, 1, 1).expand(2, 4, 1, 3)
+    x = torch.cat([a, b], dim=2)  # [2, 4, 4, 3]: 18 pixels near a, 6 near b; all nearer to centre 0
+    for call in range(3):
+        layer(x)
+        torch.testing.assert_close(layer.centers[1], torch.tensor([-1.0, 0, 0, 0]), rtol=0, atol=1e-6)
+        assert layer.idle.tolist() == [0, call + 1]
+    counts0 = layer.counts[0].item()
+    layer(x)  # the 4th call re-seeds centre 1 (at the pixels near b, the farthest from centre 0), then updates
+    assert F.cosine_similarity(layer.centers[1], b[0, :, 0, 0], dim=0) > 0.99
+    assert layer.counts[1].item() == pytest.approx(1 + 6, rel=1e-3)  # 1 + the mass of the b pixels
+    assert layer.counts[0].item() == pytest.approx(counts0 + 18, rel=1e-3)  # centre 0 keeps its history
+    assert layer.idle.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("name", ["ClusteringLayer", "PositionAttention", "ChannelAttention"])
+def test_model_classes_work_copied_alone(name):
+    """Each class's source alone, with only torch / nn / F imported, trains and matches the module's class."""
+    namespace = {"torch": torch, "nn": nn, "F": F}
+    exec(inspect.getsource(getattr(__import__("clusterdanet"), name)), namespace)
+    builds = {"ClusteringLayer": lambda cls: cls(16, 8, init="data", reseed_after=1),
+              "PositionAttention": lambda cls: cls(16), "ChannelAttention": lambda cls: cls()}
+    torch.manual_seed(0)
+    copied = builds[name](namespace[name])
+    torch.manual_seed(0)
+    original = builds[name](getattr(__import__("clusterdanet"), name))
+    x = torch.relu(torch.randn(2, 16, H, W))
+    for _ in range(3):  # ClusteringLayer: data initialisation, update, re-seeding
+        torch.manual_seed(0)
+        y = copied(x.requires_grad_())
+        torch.manual_seed(0)
+        torch.testing.assert_close(y, original(x))
+        y.sum().backward()
+    torch.testing.assert_close(copied.state_dict(), original.state_dict())
+    if name == "ClusteringLayer":
+        assert copied.usage() == original.usage()
+
+
 def _distributed_update(rank, world_size, init_file, x, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     layer = ClusteringLayer(8, 5, temperature=10.0)
@@ -228,6 +442,34 @@ def _distributed_update(rank, world_size, init_file, x, result_file):
     if rank == 0:
         torch.save({"centers": gathered, "counts": layer.counts}, result_file)
     torch.distributed.destroy_process_group()
+
+
+def _distributed_data_init(rank, world_size, init_file, x, result_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(rank)  # as train.py seeds: each rank draws differently
+    layer = ClusteringLayer(8, 5, init="data")
+    part = x.chunk(world_size)[rank]
+    layer.seed_centers(part)
+    drawn = [torch.empty_like(layer.centers) for _ in range(world_size)]
+    torch.distributed.all_gather(drawn, layer.centers)
+    layer(part)  # one update of the data-initialised centres
+    updated = [torch.empty_like(layer.centers) for _ in range(world_size)]
+    torch.distributed.all_gather(updated, layer.centers)
+    if rank == 0:
+        torch.save({"drawn": drawn, "updated": updated}, result_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_clustering_data_init_is_identical_on_every_rank(tmp_path):
+    """Each rank draws from its own part of the batch; rank 0's centres are broadcast, so all ranks agree."""
+    x = torch.relu(torch.randn(4, 8, H, W))
+    torch.multiprocessing.spawn(_distributed_data_init, args=(2, tmp_path / "init", x, tmp_path / "out.pt"), nprocs=2)
+    result = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(result["drawn"][1], result["drawn"][0], rtol=0, atol=0)
+    torch.testing.assert_close(result["updated"][1], result["updated"][0], rtol=0, atol=0)
+    rank0_pixels = F.normalize(x[:2], dim=1).permute(0, 2, 3, 1).reshape(-1, 8)  # [2 * H * W, 8]
+    distances = torch.cdist(result["drawn"][0], rank0_pixels, compute_mode="donot_use_mm_for_euclid_dist")  # [5, 2HW]
+    assert distances.min(dim=1).values.max() < 1e-6  # drawn from rank 0's part
 
 
 def test_clustering_update_is_synchronised_across_ranks(tmp_path):
@@ -258,11 +500,47 @@ def test_model_outputs(backbone):
 
 def test_model_default_clusters_and_dense_switch():
     model = ClusterDANet(backbone="resnet18")
-    assert model.position_branch[1].centers.shape == (128, 128)  # K = C = 512 / 4
-    assert ClusterDANet(backbone="resnet18", num_clusters=64).channel_branch[1].centers.shape == (64, 128)
+    assert list(model.position_branch._modules) == ["conv_in", "clustering", "attention", "conv_out"]
+    assert isinstance(model.position_branch.clustering, ClusteringLayer)
+    assert isinstance(model.channel_branch.attention, ChannelAttention)
+    assert model.position_branch.clustering.centers.shape == (128, 128)  # K = C = 512 / 4
+    assert ClusterDANet(backbone="resnet18", num_clusters=64).channel_branch.clustering.centers.shape == (64, 128)
     assert not model.dense_attention
     model.dense_attention = True
-    assert model.position_branch[2].dense
+    assert model.position_branch.attention.dense
+    model = ClusterDANet(backbone="resnet18", cluster_init="data", cluster_reseed=7)
+    for branch in (model.position_branch, model.channel_branch):
+        assert branch.clustering.init == "data" and branch.clustering.reseed_after == 7
+    with pytest.raises(ValueError, match="init must be 'random' or 'data'"):
+        ClusterDANet(backbone="resnet18", cluster_init="kmeans")
+
+
+def test_model_cluster_usage():
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=16)
+    model(torch.randn(2, 3, 32, 40))
+    usage = model.cluster_usage()
+    assert set(usage) == {"position", "channel"}
+    for branch in ("position", "channel"):
+        assert usage[branch]["clusters"] == 16 and 1 <= usage[branch]["live"] <= 16
+        assert 1 <= usage[branch]["perplexity"] <= 16
+        assert torch.equal(getattr(model, f"{branch}_branch").clustering.mass, torch.zeros(16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [(45, 61), (33, 40), (40, 57)])
+def test_model_is_right_for_any_size(size):
+    """For sizes that are not multiples of 8 the model pads the image itself (zeros, bottom and right) and crops
+    the logits: the same as padding by hand and cropping, instead of stretching a ceil(size / 8) grid."""
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=16).eval()
+    images = torch.randn(2, 3, *size)
+    h, w = size
+    with torch.no_grad():
+        logits = model(images)["out"]
+        padded = model(F.pad(images, (0, -w % 8, 0, -h % 8)))["out"]  # [2, 3, 8 * ceil(h / 8), 8 * ceil(w / 8)]
+    assert logits.shape == (2, 3, h, w)
+    torch.testing.assert_close(logits, padded[..., :h, :w], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(train.predict_logits(model, images), logits, rtol=0, atol=0)
+    model.train()
+    assert all(v.shape == (2, 3, h, w) for v in model(images).values())
 
 
 def test_gradients_reach_the_backbone():
@@ -271,28 +549,123 @@ def test_gradients_reach_the_backbone():
     sum(o.logsumexp(1).mean() for o in outputs.values()).backward()
     assert model.backbone.stem[0].weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.head_parameters())
-    assert model.position_branch[2].gamma.grad.abs() > 0 and model.channel_branch[2].gamma.grad.abs() > 0
+    assert model.position_branch.attention.gamma.grad.abs() > 0 and model.channel_branch.attention.gamma.grad.abs() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_and_channels_last(dtype):
-    model = ClusterDANet(num_classes=3, backbone="resnet18").to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 40, 56).to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=dtype):
-        outputs = model(images)
-    sum(o.float().mean() for o in outputs.values()).backward()
-    assert all(torch.isfinite(o).all() for o in outputs.values())
-    assert model.position_branch[1].centers.dtype == torch.float32
+def attention_chain(device):
+    """ClusteringLayer -> PositionAttention -> ChannelAttention with both gammas at 0.5 (at 0 they would hide a
+    wrong attention)."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(ClusteringLayer(16, 16), PositionAttention(16), ChannelAttention()).to(device)
+    chain[1].gamma.data.fill_(0.5)
+    chain[2].gamma.data.fill_(0.5)
+    return chain
 
 
-def test_compile():
-    layer = torch.nn.Sequential(ClusteringLayer(16, 16), PositionAttention(16), ChannelAttention())
-    compiled = torch.compile(layer)
-    x = torch.randn(2, 16, H, W)
-    reference = torch.nn.Sequential(ClusteringLayer(16, 16), PositionAttention(16), ChannelAttention())
-    reference.load_state_dict(layer.state_dict())
-    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(layer[0].centers, reference[0].centers)  # the buffer update happened
+def run_chain(chain, x, context=nullcontext(), call=None):
+    """Output, d(loss)/dx and the parameter gradients of two training calls (the second after a centre update);
+    `call` runs the chain (default: the chain itself)."""
+    x = x.clone().requires_grad_()
+    with context:
+        (call or chain)(x)
+        y = (call or chain)(x)
+    loss = (y.float() * torch.linspace(-1, 1, y.numel(), device=x.device).view_as(y)).sum()
+    loss.backward()
+    return y, x.grad, {name: p.grad for name, p in chain.named_parameters()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_and_channels_last(dtype, device):
+    """The attention chain under autocast on channels_last input against eager fp32: outputs within 2%, gradients
+    within 5%, the input's dtype out of every module, centres still fp32 (updated as in fp32), counts fp64."""
+    chain, reference = attention_chain(device), attention_chain(device)
+    x = torch.randn(2, 16, H, W, device=device)
+    dtypes = []
+    for module in chain:
+        module.register_forward_hook(lambda m, inputs, output: dtypes.append((inputs[0].dtype, output.dtype)))
+    y, dx, grads = run_chain(chain, x.to(dtype).to(memory_format=torch.channels_last),
+                             torch.autocast(device, dtype=dtype))
+    y_ref, dx_ref, grads_ref = run_chain(reference, x.to(dtype).float())
+    assert y.dtype == dtype and dtypes == [(dtype, dtype)] * 6
+    assert relative_error(y, y_ref) < 2e-2 and relative_error(dx, dx_ref) < 5e-2
+    key_bias = grads_ref.pop("1.key.bias")  # 0 in exact arithmetic: it adds q_i . b to a whole row of energies
+    assert key_bias.abs().max() < 1e-3 * grads_ref["1.key.weight"].abs().max()
+    assert all(relative_error(grads[name], grads_ref[name]) < 5e-2 for name in grads_ref)
+    assert chain[0].centers.dtype == torch.float32 and chain[0].counts.dtype == torch.float64
+    torch.testing.assert_close(chain[0].centers, reference[0].centers, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_model_under_autocast_and_channels_last(dtype, device):
+    """The whole model, channels_last, under autocast: logits in the autocast dtype and near fp32 (a random
+    backbone's deep gradients are chaotic in 16 bits, so only the classifier's gradient is compared)."""
+    torch.manual_seed(0)
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=32).to(device)
+    model.position_branch.attention.gamma.data.fill_(0.5)
+    model.channel_branch.attention.gamma.data.fill_(0.5)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout2d):
+            module.p = 0.0  # the same computation in both runs
+    reference = copy.deepcopy(model)
+    model.to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 40, 56, device=device)
+    with torch.autocast(device, dtype=dtype):
+        outputs = model(images.to(memory_format=torch.channels_last))
+    expected = reference(images)
+    for name, logits in outputs.items():
+        assert logits.dtype == dtype and torch.isfinite(logits).all() and relative_error(logits, expected[name]) < 0.1
+    sum(o.float().logsumexp(1).mean() for o in outputs.values()).backward()
+    sum(o.logsumexp(1).mean() for o in expected.values()).backward()
+    assert relative_error(model.classifier[1].weight.grad, reference.classifier[1].weight.grad) < 2e-2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    for branch in (model.position_branch, model.channel_branch):
+        assert branch.clustering.centers.dtype == torch.float32 and branch.clustering.counts.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile(device):
+    """torch.compile of the attention chain against eager fp32: outputs, gradients and the centre updates."""
+    chain, reference = attention_chain(device), attention_chain(device)
+    x = torch.randn(2, 16, H, W, device=device)
+    y, dx, grads = run_chain(chain, x, call=torch.compile(chain))
+    y_ref, dx_ref, grads_ref = run_chain(reference, x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads, grads_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chain.state_dict(), reference.state_dict(), rtol=1e-5, atol=1e-5)  # 2 centre updates
+    assert chain[0].counts.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_step_channels_last_bf16(device):
+    """train.train_step with a channels_last model and batch under bf16 autocast, against the same step in fp32."""
+    torch.manual_seed(0)
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=32).to(device)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout2d):
+            module.p = 0.0
+    reference = copy.deepcopy(model)
+    model.to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 40, 56, device=device)
+    masks = torch.randint(0, 3, (2, 40, 56), device=device)
+    masks[:, :4] = train.IGNORE_INDEX
+    results = []
+    for net, dtype, batch in ((model, torch.bfloat16, images.to(memory_format=torch.channels_last)),
+                              (reference, torch.float32, images)):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler(device, enabled=False)
+        autocast = lambda: torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+        results.append(train.train_step(net, batch, masks, optimizer, scaler, autocast, aux_weight=1.0))
+    (losses, losses_ref) = results
+    assert losses.keys() == {"loss", "out", "position", "channel"}
+    for key in losses:
+        assert losses[key].dtype == torch.float32 and losses[key].item() == pytest.approx(losses_ref[key].item(), rel=2e-2)
+    assert relative_error(model.classifier[1].weight.grad, reference.classifier[1].weight.grad) < 2e-2
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_pretrained_download_failure_is_explained(monkeypatch, tmp_path):
@@ -624,6 +997,34 @@ def test_training_lowers_the_loss(demo_run):
     validation = [r for r in records if "val_miou" in r]
     assert [r["iteration"] for r in validation] == [DEMO_ITERS]
     assert 0 <= validation[0]["val_miou"] <= 1 and 0 <= validation[0]["val_pixel_accuracy"] <= 1
+    for branch in ("position", "channel"):  # cluster usage over the training steps before the validation
+        assert validation[0][f"{branch}_clusters"] == 128
+        assert 1 <= validation[0][f"{branch}_live"] <= 128 and 1 <= validation[0][f"{branch}_perplexity"] <= 128
+
+
+def test_cluster_flags_reach_the_model_log_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(tiny(out, "--iters", "4", "--demo-images", "8", "--val-every", "2", "--num-clusters", "16",
+                    "--cluster-init", "data", "--cluster-reseed", "1"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("val iter")]
+    validation = [r for r in read_log(out) if "val_miou" in r]
+    assert [r["iteration"] for r in validation] == [2, 4] and len(lines) == 2
+    for record, line in zip(validation, lines):
+        for branch in ("position", "channel"):
+            live, perplexity = record[f"{branch}_live"], record[f"{branch}_perplexity"]
+            assert record[f"{branch}_clusters"] == 16 and 1 <= live <= 16 and 1 <= perplexity <= 16
+            assert f"{branch} clusters: {live}/16 live, perplexity {perplexity:.1f}" in line
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["args"]["cluster_init"] == "data" and checkpoint["args"]["cluster_reseed"] == 1
+    model = train.build_model(checkpoint["args"])
+    model.load_state_dict(checkpoint["model"])
+    for branch in (model.position_branch, model.channel_branch):
+        assert branch.clustering.init == "data" and branch.clustering.reseed_after == 1
+        assert branch.clustering.initialised and branch.clustering.counts.min() >= 1
+    clustering = model.position_branch.clustering
+    centers = clustering.centers.clone()
+    clustering.seed_centers(torch.rand(2, 128, 4, 4))  # the first call after loading: not drawn again
+    assert torch.equal(clustering.centers, centers)
 
 
 def test_checkpoint_loads_with_weights_only_and_reproduces_validation(demo_run):
@@ -1151,7 +1552,7 @@ def test_more_processes_than_images_exits_2(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_exits_2(tmp_path, capsys):
+def test_device_without_gpu_exits_2(tmp_path, capsys):
     line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "1") + ["--device", "cuda"])
     assert "--device cuda asked for CUDA, but torch.cuda.is_available() is False" in line
     assert_nothing_half_written(tmp_path, tmp_path / "out")
@@ -1248,6 +1649,8 @@ def test_truncated_checkpoint_exits_2_from_the_command_line(demo_run, tmp_path):
     (["--resume", "last.pt", "--overwrite"], "--resume continues the run in --out-dir and --overwrite starts a new "
                                              "one: give only one"),
     (["--bacbone", "resnet18"], "unrecognized arguments: --bacbone resnet18"),
+    (["--cluster-reseed", "-1"], "argument --cluster-reseed: expected a whole number >= 0, got '-1'"),
+    (["--cluster-init", "kmeans"], "argument --cluster-init: invalid choice: 'kmeans'"),
 ])
 def test_bad_flags_exit_2_in_one_line(flags, message, tmp_path, capsys):
     line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", *flags))
@@ -1999,15 +2402,15 @@ def test_plain_danet_follows_the_equations():
     model = ClusterDANet(num_classes=3, backbone="resnet18", clustering=False).double().eval()
     assert not any(isinstance(m, ClusteringLayer) for m in model.modules())
     assert not [name for name, _ in model.named_buffers() if "centers" in name or "counts" in name]
-    assert model.position_branch[2].query.in_channels == 128  # the attention sees the branch's C channels
+    assert model.position_branch.attention.query.in_channels == 128  # the attention sees the branch's C channels
     with torch.no_grad():
         for name, tensor in model.named_buffers():  # BN statistics away from 0 / 1
             if name.endswith("running_mean"):
                 tensor.uniform_(-0.1, 0.1)
             elif name.endswith("running_var"):
                 tensor.uniform_(0.5, 1.5)
-        model.position_branch[2].gamma.fill_(0.6)
-        model.channel_branch[2].gamma.fill_(0.4)
+        model.position_branch.attention.gamma.fill_(0.6)
+        model.channel_branch.attention.gamma.fill_(0.4)
     w = dict(model.named_parameters())
     b = dict(model.named_buffers())
     images = torch.randn(1, 3, 40, 48, dtype=torch.float64)
@@ -2023,19 +2426,19 @@ def test_plain_danet_follows_the_equations():
 
     with torch.no_grad():
         f = model.backbone(images)[0]  # [512, 5, 6]
-        a = conv_bn_relu(f[None], "position_branch.0")[0]  # [C, h, w]
+        a = conv_bn_relu(f[None], "position_branch.conv_in")[0]  # [C, h, w]
         C, h, w_ = a.shape
-        q = conv1x1(a, "position_branch.2.query").reshape(C // 8, -1)  # [C/8, N]
-        k = conv1x1(a, "position_branch.2.key").reshape(C // 8, -1)
-        v = conv1x1(a, "position_branch.2.value").reshape(C, -1)  # [C, N]
+        q = conv1x1(a, "position_branch.attention.query").reshape(C // 8, -1)  # [C/8, N]
+        k = conv1x1(a, "position_branch.attention.key").reshape(C // 8, -1)
+        v = conv1x1(a, "position_branch.attention.value").reshape(C, -1)  # [C, N]
         s = torch.softmax(q.T @ k, dim=1)  # s_ji = softmax_i(q_j . k_i): [N, N]
         position = 0.6 * (v @ s.T) + a.reshape(C, -1)  # Eq. 2: E_j = alpha sum_i s_ji D_i + A_j
-        p = conv_bn_relu(position.reshape(1, C, h, w_), "position_branch.3")[0]
-        A = conv_bn_relu(f[None], "channel_branch.0")[0].reshape(C, -1)  # [C, N]
+        p = conv_bn_relu(position.reshape(1, C, h, w_), "position_branch.conv_out")[0]
+        A = conv_bn_relu(f[None], "channel_branch.conv_in")[0].reshape(C, -1)  # [C, N]
         energy = A @ A.T
         x = torch.softmax(energy.max(1, keepdim=True).values - energy, dim=1)  # the original code's max(E) - E
         channel = 0.4 * (x @ A) + A  # Eq. 4
-        c = conv_bn_relu(channel.reshape(1, C, h, w_), "channel_branch.3")[0]
+        c = conv_bn_relu(channel.reshape(1, C, h, w_), "channel_branch.conv_out")[0]
         logits = conv1x1(p + c, "classifier.1")  # dropout is the identity in eval mode
         expected = F.interpolate(logits[None], size=(40, 48), mode="bilinear", align_corners=False)
         got = model(images)["out"]
@@ -2051,8 +2454,8 @@ def test_plain_danet_checkpoint_round_trip(tmp_path, capsys):
     assert checkpoint["args"]["clustering"] is False and checkpoint["args"]["multi_grid"] is False
     assert not [k for k in checkpoint["model"] if "centers" in k or "counts" in k]
     model, config, _ = evaluate.load_model(out / "last.pt", torch.device("cpu"))
-    assert isinstance(model.position_branch[1], torch.nn.Identity)
-    assert isinstance(model.channel_branch[1], torch.nn.Identity)
+    assert isinstance(model.position_branch.clustering, torch.nn.Identity)
+    assert isinstance(model.channel_branch.clustering, torch.nn.Identity)
     check = cli_error(capsys, ["--checkpoint", out / "last.pt", "--save-dir", tmp_path / "p", "--show-clusters"],
                       main=evaluate.main)
     assert "plain DANet" in check
@@ -2064,13 +2467,14 @@ def test_old_checkpoint_without_the_new_keys_is_clusterdanet(demo_run, tmp_path)
         del checkpoint["args"][key]
     torch.save(checkpoint, tmp_path / "old.pt")
     model, _, _ = evaluate.load_model(tmp_path / "old.pt", torch.device("cpu"))
-    assert isinstance(model.position_branch[1], ClusteringLayer)
+    assert isinstance(model.position_branch.clustering, ClusteringLayer)
     assert model.backbone.layer4[1].conv2.dilation == (4, 4)
 
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--multi-grid"], "multi-grid needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not resnet18"),
-    (["--no-clustering", "--num-clusters", "64"], "--num-clusters sets the clustering layers"),
+    (["--no-clustering", "--num-clusters", "64"], "which --no-clustering leaves out"),
+    (["--no-clustering", "--cluster-init", "data"], "which --no-clustering leaves out"),
     (["--init-from", "a.pt", "--resume", "b.pt"], "--init-from starts a new run"),
     (["--init-from", "nowhere.pt"], "checkpoint nowhere.pt not found"),
 ])
@@ -2290,11 +2694,12 @@ def test_init_from_original_checkpoint_loads_backbone_and_head(original_checkpoi
     train.init_from(model, path)
     ours = model.state_dict()
     theirs = original.state_dict()
-    pairs = {"conv5a": "position_branch.0", "conv51": "position_branch.3", "sa.query_conv": "position_branch.2.query",
-             "sa.key_conv": "position_branch.2.key", "sa.value_conv": "position_branch.2.value",
-             "conv5c": "channel_branch.0", "conv52": "channel_branch.3"}
-    expected = {"backbone.stem.0.weight": "pretrained.conv1.weight", "position_branch.2.gamma": "head.sa.gamma",
-                "channel_branch.2.gamma": "head.sc.gamma"}
+    pairs = {"conv5a": "position_branch.conv_in", "conv51": "position_branch.conv_out",
+             "sa.query_conv": "position_branch.attention.query", "sa.key_conv": "position_branch.attention.key",
+             "sa.value_conv": "position_branch.attention.value",
+             "conv5c": "channel_branch.conv_in", "conv52": "channel_branch.conv_out"}
+    expected = {"backbone.stem.0.weight": "pretrained.conv1.weight", "position_branch.attention.gamma": "head.sa.gamma",
+                "channel_branch.attention.gamma": "head.sc.gamma"}
     for name in theirs:
         if name.startswith("pretrained.bn1."):
             expected["backbone.stem.1." + name.split(".", 2)[2]] = name
@@ -2307,15 +2712,16 @@ def test_init_from_original_checkpoint_loads_backbone_and_head(original_checkpoi
     for name, original_name in expected.items():
         if not name.endswith("num_batches_tracked"):  # not in the file (as in files of old PyTorch versions)
             assert torch.equal(ours[name], theirs[original_name]), name
+    clustering = [name for name in ours if ".clustering." in name]  # centers, counts, ...: ClusteringLayer's state
+    assert len(clustering) >= 4
     for name in ours:
-        if name.startswith(("classifier.", "position_classifier.", "channel_classifier.")) or \
-                name.endswith(("centers", "counts")):
+        if name.startswith(("classifier.", "position_classifier.", "channel_classifier.")) or name in clustering:
             assert torch.equal(ours[name], fresh[name]), name  # as built: 4 classes, and fresh centres
     out = capsys.readouterr().out
     assert "(the original DANet code's checkpoint): loaded " in out
     assert "skipped, other shape (file -> model) 6: position_classifier.1.weight [19, 512, 1, 1] -> [4, 512, 1, 1]" \
         in out
-    assert "kept fresh (clustering) 4: channel_branch.1.centers" in out
+    assert f"kept fresh (clustering) {len(clustering)}: channel_branch.clustering." in out
     assert len(out.splitlines()) <= 5  # a summary, not a list
 
 
@@ -2325,7 +2731,8 @@ def test_init_from_on_the_command_line(demo_run, tmp_path, capsys):
                     "--iters", "1", "--demo-images", "2"))
     out = capsys.readouterr().out
     assert f"init from {demo_run / 'last.pt'} (a train.py checkpoint): loaded " in out
-    assert "unused from the file 4: position_branch.1.centers" in out  # plain DANet has no clustering buffers
+    clustering = [n for n, _ in ClusterDANet(4, "resnet18").named_buffers() if ".clustering." in n]
+    assert f"unused from the file {len(clustering)}: position_branch.clustering.centers" in out  # none in plain DANet
     demo = torch.load(demo_run / "last.pt", weights_only=True)["model"]
     saved = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
     assert saved["iteration"] == 1 and saved["args"]["init_from"] == str(demo_run / "last.pt")

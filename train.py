@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import BACKBONES, ClusterDANet, ClusteringLayer
+from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer
 
 try:
     import resource  # Unix only: the peak memory of a CPU run
@@ -50,7 +50,6 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 SHAPE_CLASSES = ("background", "disc", "square", "triangle")
 IGNORE_INDEX = 255  # VOC's "void" label: object borders and ambiguous pixels, ignored by loss and metric
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
-OUTPUT_STRIDE = 8
 
 
 class UserError(Exception):
@@ -478,11 +477,8 @@ def any_rank(flag, device):
 
 
 def predict_logits(model, images):
-    """Whole-image prediction at any size: pad to a multiple of the output stride, crop back. [B, K, H, W]"""
-    H, W = images.shape[-2:]
-    pad_h, pad_w = -H % OUTPUT_STRIDE, -W % OUTPUT_STRIDE
-    padded = F.pad(images, (0, pad_w, 0, pad_h))  # [B, 3, H + pad_h, W + pad_w]
-    return model(padded)["out"][..., :H, :W].float()  # [B, K, H, W]
+    """Whole-image prediction at any size (the model pads to its output stride and crops back). [B, K, H, W]"""
+    return model(images)["out"].float()  # [B, K, H, W]
 
 
 @torch.inference_mode()
@@ -522,7 +518,9 @@ def build_model(config):
         return ClusterDANet(num_classes=config["num_classes"], backbone=config["backbone"],
                             pretrained_backbone=pretrained, num_clusters=config["num_clusters"],
                             temperature=config["temperature"], dense_attention=config["dense_attention"],
-                            clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
+                            cluster_init=config.get("cluster_init", "random"),
+                            cluster_reseed=config.get("cluster_reseed", 0), clustering=config.get("clustering", True),
+                            multi_grid=config.get("multi_grid", False),
                             align_corners=config.get("align_corners", False))
     except ValueError as e:  # a configuration the model refuses (multi-grid on resnet18, K not divisible by 8)
         raise UserError(str(e)) from None
@@ -574,15 +572,15 @@ ORIGINAL_NAMES = (
     ("pretrained.conv1.", "backbone.stem.0."),  # the plain 7x7 stem (a deep stem, conv1.0..., has no counterpart)
     ("pretrained.bn1.", "backbone.stem.1."),
     ("pretrained.layer", "backbone.layer"),
-    ("head.conv5a.", "position_branch.0."),  # conv3x3 + BN before position attention
-    ("head.sa.query_conv.", "position_branch.2.query."),
-    ("head.sa.key_conv.", "position_branch.2.key."),
-    ("head.sa.value_conv.", "position_branch.2.value."),
-    ("head.sa.gamma", "position_branch.2.gamma"),
-    ("head.conv51.", "position_branch.3."),
-    ("head.conv5c.", "channel_branch.0."),  # conv3x3 + BN before channel attention
-    ("head.sc.gamma", "channel_branch.2.gamma"),
-    ("head.conv52.", "channel_branch.3."),
+    ("head.conv5a.", "position_branch.conv_in."),  # conv3x3 + BN before position attention
+    ("head.sa.query_conv.", "position_branch.attention.query."),
+    ("head.sa.key_conv.", "position_branch.attention.key."),
+    ("head.sa.value_conv.", "position_branch.attention.value."),
+    ("head.sa.gamma", "position_branch.attention.gamma"),
+    ("head.conv51.", "position_branch.conv_out."),
+    ("head.conv5c.", "channel_branch.conv_in."),  # conv3x3 + BN before channel attention
+    ("head.sc.gamma", "channel_branch.attention.gamma"),
+    ("head.conv52.", "channel_branch.conv_out."),
     ("head.conv6.", "position_classifier."),  # Dropout2d + conv1x1 on the position branch: an auxiliary output
     ("head.conv7.", "channel_classifier."),
     ("head.conv8.", "classifier."),  # on the sum of both branches: the output
@@ -759,13 +757,17 @@ def parse_args(argv=None):
                    "128 for resnet18/34)")
     p.add_argument("--temperature", type=float, default=100.0, help="clustering softmax temperature")
     p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
+    p.add_argument("--cluster-init", choices=["random", "data"], default="random", help="clustering centres: "
+                   "random unit vectors (the original) or drawn from the first batch, k-means++ style")
+    p.add_argument("--cluster-reseed", type=non_negative, default=0, metavar="N", help="draw again the centres that "
+                   "were dead (under a tenth of an equal share of the mass) for N steps in a row; 0: never")
     p.add_argument("--clustering", action=argparse.BooleanOptionalAction, default=True,
                    help="clustering layers before the attention; --no-clustering: plain DANet, the baseline")
     p.add_argument("--multi-grid", action="store_true", help="dilate layer4's blocks 4, 8, 16 (not 2, 4, 4), as the "
                    "original DANet101; resnet50/101/152 only")
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
-                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; a new "
-                   "run, not --resume")
+                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; "
+                   "a new run, not --resume")
     p.add_argument("--crop-size", type=positive, help=d("crop_size"))
     p.add_argument("--base-size", type=positive, help="longer side before the 0.5-2x random scale; "
                    + d("base_size"))
@@ -797,8 +799,9 @@ def parse_args(argv=None):
                 f"through K / 8 query dimensions), got {args.num_clusters}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
-    if args.num_clusters is not None and not args.clustering:
-        p.error("--num-clusters sets the clustering layers, which --no-clustering leaves out")
+    if not args.clustering and (args.num_clusters is not None or args.cluster_init != "random" or args.cluster_reseed):
+        p.error("--num-clusters, --cluster-init and --cluster-reseed set the clustering layers, which --no-clustering "
+                "leaves out")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
     if args.dataset and not args.data_root and not args.benchmark:
@@ -1128,10 +1131,14 @@ def validate(run, interrupts):
     metric = metric.compute()
     best = metric["miou"] > run.best_miou
     run.best_miou = max(run.best_miou, metric["miou"])
+    usage = run.raw_model.cluster_usage()  # over the training steps since the last validation
     log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
-              "val_iou": per_class(metric["iou"], run.class_names)},
+              "val_iou": per_class(metric["iou"], run.class_names),
+              **{f"{branch}_{k}": v for branch, u in usage.items() for k, v in u.items()}},
         f"val iter {run.iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
-        + (" (best)" if best else ""))
+        + (" (best)" if best else "") + "".join(
+            f", {branch} clusters: {u['live']}/{u['clusters']} live, perplexity {u['perplexity']:.1f}"
+            for branch, u in usage.items()))
     save(run, "last.pt")
     if best:
         save(run, "best.pt")
