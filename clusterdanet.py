@@ -20,6 +20,10 @@ Learning", ICLR 2021), which replaces each pixel's feature by its cosine similar
     (each classifier is Dropout2d(0.1) + conv1x1 -> num_classes, upsampled to [B, num_classes, H, W];
      the two auxiliary outputs are returned in training mode only)
 
+`clustering=False` leaves the clustering layers out: that is plain DANet, the baseline to compare with
+(the attention modules then see the C branch channels instead of K similarities). `multi_grid=True` dilates
+layer4's three blocks 4, 8 and 16 instead of 2, 4, 4, as the original repository's DANet101 checkpoint.
+
 Two departures from the original code, both keeping what it computes: position attention runs through
 `F.scaled_dot_product_attention`, so the HW x HW attention matrix is never stored (the dense formula is
 kept as `dense=True` for reading and comparison), and the clustering update never divides by the
@@ -304,13 +308,17 @@ class DilatedResNet(nn.Module):
     layer3's blocks have dilation 1, 2, 2, ... and layer4's 2, 4, 4, ...: the first block of each keeps the
     previous rate, as torchvision's replace_stride_with_dilation does (Bottleneck ResNets) and as we do by
     hand for the BasicBlock ResNets (18/34), whose blocks have two 3x3 convolutions at the block's rate.
+    With multi_grid (Bottleneck ResNets only) layer4's three blocks are dilated 4, 8, 16 instead, the
+    "multi-grid" of DeepLabv3 that the original DANet code offers (--multi-grid --multi-dilation 4 8 16).
     """
 
-    def __init__(self, name="resnet101", pretrained=False):
+    def __init__(self, name="resnet101", pretrained=False, multi_grid=False):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
         bottleneck = name not in ("resnet18", "resnet34")
+        if multi_grid and not bottleneck:
+            raise ValueError(f"multi-grid needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not {name}")
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
         # torchvision dilates Bottleneck ResNets itself; its BasicBlock refuses, so 18/34 are done below.
         kwargs = {"replace_stride_with_dilation": [False, True, True]} if bottleneck else {}
@@ -331,6 +339,9 @@ class DilatedResNet(nn.Module):
                             module.stride = (1, 1)  # the first block's conv1 and its downsample conv
                             if module.kernel_size == (3, 3):
                                 module.dilation, module.padding = (rate, rate), (rate, rate)
+        if multi_grid:
+            for block, dilation in zip(resnet.layer4, (4, 8, 16)):  # each Bottleneck's 3x3 conv
+                block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.out_channels = resnet.fc.in_features
@@ -351,30 +362,35 @@ class ClusterDANet(nn.Module):
     num_clusters (K) defaults to the branch width C = C_in / 4 (512 for ResNet-50/101, 128 for 18/34).
     cluster_init and cluster_reseed are ClusteringLayer's init and reseed_after. Each branch is an
     nn.Sequential of named steps: model.position_branch.clustering, model.channel_branch.attention, ...
+    clustering=False builds plain DANet (no clustering layer: the attention runs on the C branch channels);
+    multi_grid=True dilates layer4 4, 8, 16 (Bottleneck backbones). align_corners is how the logits are
+    upsampled: the original DANet code uses True, so its checkpoints are evaluated with True.
     """
 
     def __init__(self, num_classes=21, backbone="resnet101", pretrained_backbone=False, num_clusters=None,
-                 temperature=100.0, dense_attention=False, cluster_init="random", cluster_reseed=0):
+                 temperature=100.0, dense_attention=False, cluster_init="random", cluster_reseed=0, clustering=True,
+                 multi_grid=False, align_corners=False):
         super().__init__()
-        self.backbone = DilatedResNet(backbone, pretrained_backbone)
+        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid)
         in_channels = self.backbone.out_channels
         channels = in_channels // 4
-        num_clusters = num_clusters or channels
+        width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
 
         def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
             return nn.Sequential(OrderedDict(
                 conv_in=conv_bn_relu(in_channels, channels),  # [B, C, h, w]
-                clustering=ClusteringLayer(channels, num_clusters, temperature, init=cluster_init,
-                                           reseed_after=cluster_reseed),  # [B, K, h, w]
-                attention=attention,  # [B, K, h, w]
-                conv_out=conv_bn_relu(num_clusters, channels),  # [B, C, h, w]
+                clustering=ClusteringLayer(channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed)
+                if clustering else nn.Identity(),  # [B, K, h, w]; plain DANet: nothing between conv and attention
+                attention=attention,  # [B, width, h, w]
+                conv_out=conv_bn_relu(width, channels),  # [B, C, h, w]
             ))
 
-        self.position_branch = branch(PositionAttention(num_clusters, dense=dense_attention))
+        self.position_branch = branch(PositionAttention(width, dense=dense_attention))
         self.channel_branch = branch(ChannelAttention())
         self.position_classifier = classifier(channels, num_classes)
         self.channel_classifier = classifier(channels, num_classes)
         self.classifier = classifier(channels, num_classes)
+        self.align_corners = align_corners
 
     @property
     def dense_attention(self):
@@ -404,7 +420,7 @@ class ClusterDANet(nn.Module):
         channel = self.channel_branch(features)  # [B, C, h, w]
 
         def logits(classifier, x):  # [B, C, h, w] -> [B, num_classes, H', W'] -> [B, num_classes, H, W]
-            x = F.interpolate(classifier(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+            x = F.interpolate(classifier(x), size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
             return x[..., :H, :W]
 
         outputs = {"out": logits(self.classifier, position + channel)}

@@ -1,4 +1,4 @@
-"""Evaluate a train.py checkpoint: mIoU by DANet's protocols, and predictions as pictures.
+"""Evaluate a train.py checkpoint (or the original DANet code's): mIoU by DANet's protocols, and pictures.
 
     python evaluate.py --checkpoint runs/demo/best.pt --save-dir runs/demo/pictures --show-clusters  # the demo
     python evaluate.py --checkpoint runs/voc/best.pt --data-root data                       # single scale
@@ -7,6 +7,8 @@
     python evaluate.py --checkpoint runs/voc/best.pt --image photo.jpg --save-dir predictions
     python evaluate.py --checkpoint runs/cityscapes/best.pt --data-root cityscapes --save-dir predictions
     python evaluate.py --checkpoint runs/folder/best.pt --data-root my_data --json results.json
+    python evaluate.py --checkpoint DANet101.pth.tar --dataset cityscapes --data-root cityscapes \
+        --mode slide --crop-size 768 --flip                                  # the original's, its protocol
 
 Protocols: "whole" predicts each image at once at its own size (padded to the output stride, cropped
 back); "slide" averages the logits of overlapping --crop-size windows. With several --scales and/or
@@ -207,7 +209,8 @@ def save_clusters(model, image, path, num_queries=3):
 def parse_args(argv=None):
     p = train.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     path = os.path.expanduser  # every path flag accepts ~
-    p.add_argument("--checkpoint", type=path, required=True, help="a train.py checkpoint (best.pt or last.pt)")
+    p.add_argument("--checkpoint", type=path, required=True, help="a train.py checkpoint (best.pt or last.pt), "
+                   "or one of the original DANet code (DANet101.pth.tar)")
     p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"], help="default: the checkpoint's (voc for a "
                    "demo checkpoint given --data-root)")
     p.add_argument("--data-root", type=path, help="the dataset's folder, as for train.py; default: the demo's "
@@ -254,8 +257,11 @@ def picture_names(paths):
 
 
 def load_model(path, device):
+    """A train.py checkpoint, or one of the original DANet code (DANet101.pth.tar) read as it is."""
     checkpoint = train.load_checkpoint(path)
     config = checkpoint["args"]
+    if checkpoint.get("original"):
+        print(train.describe(checkpoint, path))
     try:
         model = train.build_model({**config, "pretrained": False})
     except (KeyError, TypeError, ValueError) as e:
@@ -276,6 +282,8 @@ def main(argv=None):
     args = parse_args(argv)
     device, _, _, autocast = train.setup_device(args)
     model, config, class_names = load_model(args.checkpoint, device)
+    if args.show_clusters and not config.get("clustering", True):
+        raise UserError(f"--show-clusters draws the clustering layer, and {args.checkpoint} is plain DANet")
     dataset_name = args.dataset or config.get("dataset") or ("voc" if config.get("data_root") else "demo")
     if dataset_name == "demo" and args.data_root:
         dataset_name = "voc"  # as in train.py: --data-root without --dataset is VOC

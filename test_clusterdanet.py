@@ -2379,3 +2379,383 @@ def test_evaluate_bad_dataset_inputs(cityscapes_run, folder_run, tmp_path, capsy
     flags, fragments = break_dataset("folder_mask_without_image", tmp_path / "broken")
     check(["--checkpoint", folder_out / "last.pt", "--data-root", tmp_path / "broken", "--split", "train"],
           *fragments)
+
+
+# ----------------------------------------------------------------------------- plain DANet, multi-grid
+
+def test_multi_grid_dilates_layer4_4_8_16():
+    def dilations(backbone):
+        return [(block.conv2.dilation, block.conv2.padding) for block in backbone.layer4]
+
+    assert dilations(DilatedResNet("resnet50")) == [((2, 2), (2, 2)), ((4, 4), (4, 4)), ((4, 4), (4, 4))]
+    multi_grid = DilatedResNet("resnet50", multi_grid=True).eval()
+    assert dilations(multi_grid) == [((4, 4), (4, 4)), ((8, 8), (8, 8)), ((16, 16), (16, 16))]
+    assert multi_grid(torch.randn(1, 3, 8 * H, 8 * W)).shape == (1, 2048, H, W)  # still output stride 8
+    for name in ("resnet18", "resnet34"):
+        with pytest.raises(ValueError, match=f"multi-grid needs a Bottleneck ResNet.*not {name}"):
+            ClusterDANet(backbone=name, multi_grid=True)
+
+
+def test_plain_danet_follows_the_equations():
+    """clustering=False: no clustering layer or buffer; the output is DANet's, computed here densely in float64."""
+    torch.manual_seed(0)
+    model = ClusterDANet(num_classes=3, backbone="resnet18", clustering=False).double().eval()
+    assert not any(isinstance(m, ClusteringLayer) for m in model.modules())
+    assert not [name for name, _ in model.named_buffers() if "centers" in name or "counts" in name]
+    assert model.position_branch.attention.query.in_channels == 128  # the attention sees the branch's C channels
+    with torch.no_grad():
+        for name, tensor in model.named_buffers():  # BN statistics away from 0 / 1
+            if name.endswith("running_mean"):
+                tensor.uniform_(-0.1, 0.1)
+            elif name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+        model.position_branch.attention.gamma.fill_(0.6)
+        model.channel_branch.attention.gamma.fill_(0.4)
+    w = dict(model.named_parameters())
+    b = dict(model.named_buffers())
+    images = torch.randn(1, 3, 40, 48, dtype=torch.float64)
+
+    def conv_bn_relu(x, prefix):
+        x = F.conv2d(x, w[f"{prefix}.0.weight"], padding=1)
+        mean, var = b[f"{prefix}.1.running_mean"], b[f"{prefix}.1.running_var"]
+        x = (x - mean[:, None, None]) / torch.sqrt(var + 1e-5)[:, None, None]
+        return F.relu(x * w[f"{prefix}.1.weight"][:, None, None] + w[f"{prefix}.1.bias"][:, None, None])
+
+    def conv1x1(x, prefix):
+        return torch.einsum("oc,chw->ohw", w[f"{prefix}.weight"][:, :, 0, 0], x) + w[f"{prefix}.bias"][:, None, None]
+
+    with torch.no_grad():
+        f = model.backbone(images)[0]  # [512, 5, 6]
+        a = conv_bn_relu(f[None], "position_branch.conv_in")[0]  # [C, h, w]
+        C, h, w_ = a.shape
+        q = conv1x1(a, "position_branch.attention.query").reshape(C // 8, -1)  # [C/8, N]
+        k = conv1x1(a, "position_branch.attention.key").reshape(C // 8, -1)
+        v = conv1x1(a, "position_branch.attention.value").reshape(C, -1)  # [C, N]
+        s = torch.softmax(q.T @ k, dim=1)  # s_ji = softmax_i(q_j . k_i): [N, N]
+        position = 0.6 * (v @ s.T) + a.reshape(C, -1)  # Eq. 2: E_j = alpha sum_i s_ji D_i + A_j
+        p = conv_bn_relu(position.reshape(1, C, h, w_), "position_branch.conv_out")[0]
+        A = conv_bn_relu(f[None], "channel_branch.conv_in")[0].reshape(C, -1)  # [C, N]
+        energy = A @ A.T
+        x = torch.softmax(energy.max(1, keepdim=True).values - energy, dim=1)  # the original code's max(E) - E
+        channel = 0.4 * (x @ A) + A  # Eq. 4
+        c = conv_bn_relu(channel.reshape(1, C, h, w_), "channel_branch.conv_out")[0]
+        logits = conv1x1(p + c, "classifier.1")  # dropout is the identity in eval mode
+        expected = F.interpolate(logits[None], size=(40, 48), mode="bilinear", align_corners=False)
+        got = model(images)["out"]
+    assert expected.std() > 0.1 * expected.abs().max()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)  # ChannelAttention runs in fp32
+
+
+def test_plain_danet_checkpoint_round_trip(tmp_path, capsys):
+    """--no-clustering is stored in the checkpoint and evaluate.py rebuilds plain DANet from it."""
+    out = tmp_path / "out"
+    train.main(tiny(out, "--no-clustering", "--iters", "2", "--demo-images", "4", "--val-every", "2"))
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["args"]["clustering"] is False and checkpoint["args"]["multi_grid"] is False
+    assert not [k for k in checkpoint["model"] if "centers" in k or "counts" in k]
+    model, config, _ = evaluate.load_model(out / "last.pt", torch.device("cpu"))
+    assert isinstance(model.position_branch.clustering, torch.nn.Identity)
+    assert isinstance(model.channel_branch.clustering, torch.nn.Identity)
+    check = cli_error(capsys, ["--checkpoint", out / "last.pt", "--save-dir", tmp_path / "p", "--show-clusters"],
+                      main=evaluate.main)
+    assert "plain DANet" in check
+
+
+def test_old_checkpoint_without_the_new_keys_is_clusterdanet(demo_run, tmp_path):
+    checkpoint = torch.load(demo_run / "last.pt", weights_only=True)
+    for key in ("clustering", "multi_grid"):
+        del checkpoint["args"][key]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    model, _, _ = evaluate.load_model(tmp_path / "old.pt", torch.device("cpu"))
+    assert isinstance(model.position_branch.clustering, ClusteringLayer)
+    assert model.backbone.layer4[1].conv2.dilation == (4, 4)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--multi-grid"], "multi-grid needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not resnet18"),
+    (["--no-clustering", "--num-clusters", "64"], "--num-clusters sets the clustering layers"),
+    (["--init-from", "a.pt", "--resume", "b.pt"], "--init-from starts a new run"),
+    (["--init-from", "nowhere.pt"], "checkpoint nowhere.pt not found"),
+])
+def test_model_flags_exit_2(flags, fragment, tmp_path, capsys):
+    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", *flags))
+    assert fragment in line
+    assert_nothing_half_written(tmp_path, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- the original DANet code's checkpoints
+# An original-layout DANet, written here from the original code's description and not from our loader: its
+# module names are the state_dict names of PyTorch-Encoding's DANet (pretrained.*, head.conv5a, head.sa.query_conv,
+# ...). The published DANet101 is a ResNet-101; this one has ResNet-50's blocks (3, 4, 6, 3) to stay small, which
+# the loader must tell apart by its keys. Its head, as the original, takes 2048 channels: 512 after conv5a/conv5c.
+
+class OriginalBottleneck(torch.nn.Module):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class OriginalResNet(torch.nn.Module):
+    """The plain-stem, dilated (output stride 8), multi-grid ResNet of --multi-grid --multi-dilation 4 8 16 --os 8."""
+
+    def __init__(self, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False), nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        inplanes = 64
+        dilations = ([1] * blocks[0], [1] * blocks[1], [1] + [2] * (blocks[2] - 1), [4, 8, 16])
+        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 1), (512, 1))):
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
+            layer = [OriginalBottleneck(inplanes, planes, stride, dilations[i][0], downsample)]
+            layer += [OriginalBottleneck(planes * 4, planes, 1, d) for d in dilations[i][1:]]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            inplanes = planes * 4
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class OriginalPAM(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.query_conv = torch.nn.Conv2d(channels, channels // 8, 1)
+        self.key_conv = torch.nn.Conv2d(channels, channels // 8, 1)
+        self.value_conv = torch.nn.Conv2d(channels, channels, 1)
+        self.gamma = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):  # one head over all C value channels, the attention matrix stored
+        B, C, H, W = x.shape
+        query = self.query_conv(x).view(B, -1, H * W).permute(0, 2, 1)
+        energy = torch.bmm(query, self.key_conv(x).view(B, -1, H * W))
+        attention = torch.softmax(energy, dim=-1)
+        out = torch.bmm(self.value_conv(x).view(B, C, H * W), attention.permute(0, 2, 1))
+        return self.gamma * out.view(B, C, H, W) + x
+
+
+class OriginalCAM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        X = x.view(B, C, -1)
+        energy = torch.bmm(X, X.permute(0, 2, 1))
+        attention = torch.softmax(energy.max(-1, keepdim=True)[0] - energy, dim=-1)
+        return self.gamma * torch.bmm(attention, X).view(B, C, H, W) + x
+
+
+class OriginalHead(torch.nn.Module):
+    def __init__(self, num_classes, in_channels=2048):
+        super().__init__()
+        nn, inter = torch.nn, in_channels // 4
+
+        def conv_bn_relu(c_in):
+            return nn.Sequential(nn.Conv2d(c_in, inter, 3, padding=1, bias=False), nn.BatchNorm2d(inter), nn.ReLU())
+
+        self.conv5a, self.conv5c = conv_bn_relu(in_channels), conv_bn_relu(in_channels)
+        self.sa, self.sc = OriginalPAM(inter), OriginalCAM()
+        self.conv51, self.conv52 = conv_bn_relu(inter), conv_bn_relu(inter)
+        for name in ("conv6", "conv7", "conv8"):
+            setattr(self, name, nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(inter, num_classes, 1)))
+
+    def forward(self, x):
+        sa_conv = self.conv51(self.sa(self.conv5a(x)))
+        sc_conv = self.conv52(self.sc(self.conv5c(x)))
+        return self.conv8(sa_conv + sc_conv), self.conv6(sa_conv), self.conv7(sc_conv)
+
+
+class OriginalDANet(torch.nn.Module):
+    def __init__(self, num_classes=19, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        self.pretrained, self.head = OriginalResNet(blocks), OriginalHead(num_classes)
+
+    def forward(self, x):  # (fused, position, channel) logits, upsampled with align_corners=True
+        size = x.shape[-2:]
+        return tuple(F.interpolate(y, size, mode="bilinear", align_corners=True) for y in self.head(self.pretrained(x)))
+
+
+
+@pytest.fixture(scope="module")
+def original_checkpoint(tmp_path_factory):
+    """(path, model): a random 19-class original-layout DANet saved as the original code saves it."""
+    torch.manual_seed(0)
+    model = OriginalDANet().eval()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():  # BN statistics and affine away from 0 / 1
+            if name.endswith(("running_mean", "bn3.bias")):
+                tensor.uniform_(-0.1, 0.1)
+            elif name.endswith(("running_var", "bn3.weight")) or (".1.weight" in name and tensor.dim() == 1):
+                tensor.uniform_(0.5, 1.5)
+        model.head.sa.gamma.fill_(0.7)
+        model.head.sc.gamma.fill_(0.5)
+        model.head.sa.query_conv.weight.mul_(8)  # a peaked position attention, not a uniform one
+    # PyTorch < 0.4.1 had no num_batches_tracked, and < 1.6 wrote the pickle format, not zip
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path_factory.mktemp("original") / "DANet50.pth.tar"
+    torch.save({"epoch": 240, "state_dict": state, "best_pred": 0.87}, path, _use_new_zipfile_serialization=False)
+    return path, model
+
+
+def test_original_checkpoint_is_read_as_plain_danet_with_the_same_logits(original_checkpoint, capsys):
+    path, original = original_checkpoint
+    model, config, class_names = evaluate.load_model(path, torch.device("cpu"))
+    assert "a checkpoint of the original DANet code (epoch 240), read as plain DANet, resnet50, multi-grid 4 8 16, " \
+           "19 classes" in capsys.readouterr().out
+    assert class_names == CITYSCAPES_NAMES and config["num_classes"] == 19
+    assert not any(isinstance(m, ClusteringLayer) for m in model.modules())
+    assert [block.conv2.dilation for block in model.backbone.layer4] == [(4, 4), (8, 8), (16, 16)]
+    images = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        expected = original(images)
+        got = train.predict_logits(model.float(), images)
+    scale = expected[0].abs().max()
+    assert expected[0].std() > 0.1 * scale  # not a flat output: the comparison means something
+    torch.testing.assert_close(got / scale, expected[0] / scale, rtol=0, atol=2e-5)
+
+    # the auxiliary outputs too: conv6 is the position branch's classifier, conv7 the channel branch's
+    original = copy.deepcopy(original)  # the fixture's model stays as it is
+    for module in (*model.modules(), *original.modules()):
+        if isinstance(module, torch.nn.Dropout2d):
+            module.p = 0.0
+    model.train(), original.train()  # BN on batch statistics, the same on both sides
+    with torch.no_grad():
+        expected, got = original(images), model(images)
+    for e, key in zip(expected, ("out", "position", "channel")):  # BN over 2 x 6 x 8 pixels amplifies rounding
+        torch.testing.assert_close(got[key] / e.abs().max(), e / e.abs().max(), rtol=0, atol=1e-3)
+    assert (expected[1] - expected[2]).abs().max() > 0.1 * expected[1].abs().max()  # a swap would show
+
+
+def test_evaluate_original_checkpoint_on_an_image(original_checkpoint, tmp_path, capsys):
+    path, original = original_checkpoint
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "street.png")
+    evaluate.main(["--checkpoint", str(path), "--image", str(tmp_path / "street.png"), "--device", "cpu",
+                   "--save-dir", str(tmp_path / "out")])
+    image = (torch.from_numpy(pixels).permute(2, 0, 1) / 255 - MEAN[:, None, None]) / STD[:, None, None]
+    with torch.no_grad():
+        labels = original(image[None].float())[0][0].argmax(0)  # [40, 56]
+    counts = labels.flatten().bincount(minlength=19)
+    expected = ", ".join(f"{CITYSCAPES_NAMES[c]} {counts[c] / labels.numel():.0%}" for c in counts.nonzero()[:, 0])
+    assert f"street.png: {expected}" in capsys.readouterr().out
+    to_label_id = {train_id: label_id for label_id, train_id in CITYSCAPES_TRAIN_IDS.items()}
+    with Image.open(tmp_path / "out" / "street.png") as png:  # Cityscapes' format: label ids
+        assert (np.array(png) == np.vectorize(to_label_id.get)(labels.numpy())).mean() > 0.999
+
+
+def test_original_checkpoint_on_cityscapes_end_to_end(original_checkpoint, tmp_path, monkeypatch, capsys):
+    """The README's command for the published checkpoint, on a tiny Cityscapes tree: evaluate.py's mIoU is the mIoU
+    of the stand-in's own predictions (whole images in one 768 window, flipped copies averaged). Cityscapes' 2048x1024
+    images and 768 windows are multiples of 8, and so are the tree's images here."""
+    path, original = original_checkpoint
+    monkeypatch.setitem(globals(), "CITYSCAPES_SIZE", (24, 40))
+    samples = make_cityscapes(tmp_path / "data")
+    evaluate.main(["--checkpoint", str(path), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"),
+                   "--mode", "slide", "--crop-size", "768", "--flip", "--json", str(tmp_path / "r.json"),
+                   "--workers", "0", "--device", "cpu"])
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["images"] == 2 and list(summary["per_class_iou"]) == CITYSCAPES_NAMES
+    matrix = np.zeros((19, 19), np.int64)
+    for name in ("lindau_000000_000019", "lindau_000001_000019"):
+        image, label_ids = samples[name]
+        x = ((torch.from_numpy(image).permute(2, 0, 1) / 255 - MEAN[:, None, None]) / STD[:, None, None])[None]
+        with torch.no_grad():
+            scores = original(x)[0].softmax(1) + original(x.flip(-1))[0].flip(-1).softmax(1)  # [1, 19, 24, 40]
+        prediction = scores[0].argmax(0).numpy()
+        truth = np.vectorize(lambda i: CITYSCAPES_TRAIN_IDS.get(i, 255))(label_ids)
+        keep = truth != 255
+        np.add.at(matrix, (truth[keep], prediction[keep]), 1)
+    tp, union = np.diag(matrix), matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    assert len(np.unique(prediction)) > 1  # the stand-in does not predict one class everywhere
+    assert summary["miou"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]), abs=1e-9)
+    assert summary["pixel_accuracy"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-9)
+
+
+def test_init_from_original_checkpoint_loads_backbone_and_head(original_checkpoint, capsys):
+    """Into a 4-class ClusterDANet: every backbone and head tensor, not the classifiers, not the clustering."""
+    path, original = original_checkpoint
+    model = ClusterDANet(num_classes=4, backbone="resnet50", multi_grid=True)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    train.init_from(model, path)
+    ours = model.state_dict()
+    theirs = original.state_dict()
+    pairs = {"conv5a": "position_branch.conv_in", "conv51": "position_branch.conv_out", "sa.query_conv": "position_branch.attention.query",
+             "sa.key_conv": "position_branch.attention.key", "sa.value_conv": "position_branch.attention.value",
+             "conv5c": "channel_branch.conv_in", "conv52": "channel_branch.conv_out"}
+    expected = {"backbone.stem.0.weight": "pretrained.conv1.weight", "position_branch.attention.gamma": "head.sa.gamma",
+                "channel_branch.attention.gamma": "head.sc.gamma"}
+    for name in theirs:
+        if name.startswith("pretrained.bn1."):
+            expected["backbone.stem.1." + name.split(".", 2)[2]] = name
+        elif name.startswith("pretrained.layer"):
+            expected["backbone." + name.split(".", 1)[1]] = name
+        for theirs_prefix, ours_prefix in pairs.items():
+            if name.startswith(f"head.{theirs_prefix}."):
+                expected[ours_prefix + name[len(f"head.{theirs_prefix}"):]] = name
+    assert len(expected) == len([n for n in theirs if not n.startswith(("head.conv6", "head.conv7", "head.conv8"))])
+    for name, original_name in expected.items():
+        if not name.endswith("num_batches_tracked"):  # not in the file (as in files of old PyTorch versions)
+            assert torch.equal(ours[name], theirs[original_name]), name
+    for name in ours:
+        if name.startswith(("classifier.", "position_classifier.", "channel_classifier.")) or \
+                name.endswith(("centers", "counts")):
+            assert torch.equal(ours[name], fresh[name]), name  # as built: 4 classes, and fresh centres
+    out = capsys.readouterr().out
+    assert "(the original DANet code's checkpoint): loaded " in out
+    assert "skipped, other shape (file -> model) 6: position_classifier.1.weight [19, 512, 1, 1] -> [4, 512, 1, 1]" \
+        in out
+    assert "kept fresh (clustering) 10: channel_branch.clustering.centers" in out
+    assert len(out.splitlines()) <= 5  # a summary, not a list
+
+
+def test_init_from_on_the_command_line(demo_run, tmp_path, capsys):
+    """train.py --init-from, a train.py checkpoint into plain DANet: with lr 1e-9 the saved weights are the file's."""
+    train.main(tiny(tmp_path / "plain", "--no-clustering", "--init-from", str(demo_run / "last.pt"), "--lr", "1e-9",
+                    "--iters", "1", "--demo-images", "2"))
+    out = capsys.readouterr().out
+    assert f"init from {demo_run / 'last.pt'} (a train.py checkpoint): loaded " in out
+    assert "unused from the file 10: position_branch.clustering.centers" in out  # plain DANet has no clustering buffers
+    demo = torch.load(demo_run / "last.pt", weights_only=True)["model"]
+    saved = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    assert saved["iteration"] == 1 and saved["args"]["init_from"] == str(demo_run / "last.pt")
+    parameters = [n for n, _ in ClusterDANet(4, "resnet18", clustering=False).named_parameters()]  # BN stats move
+    for name in parameters:
+        torch.testing.assert_close(saved["model"][name], demo[name], rtol=0, atol=1e-6)  # one step of lr 1e-9
+
+
+def test_original_checkpoint_bad_inputs(tmp_path, capsys):
+    """Key sets the loader refuses, and an original file given to --resume; tiny stand-in tensors."""
+    t = torch.zeros(1)
+    keys = {f"pretrained.layer{i}.{j}.conv1.weight": t for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)}
+    files = {
+        "deep_stem": {"pretrained.conv1.0.weight": t, **keys, "head.conv8.1.weight": t},
+        "resnet34_like": {"pretrained.conv1.weight": t, **keys, "pretrained.layer3.9.conv1.weight": t,
+                          "head.conv8.1.weight": t},
+        "keys_only": {"pretrained.conv1.weight": t, **keys, "head.conv8.1.weight": torch.zeros(19, 512, 1, 1)},
+    }
+    for name, state in files.items():
+        torch.save({"state_dict": state, "epoch": 1}, tmp_path / f"{name}.pth.tar")
+
+    def check(argv, *fragments, main=evaluate.main):
+        line = cli_error(capsys, argv, main=main)
+        assert all(f in line for f in fragments), line
+
+    check(["--checkpoint", tmp_path / "deep_stem.pth.tar"], "deep stem", "--no-deepstem")
+    check(["--checkpoint", tmp_path / "resnet34_like.pth.tar"], "blocks per layer (3, 4, 7, 3)")
+    check(["--checkpoint", tmp_path / "keys_only.pth.tar"], "is for another model")
+    check(tiny(tmp_path / "out", "--iters", "2", "--resume", tmp_path / "keys_only.pth.tar"),
+          "is not a train.py checkpoint to resume from", "use --init-from", main=train.main)

@@ -6,6 +6,8 @@
     python train.py --dataset folder --data-root my_data               # your images: see README for the layout
     torchrun --standalone --nproc_per_node=8 train.py --data-root data --train-split train_aug --batch-size 2
     python train.py --benchmark --backbone resnet50 --crop-size 256 --batch-size 2 --device cpu
+    python train.py --out-dir runs/demo_danet --no-clustering          # plain DANet, the same recipe
+    python train.py --data-root data --multi-grid --init-from DANet101.pth.tar  # from the original's weights
 
 This file also holds what evaluate.py builds on: the datasets, the one mIoU metric (a confusion matrix),
 whole-image prediction, and checkpoint loading. Errors a user can fix end in one line and exit code 2.
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet
+from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer
 
 try:
     import resource  # Unix only: the peak memory of a CPU run
@@ -510,14 +512,18 @@ def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=p
 # ----------------------------------------------------------------------------- model and checkpoints
 
 def build_model(config):
-    """ClusterDANet from a train.py args dict (as stored in every checkpoint)."""
+    """ClusterDANet from a train.py args dict (as stored in every checkpoint; older ones lack the last keys)."""
     pretrained = config.get("pretrained", False)
     try:
         return ClusterDANet(num_classes=config["num_classes"], backbone=config["backbone"],
                             pretrained_backbone=pretrained, num_clusters=config["num_clusters"],
                             temperature=config["temperature"], dense_attention=config["dense_attention"],
                             cluster_init=config.get("cluster_init", "random"),
-                            cluster_reseed=config.get("cluster_reseed", 0))
+                            cluster_reseed=config.get("cluster_reseed", 0),
+                            clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
+                            align_corners=config.get("align_corners", False))
+    except ValueError as e:  # a configuration the model refuses (multi-grid on resnet18, K not divisible by 8)
+        raise UserError(str(e)) from None
     except RuntimeError as e:  # the ImageNet weights could not be downloaded: the message says what to do
         if pretrained:
             raise UserError(str(e)) from None
@@ -551,8 +557,122 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise UserError(f"checkpoint {path} cannot be read (truncated or not a PyTorch file?): "
                         f"{type(e).__name__}") from None
+    if is_original_checkpoint(checkpoint):
+        return from_original(checkpoint, path)
     if not isinstance(checkpoint, dict) or not {"model", "args", "iteration"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a train.py checkpoint (it needs model, args and iteration)")
+        raise UserError(f"{path} is not a train.py checkpoint (it needs model, args and iteration) "
+                        f"nor one of the original DANet code (a state_dict of pretrained.* and head.* tensors)")
+    return checkpoint
+
+
+# The original DANet code (PyTorch-Encoding; its published DANet101.pth.tar) saves {"state_dict": ..., "epoch": ...,
+# "best_pred": ...}. Its names -> ours, by prefix; what follows the prefix is the same on both sides: torchvision's
+# ResNet names, nn.Sequential indices (conv5a.0 conv, .1 BN; conv6.1 the conv after the dropout), BN's tensors.
+ORIGINAL_NAMES = (
+    ("pretrained.conv1.", "backbone.stem.0."),  # the plain 7x7 stem (a deep stem, conv1.0..., has no counterpart)
+    ("pretrained.bn1.", "backbone.stem.1."),
+    ("pretrained.layer", "backbone.layer"),
+    ("head.conv5a.", "position_branch.conv_in."),  # conv3x3 + BN before position attention
+    ("head.sa.query_conv.", "position_branch.attention.query."),
+    ("head.sa.key_conv.", "position_branch.attention.key."),
+    ("head.sa.value_conv.", "position_branch.attention.value."),
+    ("head.sa.gamma", "position_branch.attention.gamma"),
+    ("head.conv51.", "position_branch.conv_out."),
+    ("head.conv5c.", "channel_branch.conv_in."),  # conv3x3 + BN before channel attention
+    ("head.sc.gamma", "channel_branch.attention.gamma"),
+    ("head.conv52.", "channel_branch.conv_out."),
+    ("head.conv6.", "position_classifier."),  # Dropout2d + conv1x1 on the position branch: an auxiliary output
+    ("head.conv7.", "channel_classifier."),
+    ("head.conv8.", "classifier."),  # on the sum of both branches: the output
+)
+ORIGINAL_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101", (3, 8, 36, 3): "resnet152"}  # blocks per layer
+
+
+def is_original_checkpoint(checkpoint):
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    return isinstance(state, dict) and any(str(k).startswith("pretrained.") for k in state) and \
+        any(str(k).startswith("head.") for k in state)
+
+
+def from_original(checkpoint, path):
+    """An original DANet checkpoint as one of ours: its tensors renamed, and the args of the model it holds.
+
+    That model is plain DANet with multi-grid (4, 8, 16) and align_corners=True upsampling, as the published
+    DANet101 (--multi-grid --multi-dilation 4 8 16 --os 8 --no-deepstem); the depth is read off its blocks.
+    """
+    state = checkpoint["state_dict"]
+    blocks = tuple(len({k.split(".")[2] for k in state if k.startswith(f"pretrained.layer{i}.") and k.count(".") > 2})
+                   for i in range(1, 5))  # pretrained.layer3.22.conv1.weight: block 22 of layer3
+    if "pretrained.conv1.weight" not in state:
+        raise UserError(f"{path} is an original DANet checkpoint with a deep stem (pretrained.conv1.0.*): only the "
+                        f"plain 7x7 stem (--no-deepstem, as in DANet101) has a counterpart here")
+    if blocks not in ORIGINAL_DEPTHS or "head.conv8.1.weight" not in state:
+        raise UserError(f"{path} is not an original DANet checkpoint this loader knows (blocks per layer {blocks}, "
+                        f"known: ResNet-50/101/152 Bottlenecks; and a head.conv8 classifier)")
+    model, unused = {}, []
+    for key, tensor in state.items():
+        ours = next((o + key[len(t):] for t, o in ORIGINAL_NAMES if key.startswith(t)), None)
+        if ours is None:
+            unused.append(key)
+        else:
+            model[ours] = tensor
+    for key in [k for k in model if k.endswith(".running_mean")]:  # files of PyTorch < 0.4.1 have no BN counters
+        model.setdefault(key.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
+    num_classes = state["head.conv8.1.weight"].shape[0]
+    dataset = {len(Cityscapes.class_names): "cityscapes", len(VOC_CLASSES): "voc"}.get(num_classes, "folder")
+    config = dict(num_classes=num_classes, backbone=ORIGINAL_DEPTHS[blocks], num_clusters=None, temperature=100.0,
+                  dense_attention=False, clustering=False, multi_grid=True, align_corners=True, dataset=dataset)
+    class_names = {"cityscapes": list(Cityscapes.class_names), "voc": list(VOC_CLASSES)}.get(dataset)
+    return {"model": model, "args": config, "iteration": checkpoint.get("epoch", 0), "class_names": class_names,
+            "original": True, "unused": unused}
+
+
+def describe(checkpoint, path):
+    """One line on an original checkpoint: what it is evaluated as, and the tensors that have no place here."""
+    config, unused = checkpoint["args"], checkpoint["unused"]
+    text = (f"{path}: a checkpoint of the original DANet code (epoch {checkpoint['iteration']}), read as plain DANet, "
+            f"{config['backbone']}, multi-grid 4 8 16, {config['num_classes']} classes")
+    return text + (f"; {len(unused)} tensors unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})"
+                   if unused else "")
+
+
+def init_from(model, path, log=print):
+    """--init-from: copy into `model` every tensor of `path` whose name and shape match; keep clustering fresh.
+
+    `path` is a train.py checkpoint or one of the original DANet code. A classifier for another number of
+    classes has another shape and is skipped; the clustering centres and counts are never copied.
+    """
+    checkpoint = load_checkpoint(path)
+    source = checkpoint["model"]
+    state = model.state_dict()  # its tensors share memory with the model's
+    fresh = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, ClusteringLayer)
+             for b, _ in m.named_buffers()}
+    loaded, other_shape, absent = {}, [], []
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name in fresh:
+                continue
+            if name not in source:
+                absent.append(name)
+            elif source[name].shape != tensor.shape:
+                other_shape.append(f"{name} {list(source[name].shape)} -> {list(tensor.shape)}")
+            else:
+                tensor.copy_(source[name])
+                part = name.split(".")[0]
+                loaded[part] = loaded.get(part, 0) + 1
+    unused = [k for k in source if k not in state] + checkpoint.get("unused", [])
+
+    def some(names):
+        return f"{len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+
+    kind = "the original DANet code's checkpoint" if checkpoint.get("original") else "a train.py checkpoint"
+    log(f"init from {path} ({kind}): loaded {sum(loaded.values())} tensors "
+        f"({', '.join(f'{part} {n}' for part, n in loaded.items())})")
+    for label, names in (("kept fresh (clustering)", sorted(fresh)),
+                         ("skipped, other shape (file -> model)", other_shape),
+                         ("skipped, not in the file", absent), ("unused from the file", unused)):
+        if names:
+            log(f"  {label} {some(names)}")
     return checkpoint
 
 
@@ -641,6 +761,13 @@ def parse_args(argv=None):
                    "random unit vectors (the original) or drawn from the first batch, k-means++ style")
     p.add_argument("--cluster-reseed", type=non_negative, default=0, metavar="N", help="draw again the centres that "
                    "were dead (under a tenth of an equal share of the mass) for N steps in a row; 0: never")
+    p.add_argument("--clustering", action=argparse.BooleanOptionalAction, default=True,
+                   help="clustering layers before the attention; --no-clustering: plain DANet, the baseline")
+    p.add_argument("--multi-grid", action="store_true", help="dilate layer4's blocks 4, 8, 16 (not 2, 4, 4), as the "
+                   "original DANet101; resnet50/101/152 only")
+    p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
+                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; a new "
+                   "run, not --resume")
     p.add_argument("--crop-size", type=positive, help=d("crop_size"))
     p.add_argument("--base-size", type=positive, help="longer side before the 0.5-2x random scale; "
                    + d("base_size"))
@@ -672,6 +799,10 @@ def parse_args(argv=None):
                 f"through K / 8 query dimensions), got {args.num_clusters}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
+    if args.num_clusters is not None and not args.clustering:
+        p.error("--num-clusters sets the clustering layers, which --no-clustering leaves out")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
     if args.dataset and not args.data_root and not args.benchmark:
         raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
     args.dataset = args.dataset or ("voc" if args.data_root else "demo")
@@ -811,7 +942,9 @@ def load_resume_checkpoint(args):
     checkpoint = load_checkpoint(args.resume)
     missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
     if missing:
-        raise UserError(f"{args.resume} is not a train.py checkpoint to resume from (no {', '.join(sorted(missing))})")
+        hint = "; to start from its weights use --init-from" if checkpoint.get("original") else ""
+        raise UserError(f"{args.resume} is not a train.py checkpoint to resume from "
+                        f"(no {', '.join(sorted(missing))}){hint}")
     if checkpoint["args"]["backbone"] != args.backbone:
         raise UserError(f"checkpoint {args.resume} is for {checkpoint['args']['backbone']}, not {args.backbone}")
     if checkpoint["args"].get("dataset", args.dataset) != args.dataset:
@@ -846,7 +979,10 @@ def build_model_and_optimizer(args, checkpoint, device, world_size):
     The model to train is wrapped in DDP, then compiled with --compile (so the gradient all_reduce overlaps the
     backward pass); the raw model, unwrapped, is the one validated and saved.
     """
-    raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None})
+    raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None and not args.init_from})
+    if args.init_from:  # every rank reads the same file: the models start equal
+        init_from(raw_model, args.init_from, print if not dist.is_initialized() or dist.get_rank() == 0 else
+                  (lambda *_: None))
     if checkpoint is not None:
         load_model_state(raw_model, checkpoint, args.resume)
         check_same_schedule(args, checkpoint)
