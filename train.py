@@ -839,7 +839,7 @@ def setup_device(args):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1:
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun, also with one process (DDP, SyncBatchNorm, NCCL)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.precision is None:
         cuda = device.type == "cuda"
@@ -986,11 +986,11 @@ def build_model_and_optimizer(args, checkpoint, device, world_size):
     if checkpoint is not None:
         load_model_state(raw_model, checkpoint, args.resume)
         check_same_schedule(args, checkpoint)
-    if world_size > 1 and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
+    if dist.is_initialized() and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device, memory_format=torch.channels_last)
     model = raw_model
-    if world_size > 1:
+    if dist.is_initialized():
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
@@ -1242,7 +1242,7 @@ def main(argv=None):
             code = finish(run, train(run, interrupts), interrupts)
         except KeyboardInterrupt:  # a second signal
             return stop_at_once(run, interrupts)
-    if world_size > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return code
 
