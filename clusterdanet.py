@@ -308,7 +308,7 @@ class DilatedResNet(nn.Module):
     layer3's blocks have dilation 1, 2, 2, ... and layer4's 2, 4, 4, ...: the first block of each keeps the
     previous rate, as torchvision's replace_stride_with_dilation does (Bottleneck ResNets) and as we do by
     hand for the BasicBlock ResNets (18/34), whose blocks have two 3x3 convolutions at the block's rate.
-    With multi_grid (Bottleneck ResNets only) layer4's three blocks are dilated 4, 8, 16 instead: the
+    With multi_grid (Bottleneck ResNets only) layer4's three blocks are dilated 4, 8, 16 instead, the
     "multi-grid" of DeepLabv3 that the original DANet code offers (--multi-grid --multi-dilation 4 8 16).
     """
 
@@ -374,15 +374,14 @@ class ClusterDANet(nn.Module):
         self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid)
         in_channels = self.backbone.out_channels
         channels = in_channels // 4
-        width = (num_clusters or channels) if clustering else channels  # what the attention modules see
+        width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
 
         def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
             return nn.Sequential(OrderedDict(
                 conv_in=conv_bn_relu(in_channels, channels),  # [B, C, h, w]
-                clustering=ClusteringLayer(channels, width, temperature, init=cluster_init,
-                                           reseed_after=cluster_reseed)
-                if clustering else nn.Identity(),  # [B, K, h, w]; plain DANet: nothing in between
-                attention=attention,  # [B, K, h, w]
+                clustering=ClusteringLayer(channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed)
+                if clustering else nn.Identity(),  # [B, K, h, w]; plain DANet: nothing between conv and attention
+                attention=attention,  # [B, width, h, w]
                 conv_out=conv_bn_relu(width, channels),  # [B, C, h, w]
             ))
 

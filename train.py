@@ -519,8 +519,8 @@ def build_model(config):
                             pretrained_backbone=pretrained, num_clusters=config["num_clusters"],
                             temperature=config["temperature"], dense_attention=config["dense_attention"],
                             cluster_init=config.get("cluster_init", "random"),
-                            cluster_reseed=config.get("cluster_reseed", 0), clustering=config.get("clustering", True),
-                            multi_grid=config.get("multi_grid", False),
+                            cluster_reseed=config.get("cluster_reseed", 0),
+                            clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
                             align_corners=config.get("align_corners", False))
     except ValueError as e:  # a configuration the model refuses (multi-grid on resnet18, K not divisible by 8)
         raise UserError(str(e)) from None
@@ -840,7 +840,7 @@ def setup_device(args):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1:
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun, also with one process (DDP, SyncBatchNorm, NCCL)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.precision is None:
         cuda = device.type == "cuda"
@@ -987,11 +987,11 @@ def build_model_and_optimizer(args, checkpoint, device, world_size):
     if checkpoint is not None:
         load_model_state(raw_model, checkpoint, args.resume)
         check_same_schedule(args, checkpoint)
-    if world_size > 1 and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
+    if dist.is_initialized() and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device, memory_format=torch.channels_last)
     model = raw_model
-    if world_size > 1:
+    if dist.is_initialized():
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
@@ -1243,7 +1243,7 @@ def main(argv=None):
             code = finish(run, train(run, interrupts), interrupts)
         except KeyboardInterrupt:  # a second signal
             return stop_at_once(run, interrupts)
-    if world_size > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return code
 
