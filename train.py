@@ -16,6 +16,7 @@ by Ctrl-C (SIGINT) / SIGTERM after saving last.pt.
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -56,6 +57,19 @@ class UserError(Exception):
     """Something the user can fix (a path, a file, a flag): main() prints one line and exits with code 2."""
 
 
+# Exit codes of train.py and evaluate.py (the README and --help list them the same way).
+EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_DISK_FULL, EXIT_OUT_OF_MEMORY, EXIT_DATA_ERROR = 1, 2, 3, 4, 5
+
+
+class RunError(Exception):
+    """An error that ends the work after it started: run_main prints one line and exits with `code` (one of the
+    EXIT_ codes above). The message says what was kept (which checkpoint, which files)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 def run_main(main):
     """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
     worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
@@ -69,7 +83,10 @@ def run_main(main):
     except UserError as e:
         message = str(e).strip().splitlines()[-1]  # a DataLoader worker re-raises it with its traceback
         print(f"error: {message.split('UserError: ', 1)[-1]}", file=sys.stderr)
-        code = 2
+        code = EXIT_USER_ERROR
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = e.code
     except KeyboardInterrupt as e:
         signum = e.args[0] if e.args else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
@@ -538,8 +555,12 @@ def save_atomic(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:  # disk full, Ctrl-C: keep the previous file, leave no temporary one
+    except BaseException as e:  # disk full, Ctrl-C: keep the previous file, leave no temporary one
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
+            raise RunError(f"no space left on the device while writing {path}: {kept}; free some space",
+                           EXIT_DISK_FULL) from None
         raise
 
 
