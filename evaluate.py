@@ -216,14 +216,14 @@ def parse_args(argv=None):
     p.add_argument("--data-root", type=path, help="the dataset's folder, as for train.py; default: the demo's "
                    "synthetic val set for a demo checkpoint")
     p.add_argument("--split", default="val", choices=["val", "train", "trainval", "train_aug"])
-    p.add_argument("--scales", type=train.positive_float, nargs="+", default=[1.0],
-                   help="e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
+    p.add_argument("--scales", type=train.real_number(*train.SCALES, low_open=False), nargs="+", default=[1.0],
+                   help=f"each {train.SCALES[0]:g} to {train.SCALES[1]:g}, e.g. 0.5 0.75 1.0 1.25 1.5 1.75")
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    p.add_argument("--crop-size", type=train.positive, default=512, help="window size for --mode slide")
-    p.add_argument("--batch-size", type=train.positive, default=1,
+    p.add_argument("--crop-size", type=train.whole_number(1, 8192), default=512, help="window size for --mode slide")
+    p.add_argument("--batch-size", type=train.whole_number(1, 4096), default=1,
                    help="images of a batch are padded to one size; 1 is exact")
-    p.add_argument("--workers", type=train.non_negative, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--workers", type=train.whole_number(0, 256), default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--save-dir", type=path, help="write <id>.png (class indices; Cityscapes: label ids) and "

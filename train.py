@@ -108,17 +108,25 @@ def check_files_exist(paths, what):
 
 def check_writable(path, what, folder=True):
     """A UserError unless `path` (a folder, or a file if not `folder`) can be written, before any work is done.
-    Nothing is created: what does not exist yet must be creatable in the nearest existing folder above it."""
+    Checked by creating and removing a file in the nearest existing folder at or above it (os.access says yes to
+    root for /proc and /sys); nothing else is created."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise UserError(f"{what} {path} is {'a file' if folder else 'a folder'}")
     parent = path if path.is_dir() else path.parent
-    while not parent.exists():
+    while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"{what} {path} cannot be created: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path} cannot be written: {parent} is read-only")
+        kind = "a broken link" if parent.is_symlink() and not parent.exists() else "a file"
+        raise UserError(f"{what} {path} cannot be created: {parent} is {kind}")
+    probe = parent / f".write-check-{os.getpid()}"
+    try:
+        probe.open("x").close()  # what save_atomic does: a new file beside the target, renamed
+        probe.unlink()
+    except OSError as e:
+        reason = f"{parent} is read-only" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else \
+            f"no file can be created in {parent} ({e.strerror})"
+        raise UserError(f"{what} {path} cannot be written: {reason}") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -732,29 +740,46 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def positive(text):
-    """argparse type: an integer >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+INT32_MAX = 2**31 - 1  # the largest whole number a flag takes: it fits every integer type torch indexes with
 
 
-def non_negative(text):
-    """argparse type: an integer >= 0."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
+def whole_number(low, high=INT32_MAX):
+    """An argparse type: a whole number in low..high; anything else is one line that says the range."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return value
+    return parse
 
 
-def positive_float(text):
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+def real_number(low, high=math.inf, low_open=True, high_open=False):
+    """An argparse type: a finite number above `low` (at or above it with low_open=False), at most `high` (below
+    it with high_open); nan, inf and anything else is one line that says the range."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (value > low if low_open else value >= low) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low:g}, got {text!r}")
+        if not (value < high if high_open else value <= high):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low:g} and "
+                                             f"{'<' if high_open else '<='} {high:g}, got {text!r}")
+        return value
+    return parse
+
+
+positive = whole_number(1)  # argparse type: an integer >= 1
+non_negative = whole_number(0)  # argparse type: an integer >= 0
+positive_float = real_number(0)  # argparse type: a finite number > 0
+MIN_BASE_SIZE = 16  # --base-size: the random scale's smallest (0.5x) keeps the longer side at 8 pixels
+SCALES = (0.1, 8.0)  # evaluate.py --scales: 0.1x keeps a 512-pixel image at 51 pixels; 8x is memory enough
 
 
 def parse_args(argv=None):
@@ -774,9 +799,10 @@ def parse_args(argv=None):
     p.add_argument("--val-split", default="val", choices=["val", "train", "trainval"])
     p.add_argument("--backbone", choices=BACKBONES, help=d("backbone"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("pretrained"))
-    p.add_argument("--num-clusters", type=positive, help="K, a multiple of 8; default: the branch width (512, or "
+    p.add_argument("--num-clusters", type=whole_number(8, 4096), help="K, a multiple of 8; default: the branch width (512, or "
                    "128 for resnet18/34)")
-    p.add_argument("--temperature", type=float, default=100.0, help="clustering softmax temperature")
+    p.add_argument("--temperature", type=real_number(0, 1e4), default=100.0, help="clustering softmax temperature "
+                   "(> 0, at most 1e4)")
     p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
     p.add_argument("--cluster-init", choices=["random", "data"], default="random", help="clustering centres: "
                    "random unit vectors (the original) or drawn from the first batch, k-means++ style")
@@ -789,18 +815,20 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
                    "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; "
                    "a new run, not --resume")
-    p.add_argument("--crop-size", type=positive, help=d("crop_size"))
-    p.add_argument("--base-size", type=positive, help="longer side before the 0.5-2x random scale; "
+    p.add_argument("--crop-size", type=whole_number(1, 8192), help=d("crop_size"))
+    p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x random scale; "
                    + d("base_size"))
-    p.add_argument("--batch-size", type=positive, help="per process; " + d("batch_size"))
+    p.add_argument("--batch-size", type=whole_number(1, 4096), help="per process; " + d("batch_size"))
     p.add_argument("--iters", type=positive, help="optimizer steps; " + d("iters"))
     p.add_argument("--lr", type=positive_float, help="backbone LR (head: 10x); " + d("lr"))
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the position and channel losses "
-                   "(1.0: the original DANet code's equal weights)")
-    p.add_argument("--workers", type=non_negative, help="data loading processes; " + d("workers"))
-    p.add_argument("--demo-images", type=positive, default=1000, help="size of the synthetic training set")
+    p.add_argument("--momentum", type=real_number(0, 1, low_open=False, high_open=True), default=0.9,
+                   help="SGD momentum, 0 <= m < 1")
+    p.add_argument("--weight-decay", type=real_number(0, 1, low_open=False, high_open=True), default=1e-4,
+                   help="0 <= wd < 1")
+    p.add_argument("--aux-weight", type=real_number(0, 1e3, low_open=False), help="weight of the position and "
+                   "channel losses, >= 0; default: 1.0, the original DANet code's equal weights")
+    p.add_argument("--workers", type=whole_number(0, 256), help="data loading processes; " + d("workers"))
+    p.add_argument("--demo-images", type=whole_number(1, 10**6), default=1000, help="size of the synthetic training set")
     p.add_argument("--out-dir", type=os.path.expanduser, help=d("out_dir"))
     p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue from (same schedule)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds an earlier "
@@ -811,9 +839,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--val-every", type=positive, help=d("val_every"))
     p.add_argument("--log-every", type=positive, help=d("log_every"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0)
     p.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
-    p.add_argument("--benchmark-steps", type=positive, default=10)
+    p.add_argument("--benchmark-steps", type=whole_number(1, 10**6), default=10)
     args = p.parse_args(argv)
     if args.num_clusters is not None and args.num_clusters % 8:
         p.error(f"argument --num-clusters: expected a multiple of 8 (position attention reads the K similarities "
@@ -833,6 +861,8 @@ def parse_args(argv=None):
     for key, value in DATASETS[args.dataset][1].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.aux_weight is None:
+        args.aux_weight = 1.0
     if args.batch_size * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
         p.error(f"--crop-size {args.crop_size} with --batch-size {args.batch_size} leaves BatchNorm one value per "
                 f"channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop or batch")
