@@ -16,6 +16,7 @@ by Ctrl-C (SIGINT) / SIGTERM after saving last.pt.
 """
 
 import argparse
+import codecs
 import errno
 import json
 import math
@@ -98,12 +99,30 @@ def run_main(main):
 
 
 def check_files_exist(paths, what):
-    """A UserError naming the first of `paths` that is not a file, and how many more are missing; for datasets to
-    call when they are built, not when a missing file is first read (hours into training)."""
-    missing = [path for path in paths if not Path(path).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"{what} not found: {missing[0]}{more}")
+    """A UserError naming the first of `paths` that is not a readable file (missing, a folder, a broken link, not
+    readable), and how many more are not; for datasets to call when they are built, not when a bad entry is first
+    read (hours into training)."""
+    bad = {}  # problem -> paths
+    for path in map(Path, paths):
+        if path.is_file():
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                continue
+            except OSError as e:
+                problem = f"cannot be read ({e.strerror})"
+        elif path.is_dir():
+            problem = "is a folder, not a file"
+        elif path.is_symlink():
+            problem = "is a broken link"
+        elif path.exists():
+            problem = "is not a regular file"
+        else:
+            problem = "not found"
+        bad.setdefault(problem, []).append(path)
+    if bad:
+        problem, first = next((problem, paths[0]) for problem, paths in bad.items())
+        more = sum(map(len, bad.values())) - 1
+        raise UserError(f"{what} {problem}: {first}" + (f" (and {more} more)" if more else ""))
 
 
 def check_writable(path, what, folder=True):
@@ -131,6 +150,21 @@ def check_writable(path, what, folder=True):
 
 # ----------------------------------------------------------------------------- data
 
+def looks_like(root):
+    """" (it looks like a Cityscapes tree: add --dataset cityscapes)" if `root` holds another dataset's layout."""
+    root = Path(root)
+    if (root / "leftImg8bit").is_dir() or (root / "gtFine").is_dir():
+        name = "cityscapes"
+    elif (root / "classes.txt").is_file() or ((root / "images").is_dir() and (root / "masks").is_dir()):
+        name = "folder"
+    elif any((c / "JPEGImages").is_dir() for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")):
+        name = "voc"
+    else:
+        return ""
+    title = {"cityscapes": "Cityscapes", "folder": "folder-dataset", "voc": "VOC"}[name]
+    return f" (it looks like a {title} tree: add --dataset {name})"
+
+
 def find_voc_root(data_root):
     """The VOC2012 folder: data_root itself, data_root/VOC2012 (VOCdevkit given) or data_root/VOCdevkit/VOC2012."""
     root = Path(data_root)
@@ -140,7 +174,7 @@ def find_voc_root(data_root):
         if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets" / "Segmentation").is_dir():
             return candidate
     raise UserError(f"{root} is neither a VOC2012 folder (with JPEGImages/ and ImageSets/Segmentation/) "
-                    f"nor a folder holding VOC2012 or VOCdevkit/VOC2012")
+                    f"nor a folder holding VOC2012 or VOCdevkit/VOC2012{looks_like(root)}")
 
 
 def download_voc(data_root):
@@ -171,18 +205,52 @@ def eval_transform():
     ])
 
 
-def read_mask(path, image, labels, description):
-    """[H, W] uint8 label map of a grey or palette PNG the size of `image` [3, H, W]; a value not in `labels`
-    (or another size) is a UserError that names the file, the size and the `description` of the labels."""
+# EXIF orientation (tag 0x0112) -> the PIL transposition that shows the image upright (as ImageOps.exif_transpose)
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                  5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(image):
+    """The EXIF orientation of an open PIL image: 1 (as stored) to 8; 1 when it has none or a broken one."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: the image is read as stored, as ImageOps.exif_transpose does
+        return 1
+    return orientation if orientation in EXIF_TRANSPOSE else 1
+
+
+def read_mask(path, size, labels, description, orientation=1):
+    """[H, W] uint8 label map of a grey or palette PNG; `size` is its image's (W, H) as shown, after the image's
+    EXIF `orientation`, which the mask is given too (masks are drawn on the stored pixels). A colour mask, a value
+    not in `labels` or another size is a UserError that names the file, the W x H size and the `description`."""
+    W, H = size
     try:
         with Image.open(path) as mask:  # palette ("P") or grey ("L") PNG of labels
+            stored = mask.size
+            if orientation != 1:
+                mask = mask.transpose(EXIF_TRANSPOSE[orientation])
             mask = np.array(mask)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read mask {path}: {e}") from None
+    if mask.ndim == 3:  # RGB(A), or grey + alpha: class indices only if the colour channels agree
+        colour = mask[..., :3] if mask.shape[2] >= 3 else mask[..., :1]
+        if (colour != colour[..., :1]).any():
+            example = tuple(colour.reshape(-1, colour.shape[2])[(colour != colour[..., :1]).any(2).ravel()][0])
+            raise UserError(f"mask {path} is a {colour.shape[2]}-channel colour image (e.g. colour {example}), not "
+                            f"a map of {description}: save each pixel's class index as a grey (L) or palette (P) "
+                            f"PNG (see README)")
+        mask = colour[..., 0]
+    if mask.shape != (H, W):
+        turned = orientation in (5, 6, 7, 8) and stored == (W, H)
+        hint = (f"; its image's EXIF orientation {orientation} turns the image to {W}x{H} and the mask with it "
+                f"(masks are drawn on the stored pixels), but this mask is already {W}x{H}: save it as the image is "
+                f"stored, {H}x{W}, or save the image without its EXIF orientation") if turned else ""
+        raise UserError(f"mask {path} is not a {W}x{H} map of {description}: it is {mask.shape[1]}x{mask.shape[0]}"
+                        f"{hint}")
     bad = np.setdiff1d(np.unique(mask), labels)
-    if mask.ndim != 2 or mask.shape != image.shape[1:] or bad.size:
-        raise UserError(f"mask {path} is not a {image.shape[1]}x{image.shape[2]} map of {description} "
-                        f"(found {bad.tolist() or mask.shape})")
+    if bad.size:
+        raise UserError(f"mask {path} is not a {W}x{H} map of {description} (found {bad.tolist()})")
     return mask.astype(np.uint8)
 
 
@@ -200,12 +268,15 @@ def pair_files(images, masks, mask_of, image_of):
     return ids, [images[i] for i in ids], [masks[i] for i in ids]
 
 
-def read_image(path):
+def read_image(path, with_orientation=False):
     """[3, H, W] uint8 tv_tensors.Image, as the user sees the file: turned by its EXIF orientation (phone photos),
-    16-bit grey scaled to 8 bits, float grey in 0..1 scaled to 0..255. An unreadable file is a UserError naming it."""
+    16-bit grey scaled to 8 bits, float grey in 0..1 scaled to 0..255. An unreadable file is a UserError naming it.
+    With `with_orientation`: (image, the EXIF orientation applied, 1 to 8), for read_pair to turn the mask too."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
+            orientation = exif_orientation(image)
+            if orientation != 1:
+                image = image.transpose(EXIF_TRANSPOSE[orientation])
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit integer or float grey
                 top = 1.0 if image.mode == "F" else 65535.0
                 grey = np.array(image, dtype=np.float64)  # [H, W]
@@ -215,9 +286,30 @@ def read_image(path):
                 rgb = np.repeat(np.round(grey * (255 / top)).astype(np.uint8)[..., None], 3, axis=2)  # [H, W, 3]
             else:
                 rgb = np.array(image.convert("RGB"))  # [H, W, 3]
-            return tv_tensors.Image(rgb.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
+            image = tv_tensors.Image(rgb.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
+            return (image, orientation) if with_orientation else image
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def read_pair(dataset, index):
+    """(image [3, H, W], mask [H, W]) of item `index` of a dataset with images, masks and mask_labels: the mask
+    read the way the image is (its EXIF orientation applied to both)."""
+    image, orientation = read_image(dataset.images[index], with_orientation=True)
+    labels, description = dataset.mask_labels
+    size = (image.shape[2], image.shape[1])  # (W, H)
+    return image, read_mask(dataset.masks[index], size, labels, description, orientation)
+
+
+def image_size(path):
+    """((W, H) as shown, EXIF orientation) from an image's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as image:
+            orientation = exif_orientation(image)
+            W, H = image.size
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    return ((H, W) if orientation in (5, 6, 7, 8) else (W, H)), orientation
 
 
 class VOCSegmentation(Dataset):
@@ -244,14 +336,14 @@ class VOCSegmentation(Dataset):
         check_files_exist(self.images, f"image listed in {split_file}")
         check_files_exist(self.masks, f"mask listed in {split_file}")
         self.transform = transform or eval_transform()
-        self.class_names = VOC_CLASSES
+        self.class_names, self.split = VOC_CLASSES, split
+        self.mask_labels = ([*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")  # for read_pair
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, index):
-        image = read_image(self.images[index])
-        mask = read_mask(self.masks[index], image, [*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")
+        image, mask = read_pair(self, index)
         return self.transform(image, tv_tensors.Mask(mask))
 
 
@@ -286,7 +378,7 @@ class Cityscapes(Dataset):
         for folder in ("leftImg8bit", "gtFine"):
             if not (root / folder).is_dir():
                 raise UserError(f"{root} has no {folder}/ folder: give the Cityscapes folder that holds leftImg8bit/ "
-                                f"and gtFine/")
+                                f"and gtFine/{looks_like(root)}")
         if split not in ("train", "val", "trainval"):
             raise UserError(f"Cityscapes has no split {split} (train, val or trainval)")
         self.ids, self.images, self.masks = [], [], []
@@ -303,20 +395,69 @@ class Cityscapes(Dataset):
         self.to_train_id = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> train id
         self.to_train_id[list(self.label_ids)] = range(len(self.label_ids))
         self.transform = transform or eval_transform()
+        self.split, self.mask_labels = split, (range(34), "Cityscapes label ids 0..33")  # for read_pair
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, index):
-        image = read_image(self.images[index])
-        mask = read_mask(self.masks[index], image, range(34), "Cityscapes label ids 0..33")
+        image, mask = read_pair(self, index)
         return self.transform(image, tv_tensors.Mask(self.to_train_id[mask]))
 
 
+def read_class_names(path):
+    """The class names of a folder dataset's classes.txt, one per line; lines starting with # are comments.
+    UTF-8 (with or without a BOM) or UTF-16 with its BOM, else Latin-1 (what "ANSI" editors save)."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16")
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+    if "\0" in text:
+        raise UserError(f"{path} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark?): save it as UTF-8")
+    names = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
+    while names and not names[-1]:
+        names.pop()  # blank lines at the end
+    if not names or "" in names or len(names) > IGNORE_INDEX:
+        raise UserError(f"{path} must name 1 to 255 classes, one per line, no empty lines (# starts a comment); "
+                        f"it names {len([n for n in names if n])}" + (" and has empty lines" if "" in names else ""))
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path} must name 1 to 255 different classes, one per line: {repeated[0]!r} is named "
+                        f"{names.count(repeated[0])} times")
+    return tuple(names)
+
+
+def files_under(folder, suffixes):
+    """{relative path without suffix: path} of the files under `folder` and its subfolders whose suffix is one of
+    `suffixes` (any case); names starting with "." (hidden files and folders, macOS's ._NAME resource forks) are
+    left out and counted. Returns (files, number left out)."""
+    files, hidden = {}, 0
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        hidden += sum(name.startswith(".") for name in folders)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                hidden += 1
+                continue
+            path = Path(parent, name)
+            if path.suffix.lower() in suffixes:
+                key = path.relative_to(folder).with_suffix("").as_posix()
+                if key in files:
+                    raise UserError(f"{files[key]} and {path} have the same name")
+                files[key] = path
+    return files, hidden
+
+
 class FolderDataset(Dataset):
-    """Your own data: DATA/classes.txt names the classes, one per line (line i is label i);
-    DATA/images/<split>/NAME.jpg (.jpeg, .png) goes with DATA/masks/<split>/NAME.png, a grey or palette PNG of
-    class indices with 255 for pixels to ignore. `ids` are the NAMEs.
+    """Your own data: DATA/classes.txt names the classes, one per line (the i-th name is label i, # starts a
+    comment); DATA/images/<split>/NAME.jpg (.jpeg, .png) goes with DATA/masks/<split>/NAME.png, a grey or palette PNG
+    of class indices with 255 for pixels to ignore. Subfolders are read too, the mask at the same relative path
+    (images/train/city/a.jpg with masks/train/city/a.png); names starting with "." are left out. `ids` are the
+    relative paths without suffix (city/a). Splits: train, val, trainval (both).
     """
 
     EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -327,35 +468,39 @@ class FolderDataset(Dataset):
             raise UserError(f"data root {root} does not exist")
         classes_file = root / "classes.txt"
         if not classes_file.is_file():
-            raise UserError(f"{classes_file} not found: it names the classes, one per line (see README)")
-        names = [line.strip() for line in classes_file.read_text(encoding="utf-8-sig").rstrip().splitlines()]
-        if not names or "" in names or len(set(names)) < len(names) or len(names) > IGNORE_INDEX:
-            raise UserError(f"{classes_file} must name 1 to 255 different classes, one per line, no empty lines")
-        self.class_names = tuple(names)
-        image_dir, mask_dir = root / "images" / split, root / "masks" / split
-        for folder in (image_dir, mask_dir):
-            if not folder.is_dir():
-                raise UserError(f"folder {folder} not found (see README for the layout)")
-        images = {}
-        for path in sorted(image_dir.iterdir()):
-            if path.suffix.lower() in self.EXTENSIONS:
-                if path.stem in images:
-                    raise UserError(f"images {images[path.stem]} and {path} have the same name")
-                images[path.stem] = path
-        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-        if not images:
-            raise UserError(f"{image_dir} holds no images (NAME.jpg, .jpeg or .png)")
-        self.ids, self.images, self.masks = pair_files(images, masks, lambda i: mask_dir / f"{i}.png",
-                                                       lambda i: image_dir / f"{i}.jpg (.jpeg, .png)")
+            raise UserError(f"{classes_file} not found: it names the classes, one per line (see README)"
+                            f"{looks_like(root)}")
+        self.class_names = read_class_names(classes_file)
+        if split not in ("train", "val", "trainval"):
+            raise UserError(f"a folder dataset has no split {split} (train, val or trainval: images/train/ and "
+                            f"images/val/)")
+        self.split, self.ids, self.images, self.masks, self.hidden = split, [], [], [], 0
+        for part in ("train", "val") if split == "trainval" else (split,):
+            image_dir, mask_dir = root / "images" / part, root / "masks" / part
+            for folder in (image_dir, mask_dir):
+                if not folder.is_dir():
+                    raise UserError(f"folder {folder} not found (see README for the layout){looks_like(root)}")
+            images, hidden_images = files_under(image_dir, self.EXTENSIONS)
+            masks, hidden_masks = files_under(mask_dir, (".png",))
+            if not images:
+                raise UserError(f"{image_dir} holds no images (NAME.jpg, .jpeg or .png, also in subfolders)")
+            prefix = f"{part}/" if split == "trainval" else ""  # ids stay apart when both splits are read
+            ids, image_paths, mask_paths = pair_files(images, masks, lambda i: mask_dir / f"{i}.png",
+                                                      lambda i: image_dir / f"{i}.jpg (.jpeg, .png)")
+            self.ids += [prefix + i for i in ids]
+            self.images, self.masks = self.images + image_paths, self.masks + mask_paths
+            self.hidden += hidden_images + hidden_masks
+        check_files_exist(self.images, f"image under {root / 'images'}")
+        check_files_exist(self.masks, f"mask under {root / 'masks'}")
         self.transform = transform or eval_transform()
+        self.mask_labels = ([*range(len(self.class_names)), IGNORE_INDEX],
+                            f"class indices 0..{len(self.class_names) - 1} and 255")  # for read_pair
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, index):
-        image = read_image(self.images[index])
-        labels = f"class indices 0..{len(self.class_names) - 1} and 255"
-        mask = read_mask(self.masks[index], image, [*range(len(self.class_names)), IGNORE_INDEX], labels)
+        image, mask = read_pair(self, index)
         return self.transform(image, tv_tensors.Mask(mask))
 
 
