@@ -333,6 +333,7 @@ def main(argv=None):
         raise UserError(f"checkpoint {args.checkpoint} predicts {config['num_classes']} classes, the dataset has "
                         f"{len(dataset.class_names)}")
     class_names, ids = dataset.class_names, dataset.ids
+    train.check_masks(dataset, workers=args.workers)  # every mask, before the first prediction
 
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, collate_fn=train.pad_collate,
                         pin_memory=device.type == "cuda")

@@ -1462,10 +1462,14 @@ def test_unwritable_outputs_exit_2_before_any_work(tmp_path, capsys, monkeypatch
     read_only = tmp_path / "read-only"
     read_only.mkdir()
     read_only.chmod(0o555)
-    if os.geteuid() == 0:  # root ignores permission bits: judge by them, as for any other user
-        access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and (
-            not mode & os.W_OK or bool(os.stat(path).st_mode & 0o200)))
+    if os.geteuid() == 0:  # root ignores permission bits: creating a file is judged by them, as for any other user
+        real_open = os.open
+
+        def user_open(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and not os.stat(os.path.dirname(path)).st_mode & 0o200:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", user_open)
     try:
         for out, message in ((a_file, f"--out-dir {a_file} is a file"),
                              (a_file / "sub", f"--out-dir {a_file / 'sub'} cannot be created: {a_file} is a file"),
@@ -1527,13 +1531,13 @@ def test_garbage_image_exits_2_naming_it(voc_root, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["label_42", "wrong_size"])
 def test_bad_mask_exits_2_naming_it(case, voc_root, tmp_path, capsys):
     mask_file = voc_root / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000003.png"
-    mask = np.array(Image.open(mask_file))  # 45 x 37
+    mask = np.array(Image.open(mask_file))  # H 45, W 37
     if case == "label_42":
         mask[10, 10:13] = 42
-        expected = f"mask {mask_file} is not a 45x37 map of labels 0..20 and 255 (found [42])"
+        expected = f"mask {mask_file} is not a 37x45 map of labels 0..20 and 255 (found [42])"
     else:
         mask = mask[:-1]
-        expected = f"mask {mask_file} is not a 45x37 map of labels 0..20 and 255 (found (44, 37))"
+        expected = f"mask {mask_file} is not a 37x45 map of labels 0..20 and 255: it is 37x44"
     save_mask(mask, mask_file)
     line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train",
                                   "--iters", "2"))
@@ -2009,10 +2013,10 @@ def test_evaluate_suggests_slide_for_large_images(voc_checkpoint, tmp_path, caps
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--scales", "1.0", "0"], "argument --scales: expected a number > 0, got '0'"),
-    (["--scales", "-0.5"], "argument --scales: expected a number > 0, got '-0.5'"),
-    (["--scales", "nan"], "argument --scales: expected a number > 0, got 'nan'"),
-    (["--scales", "inf"], "argument --scales: expected a number > 0, got 'inf'"),
+    (["--scales", "1.0", "0"], "argument --scales: expected a number >= 0.1 and <= 8, got '0'"),
+    (["--scales", "-0.5"], "argument --scales: expected a number >= 0.1 and <= 8, got '-0.5'"),
+    (["--scales", "nan"], "argument --scales: expected a number >= 0.1 and <= 8, got 'nan'"),
+    (["--scales", "inf"], "argument --scales: expected a number >= 0.1 and <= 8, got 'inf'"),
     (["--crop-size", "0"], "argument --crop-size: expected a whole number >= 1, got '0'"),
     (["--crop-size", "-3"], "argument --crop-size: expected a whole number >= 1, got '-3'"),
     (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
@@ -2311,7 +2315,7 @@ def break_dataset(case, root):
         labels = np.array(Image.open(mask))
         labels[3, 4] = 40
         Image.fromarray(labels).save(mask)
-        return flags, [f"mask {mask} is not a 22x38 map of Cityscapes label ids 0..33 (found [40])"]
+        return flags, [f"mask {mask} is not a 38x22 map of Cityscapes label ids 0..33 (found [40])"]
     make_folder(root)
     flags = ["--dataset", "folder", "--data-root", root]
     if case == "folder_no_classes_txt":

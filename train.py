@@ -140,7 +140,7 @@ def check_writable(path, what, folder=True):
         raise UserError(f"{what} {path} cannot be created: {parent} is {kind}")
     probe = parent / f".write-check-{os.getpid()}"
     try:
-        probe.open("x").close()  # what save_atomic does: a new file beside the target, renamed
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # as save_atomic: a new file, then renamed
         probe.unlink()
     except OSError as e:
         reason = f"{parent} is read-only" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else \
@@ -422,8 +422,9 @@ def read_class_names(path):
     while names and not names[-1]:
         names.pop()  # blank lines at the end
     if not names or "" in names or len(names) > IGNORE_INDEX:
-        raise UserError(f"{path} must name 1 to 255 classes, one per line, no empty lines (# starts a comment); "
-                        f"it names {len([n for n in names if n])}" + (" and has empty lines" if "" in names else ""))
+        empty = " and has empty lines" if "" in names else ""
+        raise UserError(f"{path} must name 1 to 255 different classes, one per line, no empty lines (# starts a "
+                        f"comment); it names {len([n for n in names if n])}{empty}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise UserError(f"{path} must name 1 to 255 different classes, one per line: {repeated[0]!r} is named "
@@ -546,6 +547,75 @@ class SyntheticShapes(Dataset):
             image[:, inside] = colour[:, None]  # [3, n_pixels_inside]
         image = (image + torch.randn(3, S, S, generator=g) * 0.04).clamp(0, 1)
         return self.transform(tv_tensors.Image((image * 255).to(torch.uint8)), tv_tensors.Mask(mask))
+
+
+class MaskScan(Dataset):
+    """Item i: (value histogram [256] of mask i, in training labels, after the checks of read_mask; or the error
+    message) from the mask and its image's header only (size and EXIF orientation, no pixels decoded)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset.masks)
+
+    def __getitem__(self, index):
+        dataset = self.dataset
+        try:
+            size, orientation = image_size(dataset.images[index])
+            mask = read_mask(dataset.masks[index], size, *dataset.mask_labels, orientation)
+        except UserError as e:
+            return None, str(e)
+        lookup = getattr(dataset, "to_train_id", None)  # Cityscapes: label ids -> train ids
+        mask = mask if lookup is None else lookup[mask]
+        return np.bincount(mask.ravel(), minlength=256), None
+
+
+def check_masks(val_set, train_set=None, workers=0, log=print):
+    """Check the masks before any work: every mask of `val_set` is read (values, W x H size, EXIF orientation as
+    its image's) and the set must hold a labelled pixel; `train_set`'s masks are read in a random order until every
+    class has occurred, and a class that occurs in none of them is a warning (the 0/255 binary-mask mistake when 255
+    covers much of the images). Masks only, in `workers` processes; a bad mask is a UserError naming it. Datasets
+    without mask files (the demo) pass. Logs one line: the images of each split, and the time the check took."""
+    sets = [d for d in (train_set, val_set) if d is not None and hasattr(d, "masks")]
+    if not sets:
+        return
+    start = time.perf_counter()
+    counts = [f"{d.split} {len(d)} images" + (f" ({d.hidden} hidden files left out)" if getattr(d, "hidden", 0) else "")
+              for d in sets]
+    histograms = {}
+    for dataset, everything in ((val_set, True), (train_set, False)):
+        if dataset is None:
+            continue
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        loader = DataLoader(Subset(MaskScan(dataset), order), batch_size=16, num_workers=workers, collate_fn=list)
+        total, seen = np.zeros(256, np.int64), 0
+        classes = len(dataset.class_names)
+        for batch in loader:
+            for histogram, error in batch:
+                if error:
+                    raise UserError(error)
+                total += histogram
+                seen += 1
+            if not everything and total[:classes].all():
+                break  # every class occurs: nothing to warn about
+        histograms[id(dataset)] = (total, seen)
+    total, seen = histograms[id(val_set)]
+    if not total[:len(val_set.class_names)].sum():
+        raise UserError(f"the {val_set.split} set has no labelled pixel in its {seen} masks (all 255, ignored): "
+                        f"no mIoU can be measured on it; check the masks (class indices, 255 only to ignore)")
+    if log:
+        log(f"data: {', '.join(counts)}; masks checked in {time.perf_counter() - start:.1f} s")
+    if train_set is not None:
+        total, seen = histograms[id(train_set)]
+        absent = [f"{c} ({name})" for c, name in enumerate(train_set.class_names) if not total[c]]
+        if absent and log:
+            ignored = total[IGNORE_INDEX] / max(1, total.sum())
+            binary = (f", and 255 (ignored) covers {ignored:.0%} of their pixels: masks saved as black and white "
+                      f"0/255 images mark the objects 255, which is ignored; save them as 0/1 (255 only for pixels "
+                      f"to ignore)") if ignored > 0.2 else ": it cannot be learned"
+            log(f"warning: class{'es' if len(absent) > 1 else ''} {', '.join(absent)} never occur"
+                f"{'' if len(absent) > 1 else 's'} in the {seen} training masks{binary}")
 
 
 def build_datasets(args):
@@ -906,16 +976,17 @@ def whole_number(low, high=INT32_MAX):
 def real_number(low, high=math.inf, low_open=True, high_open=False):
     """An argparse type: a finite number above `low` (at or above it with low_open=False), at most `high` (below
     it with high_open); nan, inf and anything else is one line that says the range."""
+    wanted = f"a number {'>' if low_open else '>='} {low:g}" + \
+        (f" and {'<' if high_open else '<='} {high:g}" if high < math.inf else "")
+
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not (value > low if low_open else value >= low) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low:g}, got {text!r}")
-        if not (value < high if high_open else value <= high):
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low:g} and "
-                                             f"{'<' if high_open else '<='} {high:g}, got {text!r}")
+        if not (math.isfinite(value) and (value > low if low_open else value >= low)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
     return parse
 
@@ -944,7 +1015,8 @@ def parse_args(argv=None):
     p.add_argument("--val-split", default="val", choices=["val", "train", "trainval"])
     p.add_argument("--backbone", choices=BACKBONES, help=d("backbone"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("pretrained"))
-    p.add_argument("--num-clusters", type=whole_number(8, 4096), help="K, a multiple of 8; default: the branch width (512, or "
+    p.add_argument("--num-clusters", type=whole_number(8, 4096), help="K, a multiple of 8 up to 4096; default: the "
+                   "branch width (512, or "
                    "128 for resnet18/34)")
     p.add_argument("--temperature", type=real_number(0, 1e4), default=100.0, help="clustering softmax temperature "
                    "(> 0, at most 1e4)")
@@ -961,7 +1033,8 @@ def parse_args(argv=None):
                    "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; "
                    "a new run, not --resume")
     p.add_argument("--crop-size", type=whole_number(1, 8192), help=d("crop_size"))
-    p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x random scale; "
+    p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x "
+                   "random scale, at least 16; "
                    + d("base_size"))
     p.add_argument("--batch-size", type=whole_number(1, 4096), help="per process; " + d("batch_size"))
     p.add_argument("--iters", type=positive, help="optimizer steps; " + d("iters"))
@@ -973,7 +1046,8 @@ def parse_args(argv=None):
     p.add_argument("--aux-weight", type=real_number(0, 1e3, low_open=False), help="weight of the position and "
                    "channel losses, >= 0; default: 1.0, the original DANet code's equal weights")
     p.add_argument("--workers", type=whole_number(0, 256), help="data loading processes; " + d("workers"))
-    p.add_argument("--demo-images", type=whole_number(1, 10**6), default=1000, help="size of the synthetic training set")
+    p.add_argument("--demo-images", type=whole_number(1, 10**6), default=1000,
+                   help="size of the synthetic training set")
     p.add_argument("--out-dir", type=os.path.expanduser, help=d("out_dir"))
     p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue from (same schedule)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds an earlier "
@@ -1208,6 +1282,7 @@ def build_run(args, checkpoint, device, rank, world_size, autocast):
     """Everything the training loop works with, in one namespace: data, model, optimizer, and where the run stands
     (iteration, data position, best mIoU), restored from `checkpoint` when resuming."""
     train_set, val_set = build_datasets(args)
+    check_masks(val_set, train_set, args.workers, print if rank == 0 else None)  # before any work
     args.num_classes = len(train_set.class_names)
     if len(train_set) < world_size * args.batch_size:
         raise UserError(f"{len(train_set)} training images cannot fill a batch of {args.batch_size} on each of "
