@@ -79,11 +79,13 @@ def run_main(main):
         raise KeyboardInterrupt(signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    rank = int(os.environ.get("RANK", 0))  # under torchrun: every process runs the same checks on the same inputs
     try:
         code = main()
     except UserError as e:
         message = str(e).strip().splitlines()[-1]  # a DataLoader worker re-raises it with its traceback
-        print(f"error: {message.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        if rank == 0 or getattr(e, "this_rank", False):  # said once, by rank 0, unless only this rank found it
+            print(f"error: {message.split('UserError: ', 1)[-1]}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -613,7 +615,7 @@ def check_masks(val_set, train_set=None, workers=0, log=print):
             ignored = total[IGNORE_INDEX] / max(1, total.sum())
             binary = (f", and 255 (ignored) covers {ignored:.0%} of their pixels: masks saved as black and white "
                       f"0/255 images mark the objects 255, which is ignored; save them as 0/1 (255 only for pixels "
-                      f"to ignore)") if ignored > 0.2 else ": it cannot be learned"
+                      f"to ignore)") if ignored > 0.1 else f": it cannot be learned (255 covers {ignored:.0%})"
             log(f"warning: class{'es' if len(absent) > 1 else ''} {', '.join(absent)} never occur"
                 f"{'' if len(absent) > 1 else 's'} in the {seen} training masks{binary}")
 
@@ -1105,8 +1107,11 @@ def setup_device(args):
         if device.index is None:
             device = torch.device("cuda", local_rank)  # under torchrun: one GPU per process
         if device.index >= torch.cuda.device_count():
-            raise UserError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-                            f"cuda:{torch.cuda.device_count() - 1}")
+            error = UserError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}" + (f" (process of rank {rank})" if world_size > 1
+                                                                          else ""))
+            error.this_rank = True  # the other processes may have found their GPU: run_main prints it on every rank
+            raise error
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1271,7 +1276,9 @@ def build_model_and_optimizer(args, checkpoint, device, world_size):
         {"params": raw_model.head_parameters(), "lr": args.lr * 10},  # the head is trained from scratch
     ], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.iters, power=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    # fp16: the default first scale, 2**16, overflows the stem's weight gradient, so the first step would be skipped
+    # (and PyTorch warns that the LR scheduler stepped first); 2**10 keeps it finite, and the scaler grows from there
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=args.precision == "fp16")
     if checkpoint is not None:
         for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             obj.load_state_dict(checkpoint[name])
