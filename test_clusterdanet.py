@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import evaluate
@@ -2767,3 +2767,219 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
     check(["--checkpoint", tmp_path / "keys_only.pth.tar"], "is for another model")
     check(tiny(tmp_path / "out", "--iters", "2", "--resume", tmp_path / "keys_only.pth.tar"),
           "is not a train.py checkpoint to resume from", "use --init-from", main=train.main)
+
+
+# ----------------------------------------------------------------------------- inputs as users have them: data and flags
+
+def test_folder_dataset_is_what_is_listed(tmp_path, capsys):
+    """Subfolders are read (the mask at the same relative path); resource forks, hidden files and folders named like
+    images are not images; classes.txt in Latin-1, UTF-16 or UTF-8 with comments; a broken link or a split a folder
+    dataset has not is one line before anything runs."""
+    root = tmp_path / "data"
+    samples = make_folder(root)
+    for folder in ("images", "masks"):
+        (root / folder / "train" / "farm").mkdir()
+    image, mask = samples["train_0"]
+    Image.fromarray(image).save(root / "images" / "train" / "farm" / "cow.png")
+    save_mask(mask, root / "masks" / "train" / "farm" / "cow.png")
+    (root / "images" / "train" / "._train_0.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02Mac OS X")  # resource forks
+    (root / "masks" / "train" / "._train_0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02Mac OS X")
+    (root / "images" / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "images" / "train" / ".thumbnails").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "images" / "train" / ".thumbnails" / "train_1.jpg")
+    (root / "images" / "train" / "album.jpg").mkdir()  # a folder named like an image
+    classes = "# classes of the farm photos\nsky\n# the ground\ngrass\ncow café\n\n"
+    for encoding in ("latin-1", "utf-16", "utf-8-sig", "utf-8"):
+        (root / "classes.txt").write_bytes(classes.encode(encoding))
+        dataset = train.FolderDataset(root, "train")
+        assert dataset.class_names == ("sky", "grass", "cow café"), encoding
+    assert dataset.ids == ["farm/cow", "train_0", "train_1", "train_2", "train_3"] and dataset.hidden == 4
+    assert torch.equal(dataset[0][1], torch.from_numpy(mask).long())
+    both = train.FolderDataset(root, "trainval")
+    assert both.ids == [f"train/{i}" for i in dataset.ids] + ["val/val_0", "val/val_1"]
+    lines = []
+    train.check_masks(train.FolderDataset(root, "val"), dataset, 0, lines.append)
+    assert len(lines) == 1 and lines[0].startswith("data: train 5 images (4 hidden files left out), val 2 images; "
+                                                   "masks checked in ")
+
+    flags = tiny(tmp_path / "out", "--dataset", "folder", "--data-root", root, "--iters", "2")
+    save_mask(mask, root / "masks" / "train" / "gone.png")
+    (root / "images" / "train" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    assert cli_error(capsys, flags) == (f"error: image under {root / 'images'} is a broken link: "
+                                        f"{root / 'images' / 'train' / 'gone.jpg'}")
+    (root / "images" / "train" / "gone.jpg").unlink()
+    (root / "masks" / "train" / "gone.png").unlink()
+    assert cli_error(capsys, flags + ["--train-split", "train_aug"]) == (
+        "error: a folder dataset has no split train_aug (train, val or trainval: images/train/ and images/val/)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_masks_that_are_not_what_they_claim(tmp_path, capsys):
+    """A colour mask is named as one; a photo's EXIF orientation turns its mask too, and explains a size mismatch;
+    sizes are W x H; the 0/255 binary-mask mistake is a warning, a val set without a labelled pixel an error (train.py
+    and evaluate.py)."""
+    root = tmp_path / "data"
+    make_folder(root, n_train=2, n_val=1)
+    flags = tiny(tmp_path / "out", "--dataset", "folder", "--data-root", root, "--iters", "2")
+    mask_file = root / "masks" / "train" / "train_1.png"
+    labels = np.array(Image.open(mask_file))
+    Image.fromarray(np.array(evaluate.PALETTE, np.uint8)[labels]).save(mask_file)  # VOC's colours, as RGB
+    assert cli_error(capsys, flags) == (
+        f"error: mask {mask_file} is a 3-channel colour image (e.g. colour (128, 0, 0)), not a map of class indices "
+        f"0..2 and 255: save each pixel's class index as a grey (L) or palette (P) PNG (see README)")
+    assert not (tmp_path / "out").exists()
+    Image.fromarray(np.repeat(labels[..., None], 3, axis=2)).save(mask_file)  # the indices in 3 equal channels
+    assert torch.equal(train.FolderDataset(root, "train")[1][1], torch.from_numpy(labels).long())
+
+    stored = np.zeros((16, 16, 3), np.uint8)  # a square phone photo stored sideways: shown turned 90 deg clockwise
+    stored[:, :5] = FOLDER_COLOURS[2]
+    stored_mask = np.zeros((16, 16), np.uint8)
+    stored_mask[:, :5] = 2  # drawn on the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(root / "images" / "train" / "phone.png", exif=exif)
+    save_mask(stored_mask, root / "masks" / "train" / "phone.png")
+    with Image.open(root / "images" / "train" / "phone.png") as photo:
+        assert np.array_equal(np.array(ImageOps.exif_transpose(photo)), np.rot90(stored, -1))  # what viewers show
+    dataset = train.FolderDataset(root, "train")
+    image, mask = train.read_pair(dataset, dataset.ids.index("phone"))
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), np.rot90(stored, -1))
+    assert np.array_equal(mask, np.rot90(stored_mask, -1))
+    assert np.array_equal(mask == 2, (image.permute(1, 2, 0).numpy() == FOLDER_COLOURS[2]).all(-1))
+
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(root / "images" / "train" / "wide.png", exif=exif)
+    save_mask(np.zeros((20, 12), np.uint8), root / "masks" / "train" / "wide.png")  # saved as shown, 12 x 20
+    assert cli_error(capsys, flags) == (
+        f"error: mask {root / 'masks' / 'train' / 'wide.png'} is not a 12x20 map of class indices 0..2 and 255: it is "
+        f"20x12; its image's EXIF orientation 6 turns the image to 12x20 and the mask with it (masks are drawn on the "
+        f"stored pixels), but this mask is already 12x20: save it as the image is stored, 20x12, or save the image "
+        f"without its EXIF orientation")
+
+    binary = tmp_path / "binary"  # object and background, the object saved as 255
+    (binary / "classes.txt").parent.mkdir()
+    (binary / "classes.txt").write_text("background\nobject\n")
+    for split, count in (("train", 3), ("val", 1)):
+        for i in range(count):
+            for folder in ("images", "masks"):
+                (binary / folder / split).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(binary / "images" / split / f"{i}.png")
+            black_and_white = np.zeros((8, 8), np.uint8)
+            black_and_white[2:6, 2:6] = 255  # a quarter of the pixels
+            save_mask(black_and_white, binary / "masks" / split / f"{i}.png", mode="L")
+    lines = []
+    train.check_masks(train.FolderDataset(binary, "val"), train.FolderDataset(binary, "train"), 0, lines.append)
+    assert lines[1] == ("warning: class 1 (object) never occurs in the 3 training masks, and 255 (ignored) covers 25% "
+                        "of their pixels: masks saved as black and white 0/255 images mark the objects 255, which is "
+                        "ignored; save them as 0/1 (255 only for pixels to ignore)")
+    save_mask(np.full((8, 8), 255, np.uint8), binary / "masks" / "val" / "0.png", mode="L")
+    no_label = ("error: the val set has no labelled pixel in its 1 masks (all 255, ignored): no mIoU can be measured "
+                "on it; check the masks (class indices, 255 only to ignore)")
+    assert cli_error(capsys, tiny(tmp_path / "out", "--dataset", "folder", "--data-root", binary)) == no_label
+    config = {**vars(train.parse_args(tiny(tmp_path / "out"))), "num_classes": 2, "dataset": "folder"}
+    train.save_checkpoint({"model": train.build_model(config).state_dict(), "args": config, "iteration": 0,
+                           "class_names": ["background", "object"]}, tmp_path / "binary.pt")
+    assert cli_error(capsys, ["--checkpoint", tmp_path / "binary.pt", "--data-root", binary, "--workers", "0",
+                              "--device", "cpu"], main=evaluate.main) == no_label
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+def test_every_numeric_flag_has_a_range(script, tmp_path, capsys):
+    """nan, inf, zero, negatives, overflowing integers and scales that shrink images to nothing: one line, exit 2."""
+    whole = "expected a whole number"
+    if script == "train":
+        main, base = train.main, tiny(tmp_path / "out", "--iters", "2")
+        cases = [("--temperature", "nan", "expected a number > 0 and <= 10000"),
+                 ("--temperature", "0", "expected a number > 0 and <= 10000"),
+                 ("--aux-weight", "-1", "expected a number >= 0 and <= 1000"),
+                 ("--aux-weight", "inf", "expected a number >= 0 and <= 1000"),
+                 ("--momentum", "1", "expected a number >= 0 and < 1"),
+                 ("--momentum", "-0.9", "expected a number >= 0 and < 1"),
+                 ("--weight-decay", "nan", "expected a number >= 0 and < 1"),
+                 ("--lr", "1e400", "expected a number > 0"),
+                 ("--seed", "-1", f"{whole} >= 0"), ("--seed", str(2**64), f"{whole} from 0 to {2**32 - 1}"),
+                 ("--num-clusters", "0", f"{whole} >= 8"), ("--num-clusters", "8192", f"{whole} from 8 to 4096"),
+                 ("--cluster-reseed", "-5", f"{whole} >= 0"), ("--cluster-reseed", "1e3", f"{whole} >= 0"),
+                 ("--crop-size", "0", f"{whole} >= 1"), ("--base-size", "4", f"{whole} >= 16"),
+                 ("--iters", "99999999999999999999", f"{whole} from 1 to {2**31 - 1}"),
+                 ("--batch-size", "²", f"{whole} >= 1"), ("--workers", "10000", f"{whole} from 0 to 256"),
+                 ("--demo-images", str(2**40), f"{whole} from 1 to 1000000"),
+                 ("--benchmark-steps", "0", f"{whole} >= 1")]
+    else:
+        main, base = evaluate.main, ["--checkpoint", tmp_path / "unused.pt", "--image", "unused.png"]
+        cases = [("--scales", "0.01", "expected a number >= 0.1 and <= 8"),
+                 ("--scales", "1e9", "expected a number >= 0.1 and <= 8"),
+                 ("--crop-size", "nan", f"{whole} >= 1"), ("--crop-size", str(2**63), f"{whole} from 1 to 8192"),
+                 ("--batch-size", "-2", f"{whole} >= 1"), ("--workers", "1.5", f"{whole} >= 0")]
+    for flag, value, expected in cases:
+        line = cli_error(capsys, [*base, flag, value], main=main)
+        assert line == f"error: argument {flag}: {expected}, got {value!r} (see --help)", line
+    assert not list(tmp_path.iterdir())
+    if script == "train":  # the smallest --base-size: the smallest random scale still leaves pixels to crop
+        args = train.parse_args(["--base-size", "16", "--crop-size", "16"])
+        item = train.SyntheticShapes(2, args.base_size, transform=train.train_transform(16, 16))
+        torch.manual_seed(1)
+        for _ in range(8):
+            image, mask = item[0]
+            assert image.shape == (3, 16, 16) and mask.shape == (16, 16)
+    else:  # the smallest scale on a 10 x 10 image leaves one pixel to predict
+        scores = evaluate.predict(tiny_model(), torch.randn(1, 3, 10, 10), scales=[train.SCALES[0], 1.0])
+        assert scores.shape == (1, 3, 10, 10) and torch.allclose(scores.sum(1), torch.ones(1, 10, 10))
+
+
+def test_writability_is_checked_by_creating_a_file(tmp_path, capsys):
+    """Root may "write" /proc and /sys by os.access; a file created and removed says the truth, for folders and files,
+    in both scripts, and leaves nothing behind."""
+    if os.geteuid() == 0:
+        places = [(Path("/proc") / "x", "no file can be created in /proc (No such file or directory)"),
+                  (Path("/sys") / "x", "/sys is read-only")]
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        places = [(locked / "x", f"{locked} is read-only")]
+    for place, reason in places:
+        assert cli_error(capsys, tiny(place, "--iters", "1")) == f"error: --out-dir {place} cannot be written: {reason}"
+        for flag, target in (("--save-dir", place / "pictures"), ("--json", place / "results.json")):
+            line = cli_error(capsys, ["--checkpoint", tmp_path / "unused.pt", flag, target], main=evaluate.main)
+            assert line == f"error: {flag} {target} cannot be written: {reason}"
+    before = sorted(tmp_path.iterdir())
+    train.check_writable(tmp_path / "new" / "run", "--out-dir")
+    train.check_writable(tmp_path / "results.json", "--json", folder=False)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_hints_one_line_on_every_rank_and_fp16_without_warnings(tmp_path, capsys, monkeypatch):
+    """--data-root of another dataset's tree says which --dataset; under torchrun a user error is said once (rank 0)
+    unless only this rank found it; an fp16 step on the CPU warns nothing."""
+    make_cityscapes(tmp_path / "city")
+    make_folder(tmp_path / "mine", n_train=2, n_val=1)
+    for root, name, title in ((tmp_path / "city", "cityscapes", "Cityscapes"),
+                              (tmp_path / "mine", "folder", "folder-dataset")):
+        line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", root))
+        assert line == (f"error: {root} is neither a VOC2012 folder (with JPEGImages/ and ImageSets/Segmentation/) nor "
+                        f"a folder holding VOC2012 or VOCdevkit/VOC2012 (it looks like a {title} tree: add --dataset "
+                        f"{name})")
+    line = cli_error(capsys, tiny(tmp_path / "out", "--dataset", "cityscapes", "--data-root", tmp_path / "mine"))
+    assert line.endswith("(it looks like a folder-dataset tree: add --dataset folder)")
+
+    def fails(this_rank):
+        error = train.UserError("bad input")
+        error.this_rank = this_rank
+        raise error
+    monkeypatch.setenv("RANK", "1")
+    for this_rank, printed in ((False, ""), (True, "error: bad input\n")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.run_main(lambda: fails(this_rank))
+        assert exit_info.value.code == 2 and capsys.readouterr().err == printed
+    monkeypatch.delenv("RANK")
+
+    args = train.parse_args(["--device", "cpu", "--precision", "fp16", "--batch-size", "2"])
+    device, _, _, autocast = train.setup_device(args)
+    args.num_classes = 4
+    model, _, optimizer, scheduler, scaler = train.build_model_and_optimizer(args, None, device, 1)
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = train.train_step(model, images, masks, optimizer, scaler, autocast, args.aux_weight)
+        scheduler.step()
+    assert scaler.get_scale() == 2.0**10 and math.isfinite(losses["loss"].item())  # the first step was not skipped

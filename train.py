@@ -238,7 +238,8 @@ def read_mask(path, size, labels, description, orientation=1):
     if mask.ndim == 3:  # RGB(A), or grey + alpha: class indices only if the colour channels agree
         colour = mask[..., :3] if mask.shape[2] >= 3 else mask[..., :1]
         if (colour != colour[..., :1]).any():
-            example = tuple(colour.reshape(-1, colour.shape[2])[(colour != colour[..., :1]).any(2).ravel()][0])
+            pixels = colour.reshape(-1, colour.shape[2])  # [H, W, C] -> [H * W, C]
+            example = tuple(pixels[(pixels != pixels[:, :1]).any(1)][0].tolist())
             raise UserError(f"mask {path} is a {colour.shape[2]}-channel colour image (e.g. colour {example}), not "
                             f"a map of {description}: save each pixel's class index as a grey (L) or palette (P) "
                             f"PNG (see README)")
