@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
@@ -84,7 +84,8 @@ def run_main(main):
         code = main()
     except UserError as e:
         message = str(e).strip().splitlines()[-1]  # a DataLoader worker re-raises it with its traceback
-        if rank == 0 or getattr(e, "this_rank", False):  # said once, by rank 0, unless only this rank found it
+        this_rank = getattr(e, "this_rank", False) or "DataLoader worker" in str(e)  # a file of this rank's share
+        if rank == 0 or this_rank:  # said once, by rank 0, unless only this rank found it
             print(f"error: {message.split('UserError: ', 1)[-1]}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except RunError as e:
@@ -217,7 +218,7 @@ def exif_orientation(image):
     """The EXIF orientation of an open PIL image: 1 (as stored) to 8; 1 when it has none or a broken one."""
     try:
         orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # a malformed EXIF block: the image is read as stored, as ImageOps.exif_transpose does
+    except Exception:  # a malformed EXIF block: the image is read as stored
         return 1
     return orientation if orientation in EXIF_TRANSPOSE else 1
 
@@ -298,10 +299,14 @@ def read_image(path, with_orientation=False):
 def read_pair(dataset, index):
     """(image [3, H, W], mask [H, W]) of item `index` of a dataset with images, masks and mask_labels: the mask
     read the way the image is (its EXIF orientation applied to both)."""
-    image, orientation = read_image(dataset.images[index], with_orientation=True)
-    labels, description = dataset.mask_labels
-    size = (image.shape[2], image.shape[1])  # (W, H)
-    return image, read_mask(dataset.masks[index], size, labels, description, orientation)
+    try:
+        image, orientation = read_image(dataset.images[index], with_orientation=True)
+        labels, description = dataset.mask_labels
+        size = (image.shape[2], image.shape[1])  # (W, H)
+        return image, read_mask(dataset.masks[index], size, labels, description, orientation)
+    except UserError as e:  # under torchrun, found by the one process whose share of the data holds the file
+        e.this_rank = True
+        raise
 
 
 def image_size(path):
@@ -395,6 +400,8 @@ class Cityscapes(Dataset):
                 images, masks, lambda i: mask_dir / images[i].parent.name / f"{i}_gtFine_labelIds.png",
                 lambda i: image_dir / masks[i].parent.name / f"{i}_leftImg8bit.png")
             self.ids, self.images, self.masks = self.ids + ids, self.images + image_paths, self.masks + mask_paths
+        check_files_exist(self.images, f"image under {root / 'leftImg8bit'}")
+        check_files_exist(self.masks, f"mask under {root / 'gtFine'}")
         self.to_train_id = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> train id
         self.to_train_id[list(self.label_ids)] = range(len(self.label_ids))
         self.transform = transform or eval_transform()
