@@ -623,7 +623,8 @@ def check_masks(val_set, train_set=None, workers=0, log=print):
             ignored = total[IGNORE_INDEX] / max(1, total.sum())
             binary = (f", and 255 (ignored) covers {ignored:.0%} of their pixels: masks saved as black and white "
                       f"0/255 images mark the objects 255, which is ignored; save them as 0/1 (255 only for pixels "
-                      f"to ignore)") if ignored > 0.1 else f": it cannot be learned (255 covers {ignored:.0%})"
+                      f"to ignore)") if ignored > 0.1 else \
+                f": {'they' if len(absent) > 1 else 'it'} cannot be learned (255 covers {ignored:.0%})"
             log(f"warning: class{'es' if len(absent) > 1 else ''} {', '.join(absent)} never occur"
                 f"{'' if len(absent) > 1 else 's'} in the {seen} training masks{binary}")
 
