@@ -35,7 +35,7 @@ import train
 from train import MEAN, STD, UserError, save_atomic
 
 LARGE_IMAGE = 2048 * 1024  # pixels: above this, --image in whole mode suggests --mode slide
-MIN_PANEL, MAX_PANEL = 256, 2048  # pixels: small images' pictures are enlarged to panels MIN_PANEL high, at most MAX_PANEL
+MIN_PANEL, MAX_PANEL = 256, 2048  # pixels: the height pictures of small images are enlarged to, the largest side
 
 
 def voc_palette():
