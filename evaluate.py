@@ -334,7 +334,8 @@ def out_of_memory_is_one_line(args, device, what, save_dir=None):
         if not train.is_out_of_memory(e):
             raise
         image, done = what()
-        kept = f"; the pictures of the {done} images before it are in {save_dir}" if save_dir and done else ""
+        images = f"{done} image{'s' if done > 1 else ''}"
+        kept = f"; the pictures of the {images} before it are in {save_dir}" if save_dir and done else ""
         raise train.RunError(f"out of memory on {device} while predicting {image}: lower the memory with "
                              f"{', '.join(memory_flags(args, device))}{kept}", train.EXIT_OUT_OF_MEMORY) from None
 

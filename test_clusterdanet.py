@@ -2888,7 +2888,7 @@ def test_out_of_memory_exits_4_naming_the_flags(voc_checkpoint, tmp_path, capsys
                                    "--device", "cpu", "--save-dir", tmp_path / "out"])
     assert code == train.EXIT_OUT_OF_MEMORY == 4
     assert line == (f"error: out of memory on cpu while predicting {tmp_path / 'b.png'} (24x20): lower the memory with "
-                    f"--mode slide --crop-size 512; the pictures of the 1 images before it are in {tmp_path / 'out'}")
+                    f"--mode slide --crop-size 512; the pictures of the 1 image before it are in {tmp_path / 'out'}")
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["a.png", "a.png"]  # labels, overlays
 
     def allocates_too_much(model, images):

@@ -501,7 +501,7 @@ def predict_logits(model, images):
 def is_out_of_memory(error):
     """Whether `error` means the memory ran out: CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError
     of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
 
 
