@@ -1497,7 +1497,7 @@ def test_paths_may_start_with_tilde(voc_root, tmp_path, monkeypatch):
     Image.fromarray(np.full((12, 20, 3), 128, np.uint8)).save(tmp_path / "photo.png")
     evaluate.main(["--checkpoint", "~/out/last.pt", "--image", "~/photo.png", "--save-dir", "~/pictures",
                    "--device", "cpu"])
-    assert (tmp_path / "pictures" / "photo.png").is_file()
+    assert (tmp_path / "pictures" / "labels" / "photo.png").is_file()
     evaluate.main(["--checkpoint", "~/out/last.pt", "--data-root", "~/data", "--json", "~/r.json", "--workers", "0",
                    "--device", "cpu"])
     assert json.loads((tmp_path / "r.json").read_text())["images"] == 2
