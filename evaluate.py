@@ -340,6 +340,10 @@ def out_of_memory_is_one_line(args, device, what, save_dir=None):
                              f"{', '.join(memory_flags(args, device))}{kept}", train.EXIT_OUT_OF_MEMORY) from None
 
 
+def save_json(path, summary):
+    save_atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
 def load_model(path, device):
     """A train.py checkpoint, or one of the original DANet code (DANet101.pth.tar) read as it is."""
     checkpoint = train.load_checkpoint(path)
@@ -413,7 +417,7 @@ def main(argv=None):
         if args.json:
             summary = {"checkpoint": str(args.checkpoint), "dataset": dataset_name, "mode": args.mode,
                        "scales": args.scales, "flip": args.flip, "images": results}
-            save_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+            save_json(args.json, summary)
         return
 
     if args.data_root:
@@ -459,7 +463,7 @@ def main(argv=None):
                    "checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": split,
                    "images": len(dataset), "mode": args.mode, "scales": args.scales, "flip": args.flip,
                    "batch_size": args.batch_size}
-        save_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        save_json(args.json, summary)
 
 
 if __name__ == "__main__":
