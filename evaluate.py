@@ -21,19 +21,21 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
-from torchvision.utils import draw_keypoints, draw_segmentation_masks, make_grid, save_image
+from torchvision.utils import draw_keypoints, draw_segmentation_masks, make_grid
 
 import train
 from train import MEAN, STD, UserError, save_atomic
 
 LARGE_IMAGE = 2048 * 1024  # pixels: above this, --image in whole mode suggests --mode slide
+MIN_PANEL, MAX_PANEL = 256, 2048  # pixels: the height pictures of small images are enlarged to, the largest side
 
 
 def voc_palette():
@@ -91,8 +93,19 @@ def predict_slide(model, images, crop_size):
     return logits / counts  # [B, K, H, W]
 
 
+def rescale(images, scale):
+    """images [B, 3, H, W] resized by `scale` (bilinear; sides floor(H * scale), floor(W * scale) as F.interpolate's),
+    no side below one pixel: --scales 0.01 on a 64x64 image predicts it at 1x1 instead of failing on a size of 0."""
+    H, W = images.shape[-2:]
+    if math.floor(H * scale) >= 1 and math.floor(W * scale) >= 1:
+        return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    size = (max(1, math.floor(H * scale)), max(1, math.floor(W * scale)))  # clamped to one pixel
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # [B, 3, h, w]
+
+
 def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=512):
-    """Scores [B, K, H, W]: logits for one scale without flip, else softmax averaged over scales and flips."""
+    """Scores [B, K, H, W]: logits for one scale without flip, else softmax averaged over scales and flips.
+    A scale that would shrink a side below one pixel shrinks it to one pixel (see rescale)."""
     H, W = images.shape[-2:]
 
     def run(x):
@@ -102,8 +115,7 @@ def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=51
         return run(images)
     scores = 0
     for scale in scales:
-        scaled = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear",
-                                                         align_corners=False)
+        scaled = images if scale == 1 else rescale(images, scale)
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
             logits = run(x)
@@ -138,32 +150,59 @@ def overlay(image, labels, style=VOC_STYLE, alpha=0.6):
     return draw_segmentation_masks(image, masks.cpu(), alpha=alpha, colors=[style["colours"][c] for c in present])
 
 
-def legend(classes, class_names, width, colours=PALETTE):
-    """A white strip with a colour swatch and the name of each class in `classes`, as [3, h, width] uint8."""
+def legend_font(size=16):
+    """Pillow's own font at `size` px (FreeType, Pillow >= 10.1), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # an older Pillow, or one built without FreeType
+        return ImageFont.load_default()
+
+
+def legend(classes, class_names, width, colours=PALETTE, size=16):
+    """A white strip with a colour swatch and the name of each class in `classes`, as [3, h, width] uint8: rows of
+    `size` px text in columns as wide as the longest name."""
     if not classes:
         classes = [0]
     entries = [(colours[c], class_names[c] if c < len(class_names) else "void") for c in classes]
-    per_row = max(1, width // 110)
+    font, line = legend_font(size), size + 8
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    column = size + 6 + math.ceil(max(draw.textlength(name, font=font) for _, name in entries)) + 2 * size
+    per_row = max(1, (width - 8) // column)
     rows = math.ceil(len(entries) / per_row)
-    strip = Image.new("RGB", (width, 16 * rows + 4), "white")
+    strip = Image.new("RGB", (width, line * rows + 8), "white")
     draw = ImageDraw.Draw(strip)
     for i, (colour, name) in enumerate(entries):
-        x, y = 4 + (i % per_row) * 110, 4 + (i // per_row) * 16
-        draw.rectangle([x, y, x + 10, y + 10], fill=colour, outline="black")
-        draw.text((x + 14, y), name, fill="black")
+        x, y = 8 + (i % per_row) * column, 6 + (i // per_row) * line
+        draw.rectangle([x, y + 2, x + size - 2, y + size], fill=colour, outline="black")
+        draw.text((x + size + 6, y), name, fill="black", font=font)
     return torch.from_numpy(np.array(strip)).permute(2, 0, 1)  # [H, W, 3] -> [3, h, width]
+
+
+def enlargement(height, width):
+    """The whole factor by which a picture's panels are enlarged: the least that makes them MIN_PANEL high, kept to
+    sides of at most MAX_PANEL (64x64: 4, 1x1: 256, 1x2000: 1), and 1 for images MIN_PANEL high or more."""
+    return max(1, min(math.ceil(MIN_PANEL / height), MAX_PANEL // max(height, width)))
+
+
+def save_picture(panels, path, strip=None):
+    """Panels [3, H, W] uint8 side by side, enlarged with nearest-neighbour (each pixel a factor x factor block, see
+    enlargement), and strip(width) [3, h, width] below if given (the legend, drawn at the enlarged width)."""
+    factor = enlargement(*panels[0].shape[1:])
+    panels = [p.repeat_interleave(factor, 1).repeat_interleave(factor, 2) for p in panels]  # [3, fH, fW]
+    picture = make_grid(panels, nrow=len(panels), padding=4, pad_value=255)  # [3, fH + 8, n * (fW + 4) + 4]
+    if strip is not None:
+        picture = torch.cat([picture, strip(picture.shape[2])], dim=1)  # stacked vertically
+    pixels = picture.permute(1, 2, 0).cpu().numpy()  # [3, H, W] -> [H, W, 3]
+    save_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
 
 
 def save_overlay(image, prediction, path, class_names, target=None, style=VOC_STYLE):
     """image | ground truth | prediction side by side (no ground truth panel without one), with a legend."""
     panels = [image] + ([overlay(image, target, style)] if target is not None else [])
     panels.append(overlay(image, prediction, style))
-    grid = make_grid(panels, nrow=len(panels), padding=4, pad_value=255)  # [3, H + 8, n * (W + 4) + 4]
     classes = set(prediction.unique().tolist()) | (set(target.unique().tolist()) if target is not None else set())
     classes = sorted(classes - style["uncoloured"])
-    strip = legend(classes, class_names, grid.shape[2], style["colours"])
-    picture = torch.cat([grid, strip], dim=1)  # stacked vertically
-    save_atomic(path, lambda tmp: save_image(picture.float() / 255, tmp, format="png"))
+    save_picture(panels, path, lambda width: legend(classes, class_names, width, style["colours"]))
 
 
 @torch.inference_mode()
@@ -200,8 +239,7 @@ def save_clusters(model, image, path, num_queries=3):
         blended = (picture.float() * (1 - 0.7 * heat) + red * 0.7 * heat).to(torch.uint8)
         point = torch.tensor([[[(qx + 0.5) * train.OUTPUT_STRIDE, (qy + 0.5) * train.OUTPUT_STRIDE]]])  # [1, 1, 2]
         panels.append(draw_keypoints(blended, point, colors="yellow", radius=3))
-    grid = make_grid(panels, nrow=len(panels), padding=4, pad_value=255)
-    save_atomic(path, lambda tmp: save_image(grid.float() / 255, tmp, format="png"))
+    save_picture(panels, path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -226,10 +264,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=train.whole_number(0, 256), default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--save-dir", type=path, help="write <id>.png (class indices; Cityscapes: label ids) and "
+    p.add_argument("--save-dir", type=path, help="write labels/<id>.png (class indices; Cityscapes: label ids) and "
                    "overlays/<id>.png for every image; --image files are named by their stem, repeated stems get "
                    "_2, _3, ...")
-    p.add_argument("--json", type=path, help="write the results to this JSON file")
+    p.add_argument("--json", type=path, help="write the results to this JSON file (with --image: each file's size, "
+                   "predicted classes with their pixel shares, and its pictures)")
     p.add_argument("--image", type=path, nargs="+", help="predict these image files instead of a dataset")
     p.add_argument("--show-clusters", action="store_true", help="also save clusters/<id>.png: nearest centre "
                    "per pixel and the position attention of a few query pixels (needs --save-dir)")
@@ -254,6 +293,55 @@ def picture_names(paths):
             name = f"{stem}_{n}"
         names.append(name)
     return names
+
+
+def picture_paths(save_dir, name, clusters=False):
+    """Where the pictures of image `name` go: {folder: DIR/folder/<name>.png} for labels, overlays (and clusters).
+    The predictions have a folder of their own, so that benchmark scripts that walk it find one file per image."""
+    folders = ("labels", "overlays") + (("clusters",) if clusters else ())
+    return {folder: Path(save_dir) / folder / f"{name}.png" for folder in folders}
+
+
+def read_all(paths):
+    """Open and decode every --image file before the first is predicted (a broken file is then found before anything
+    is written): the size (W, H) of each, as shown. The pixels are not kept: each is read again when predicted."""
+    sizes = []
+    for path in paths:
+        H, W = train.read_image(path).shape[1:]  # a UserError naming the file if it cannot be read
+        sizes.append((W, H))
+    return sizes
+
+
+def memory_flags(args, device):
+    """The flags that lower this command's memory, for the out-of-memory message."""
+    flags = ["--mode slide --crop-size 512" if args.mode == "whole" else f"--crop-size {max(1, args.crop_size // 2)}"]
+    if args.batch_size > 1:
+        flags.append("--batch-size 1")
+    if max(args.scales) > 1:
+        flags.append("no --scales above 1")
+    if device.type == "cuda":
+        flags += (["--precision bf16"] if args.precision == "fp32" else []) + ["--device cpu"]
+    return flags
+
+
+@contextmanager
+def out_of_memory_is_one_line(args, device, what, save_dir=None):
+    """Running out of memory inside becomes a RunError (exit code 4, one line) that names the flags lowering the
+    memory; what() says what was being predicted and how many images were done (their pictures are kept)."""
+    try:
+        yield
+    except Exception as e:
+        if not train.is_out_of_memory(e):
+            raise
+        image, done = what()
+        images = f"{done} image{'s' if done > 1 else ''}"
+        kept = f"; the pictures of the {images} before it are in {save_dir}" if save_dir and done else ""
+        raise train.RunError(f"out of memory on {device} while predicting {image}: lower the memory with "
+                             f"{', '.join(memory_flags(args, device))}{kept}", train.EXIT_OUT_OF_MEMORY) from None
+
+
+def save_json(path, summary):
+    save_atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
 def load_model(path, device):
@@ -295,32 +383,41 @@ def main(argv=None):
         protocol += f", batch size {args.batch_size} (images padded to one size)"
 
     def save_pictures(image, prediction, name, target=None):
-        save_label_png(prediction, save_dir / f"{name}.png", style)
-        save_overlay(denormalise(image), prediction.cpu(), save_dir / "overlays" / f"{name}.png", class_names,
+        """DIR/labels/<name>.png, DIR/overlays/<name>.png (and DIR/clusters/<name>.png): {folder: path}."""
+        paths = picture_paths(save_dir, name, args.show_clusters)
+        save_label_png(prediction, paths["labels"], style)
+        save_overlay(denormalise(image), prediction.cpu(), paths["overlays"], class_names,
                      None if target is None else target.cpu(), style)
         if args.show_clusters:
-            save_clusters(model, image, save_dir / "clusters" / f"{name}.png")
+            save_clusters(model, image, paths["clusters"])
+        return paths
 
     if args.image:  # arbitrary files: no ground truth, no metric
         train.check_files_exist(args.image, "--image file")
-        transform = train.eval_transform()
-        for i, (path, name) in enumerate(zip(args.image, picture_names(args.image)), 1):
+        sizes = read_all(args.image)
+        transform, results = train.eval_transform(), []
+        for i, (path, name, (W, H)) in enumerate(zip(args.image, picture_names(args.image), sizes), 1):
             start = time.perf_counter()
-            image = train.read_image(path)  # [3, H, W] uint8
-            H, W = image.shape[1:]
             if args.mode == "whole" and H * W > LARGE_IMAGE:
                 print(f"[{i}/{len(args.image)}] {path} is {W}x{H}: predicting it whole can take minutes on a CPU and "
                       f"much memory; --mode slide --crop-size 512 is faster for large images", flush=True)
-            image = transform(image).to(device)  # [3, H, W]
-            with torch.inference_mode(), autocast():
-                prediction = predict(model, image[None], **options).argmax(1)[0]  # [H, W]
-            counts = prediction.flatten().bincount(minlength=len(class_names))  # [H, W] -> [num_classes]
-            found = ", ".join(f"{class_names[c]} {counts[c] / prediction.numel():.0%}" for c in counts.nonzero()[:, 0])
-            if save_dir:
-                save_pictures(image, prediction, name)
-            saved = f" -> {save_dir / name}.png" if save_dir else ""
+            with out_of_memory_is_one_line(args, device, lambda: (f"{path} ({W}x{H})", i - 1), save_dir):
+                image = transform(train.read_image(path)).to(device)  # [3, H, W]
+                with torch.inference_mode(), autocast():
+                    prediction = predict(model, image[None], **options).argmax(1)[0]  # [H, W]
+                paths = save_pictures(image, prediction, name) if save_dir else {}
+            counts = prediction.flatten().bincount(minlength=len(class_names)).tolist()  # [H, W] -> [num_classes]
+            shares = {class_names[c]: n / prediction.numel() for c, n in enumerate(counts) if n}
+            found = ", ".join(f"{label} {share:.0%}" for label, share in shares.items())
+            saved = f" -> {paths['labels']}" if save_dir else ""
             print(f"[{i}/{len(args.image)}] {path}: {found} ({time.perf_counter() - start:.1f} s){saved}", flush=True)
+            results.append({"file": str(path), "size": [W, H], "classes": shares,
+                            "pictures": {folder: str(p) for folder, p in paths.items()} or None})
         print(f"peak memory {train.peak_memory_gib(device):.2f} GiB")
+        if args.json:
+            summary = {"checkpoint": str(args.checkpoint), "dataset": dataset_name, "mode": args.mode,
+                       "scales": args.scales, "flip": args.flip, "images": results}
+            save_json(args.json, summary)
         return
 
     if args.data_root:
@@ -349,8 +446,12 @@ def main(argv=None):
             print(f"[{done[0]}/{len(dataset)}] {rate:.2f} images/s, eta {(len(dataset) - done[0]) / rate:.0f} s",
                   flush=True)
 
-    metric = train.evaluate(model, loader, config["num_classes"], device, autocast,
-                            lambda m, images: predict(m, images, **options), on_batch)
+    def current():  # the image being predicted (the first of its batch) and how many were done
+        return f"image {done[0] + 1} of {len(dataset)} ({ids[min(done[0], len(ids) - 1)]})", done[0]
+
+    with out_of_memory_is_one_line(args, device, current, save_dir):
+        metric = train.evaluate(model, loader, config["num_classes"], device, autocast,
+                                lambda m, images: predict(m, images, **options), on_batch)
     result = metric.compute()
     print_table(result, class_names)
     split = args.split if args.data_root else "synthetic val"
@@ -363,7 +464,7 @@ def main(argv=None):
                    "checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": split,
                    "images": len(dataset), "mode": args.mode, "scales": args.scales, "flip": args.flip,
                    "batch_size": args.batch_size}
-        save_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        save_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Run: python -m pytest -q
 """
 
 import copy
+import errno
+import fnmatch
 import gc
 import inspect
 import json
@@ -1501,7 +1503,7 @@ def test_paths_may_start_with_tilde(voc_root, tmp_path, monkeypatch):
     Image.fromarray(np.full((12, 20, 3), 128, np.uint8)).save(tmp_path / "photo.png")
     evaluate.main(["--checkpoint", "~/out/last.pt", "--image", "~/photo.png", "--save-dir", "~/pictures",
                    "--device", "cpu"])
-    assert (tmp_path / "pictures" / "photo.png").is_file()
+    assert (tmp_path / "pictures" / "labels" / "photo.png").is_file()
     evaluate.main(["--checkpoint", "~/out/last.pt", "--data-root", "~/data", "--json", "~/r.json", "--workers", "0",
                    "--device", "cpu"])
     assert json.loads((tmp_path / "r.json").read_text())["images"] == 2
@@ -1938,7 +1940,8 @@ def test_evaluate_demo_checkpoint_end_to_end(demo_run, tmp_path):
     assert summary["miou"] == pytest.approx(sum(ious) / len(ious)) and 0 <= summary["pixel_accuracy"] <= 1
     assert f"mIoU {summary['miou']:.4f}" in result.stdout
     assert "batch size 3 (images padded to one size)" in result.stdout and summary["batch_size"] == 3
-    masks = sorted(out.glob("*.png"))
+    assert sorted(p.name for p in out.iterdir()) == ["clusters", "labels", "overlays"]
+    masks = sorted((out / "labels").glob("*.png"))
     assert len(masks) == 64 and len(list((out / "overlays").glob("*.png"))) == 64
     assert len(list((out / "clusters").glob("*.png"))) == 64
     with Image.open(masks[0]) as png:
@@ -1959,10 +1962,10 @@ def test_evaluate_images_end_to_end(voc_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.fullmatch(rf"\[1/2\] {re.escape(str(tmp_path / 'a.jpg'))}: .+ \([\d.]+ s\) -> "
-                        rf"{re.escape(str(tmp_path / 'out' / 'a.png'))}", lines[0])
+                        rf"{re.escape(str(tmp_path / 'out' / 'labels' / 'a.png'))}", lines[0])
     assert lines[1].startswith(f"[2/2] {tmp_path / 'b.png'}: ")
     for name, size in (("a", (50, 34)), ("b", (23, 41))):
-        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+        with Image.open(tmp_path / "out" / "labels" / f"{name}.png") as png:
             assert png.mode == "P" and png.size == size and np.array(png).max() <= 20
         with Image.open(tmp_path / "out" / "overlays" / f"{name}.png") as picture:
             assert picture.mode == "RGB" and picture.width > 2 * size[0]  # image | prediction (+ legend below)
@@ -1984,10 +1987,11 @@ def test_evaluate_images_with_one_stem_are_kept_apart(voc_checkpoint, tmp_path, 
                                     "--device", "cpu"]])
     lines = capsys.readouterr().out.splitlines()
     for i, (image, name, size) in enumerate(zip(images, ["x", "x_2", "x_2_2"], sizes.values())):
-        assert lines[i].startswith(f"[{i + 1}/3] {image}: ") and lines[i].endswith(f" -> {tmp_path / 'out' / name}.png")
-        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+        assert lines[i].startswith(f"[{i + 1}/3] {image}: ")
+        assert lines[i].endswith(f" -> {tmp_path / 'out' / 'labels' / name}.png")
+        with Image.open(tmp_path / "out" / "labels" / f"{name}.png") as png:
             assert png.size == size
-    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    assert len(list((tmp_path / "out" / "labels").glob("*.png"))) == 3
 
     line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--image", images[0], tmp_path / "missing.png",
                               images[1], "--save-dir", tmp_path / "out2", "--device", "cpu"], main=evaluate.main)
@@ -2049,7 +2053,7 @@ def test_evaluate_voc_end_to_end(voc_checkpoint, tmp_path):
         h, w = image.shape[1:]
         with torch.no_grad():  # pad to a multiple of 8 at the bottom and right, crop back
             expected = model(F.pad(image[None], (0, -w % 8, 0, -h % 8)))["out"][0, :, :h, :w].argmax(0).numpy()
-        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+        with Image.open(tmp_path / "out" / "labels" / f"{name}.png") as png:
             assert png.mode == "P" and png.size == (w, h)
             assert (np.array(png) == expected).mean() > 0.999  # argmax ties may differ by a pixel
         with Image.open(voc / "SegmentationClass" / f"{name}.png") as truth:
@@ -2229,7 +2233,7 @@ def test_cityscapes_trains_and_evaluates_with_label_id_pngs(cityscapes_run, tmp_
         image = (torch.from_numpy(samples[name][0]).permute(2, 0, 1) / 255 - MEAN[:, None, None]) / STD[:, None, None]
         with torch.no_grad():
             train_ids = model(F.pad(image[None], (0, -W % 8, 0, -H % 8)))["out"][0, :, :H, :W].argmax(0).numpy()
-        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+        with Image.open(tmp_path / "out" / "labels" / f"{name}.png") as png:
             assert png.size == (W, H)
             assert (np.array(png) == np.vectorize(to_label_id.get)(train_ids)).mean() > 0.999  # argmax ties
             palette = png.getpalette()
@@ -2275,7 +2279,7 @@ def test_folder_dataset_trains_and_evaluates_with_its_class_names(folder_run, tm
     assert summary["images"] == 2 and summary["miou"] == pytest.approx(validation["val_miou"], abs=1e-6)
     assert [line.split()[0] for line in result.stdout.splitlines()[-5:-1]] == ["class", *FOLDER_CLASSES]
     for name in ("val_0", "val_1"):
-        with Image.open(tmp_path / "out" / f"{name}.png") as png:
+        with Image.open(tmp_path / "out" / "labels" / f"{name}.png") as png:
             assert png.size == samples[name][1].shape[::-1] and np.array(png).max() <= 2
         assert (tmp_path / "out" / "overlays" / f"{name}.png").is_file()
 
@@ -2658,7 +2662,7 @@ def test_evaluate_original_checkpoint_on_an_image(original_checkpoint, tmp_path,
     expected = ", ".join(f"{CITYSCAPES_NAMES[c]} {counts[c] / labels.numel():.0%}" for c in counts.nonzero()[:, 0])
     assert f"street.png: {expected}" in capsys.readouterr().out
     to_label_id = {train_id: label_id for label_id, train_id in CITYSCAPES_TRAIN_IDS.items()}
-    with Image.open(tmp_path / "out" / "street.png") as png:  # Cityscapes' format: label ids
+    with Image.open(tmp_path / "out" / "labels" / "street.png") as png:  # Cityscapes' format: label ids
         assert (np.array(png) == np.vectorize(to_label_id.get)(labels.numpy())).mean() > 0.999
 
 
@@ -2983,3 +2987,181 @@ def test_hints_one_line_on_every_rank_and_fp16_without_warnings(tmp_path, capsys
         losses = train.train_step(model, images, masks, optimizer, scaler, autocast, args.aux_weight)
         scheduler.step()
     assert scaler.get_scale() == 2.0**10 and math.isfinite(losses["loss"].item())  # the first step was not skipped
+
+
+# ----------------------------------------------------------------------------- evaluate.py outputs
+
+
+
+def cli_exit(capsys, argv, main=evaluate.main):
+    """Run main(argv) as the command line does; it must fail with one `error:` line. Returns (exit code, line)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.run_main(lambda: main([str(a) for a in argv]))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return exit_info.value.code, lines[0]
+
+
+def random_png(path, width, height, seed=0):
+    """A random RGB PNG of width x height: its pixels [H, W, 3]."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_undecodable_image_after_a_good_one_writes_nothing(voc_checkpoint, tmp_path, capsys):
+    """A PNG cut in half opens (its header is whole) but cannot be decoded: found before the first prediction."""
+    random_png(tmp_path / "good.png", 20, 14)
+    random_png(tmp_path / "whole.png", 40, 30, seed=1)
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    with Image.open(tmp_path / "cut.png") as cut:
+        assert cut.size == (40, 30)  # it opens
+    argv = ["--checkpoint", voc_checkpoint, "--image", tmp_path / "good.png", tmp_path / "cut.png", "--device", "cpu",
+            "--save-dir", tmp_path / "out", "--json", tmp_path / "r.json"]
+    code, line = cli_exit(capsys, argv)
+    assert code == 2 and line.startswith(f"error: cannot read image {tmp_path / 'cut.png'}: "), line
+    assert capsys.readouterr().out == ""  # no progress line: nothing was predicted
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_image_json_and_enlarged_pictures(voc_checkpoint, tmp_path, capsys):
+    """--json with --image: each file's size, the shares of its predicted classes (those of its labels PNG), and its
+    pictures. A 1x1 and a 64x64 image are drawn 256 px high: every pixel a 256x256 or 4x4 block."""
+    tiny_pixels = random_png(tmp_path / "dot.png", 1, 1)
+    shape_pixels = random_png(tmp_path / "shape.png", 64, 64, seed=1)
+    argv = ["--checkpoint", voc_checkpoint, "--image", tmp_path / "dot.png", tmp_path / "shape.png", "--device", "cpu",
+            "--save-dir", tmp_path / "out", "--json", tmp_path / "r.json", "--show-clusters"]
+    evaluate.main([str(a) for a in argv])
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["mode"] == "whole" and summary["scales"] == [1.0] and summary["flip"] is False
+    assert [entry["file"] for entry in summary["images"]] == [str(tmp_path / "dot.png"), str(tmp_path / "shape.png")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clusters", "labels", "overlays"]
+    for entry, name, (w, h) in zip(summary["images"], ["dot", "shape"], [(1, 1), (64, 64)]):
+        assert entry["size"] == [w, h]
+        assert entry["pictures"] == {folder: str(tmp_path / "out" / folder / f"{name}.png")
+                                     for folder in ("labels", "overlays", "clusters")}
+        with Image.open(entry["pictures"]["labels"]) as png:
+            labels = np.array(png)
+        counts = np.bincount(labels.ravel(), minlength=21)
+        assert entry["classes"] == {train.VOC_CLASSES[c]: counts[c] / (w * h) for c in np.flatnonzero(counts)}
+        assert sum(entry["classes"].values()) == pytest.approx(1.0)
+
+    # image | prediction, each panel enlarged to 256 px: (4 + 256 + 4) x 2 + 4 wide, a legend below
+    for name, pixels, factor in (("dot", tiny_pixels, 256), ("shape", shape_pixels, 4)):
+        with Image.open(tmp_path / "out" / "overlays" / f"{name}.png") as picture:
+            overlay = np.array(picture)
+        assert overlay.shape[1] == 2 * (256 + 4) + 4 and overlay.shape[0] >= 256 + 8 + 16 + 16
+        np.testing.assert_array_equal(overlay[4:260, 4:260], pixels.repeat(factor, 0).repeat(factor, 1))
+        assert (overlay[264 + 6:264 + 6 + 20, 8 + 16 + 6:] < 100).all(-1).sum() > 30  # the legend's 16 px text
+        with Image.open(tmp_path / "out" / "clusters" / f"{name}.png") as picture:
+            assert picture.size == (5 * (256 + 4) + 4, 256 + 8)  # image | centres | three attention maps
+            np.testing.assert_array_equal(np.array(picture)[4:260, 4:260], pixels.repeat(factor, 0).repeat(factor, 1))
+    assert [evaluate.enlargement(h, w) for h, w in ((1, 1), (64, 64), (41, 23), (375, 500), (1, 2000), (300, 1))] == \
+        [256, 4, 7, 1, 1, 1]
+
+
+def test_cityscapes_labels_folder_is_what_the_official_script_finds(cityscapes_run, tmp_path, capsys):
+    """cityscapesScripts' evalPixelLevelSemanticLabeling.getPrediction, written out again: for each ground truth
+    gtFine/val/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png it walks CITYSCAPES_RESULTS recursively, wants
+    exactly one <city>_<seq>_<frame>*.png, and reads it as one channel of label ids the ground truth's size."""
+    data, out, _ = cityscapes_run
+    evaluate.main([str(a) for a in ["--checkpoint", out / "last.pt", "--data-root", data, "--save-dir",
+                                    tmp_path / "pred", "--show-clusters", "--workers", "0", "--device", "cpu"]])
+
+    def get_prediction(results, ground_truth):
+        city, sequence, frame = Path(ground_truth).name.split("_")[:3]
+        pattern = f"{city}_{sequence}_{frame}*.png"
+        return [os.path.join(root, name) for root, _, names in os.walk(results)
+                for name in fnmatch.filter(names, pattern)]
+
+    ground_truths = sorted((data / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
+    assert len(ground_truths) == 2
+    label_ids = set(CITYSCAPES_TRAIN_IDS)
+    for ground_truth in ground_truths:
+        found = get_prediction(tmp_path / "pred" / "labels", ground_truth)
+        assert found == [str(tmp_path / "pred" / "labels" / ground_truth.name.replace("_gtFine_labelIds", ""))]
+        with Image.open(found[0]) as prediction, Image.open(ground_truth) as truth:
+            values = np.array(prediction)
+            assert values.ndim == 2 and prediction.size == truth.size
+        assert set(np.unique(values)) <= label_ids
+        assert len(get_prediction(tmp_path / "pred", ground_truth)) == 3  # the whole DIR: labels, overlays, clusters
+    assert len(list((tmp_path / "pred" / "labels").rglob("*"))) == 2  # nothing else in there
+
+
+def test_out_of_memory_exits_4_naming_the_flags(voc_checkpoint, tmp_path, capsys, monkeypatch):
+    """A GPU's OutOfMemoryError on the second --image file, and a real failed CPU allocation during a dataset
+    evaluation: one line, exit 4, the flags that lower the memory; the pictures done before are kept."""
+    assert train.is_out_of_memory(MemoryError()) and not train.is_out_of_memory(RuntimeError("shape mismatch"))
+    random_png(tmp_path / "a.png", 16, 12)
+    random_png(tmp_path / "b.png", 24, 20)
+    predict_logits = train.predict_logits
+
+    def fails_on_b(model, images):
+        if images.shape[-1] == 24:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return predict_logits(model, images)
+
+    monkeypatch.setattr(train, "predict_logits", fails_on_b)
+    code, line = cli_exit(capsys, ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", tmp_path / "b.png",
+                                   "--device", "cpu", "--save-dir", tmp_path / "out"])
+    assert code == train.EXIT_OUT_OF_MEMORY == 4
+    assert line == (f"error: out of memory on cpu while predicting {tmp_path / 'b.png'} (24x20): lower the memory with "
+                    f"--mode slide --crop-size 512; the pictures of the 1 image before it are in {tmp_path / 'out'}")
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["a.png", "a.png"]  # labels, overlays
+
+    def allocates_too_much(model, images):
+        torch.empty(2 ** 62, dtype=torch.uint8)  # the CPU allocator's RuntimeError, for real
+
+    monkeypatch.setattr(train, "predict_logits", allocates_too_much)
+    make_voc(tmp_path / "data", n_train=1, n_val=2)
+    code, line = cli_exit(capsys, ["--checkpoint", voc_checkpoint, "--data-root", tmp_path / "data", "--device", "cpu",
+                                   "--workers", "0", "--batch-size", "2", "--mode", "slide", "--crop-size", "300",
+                                   "--scales", "1.0", "1.5"])
+    assert code == 4
+    val = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    first = val.read_text().split()[0]
+    assert line == (f"error: out of memory on cpu while predicting image 1 of 2 ({first}): lower the memory with "
+                    f"--crop-size 150, --batch-size 1, no --scales above 1")
+
+
+def test_full_disk_while_writing_a_picture_exits_3(voc_checkpoint, tmp_path, capsys, monkeypatch):
+    """The disk fills while the overlay is written: one line, exit 3, the label PNG written before it kept, no
+    temporary file left behind."""
+    random_png(tmp_path / "a.png", 16, 12)
+    save = Image.Image.save
+
+    def disk_fills_in_overlays(self, fp, *args, **kwargs):
+        if "overlays" in str(fp):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_fills_in_overlays)
+    code, line = cli_exit(capsys, ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu",
+                                   "--save-dir", tmp_path / "out", "--json", tmp_path / "r.json"])
+    assert code == train.EXIT_DISK_FULL == 3
+    assert line == (f"error: no space left on the device while writing {tmp_path / 'out' / 'overlays' / 'a.png'}: "
+                    f"no a.png was written; free some space")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["a.png", os.path.join("out", "labels", "a.png")]
+
+
+def test_scale_below_one_pixel_is_clamped_to_one_pixel(voc_checkpoint, tmp_path, capsys):
+    """--scales 0.01 on a 24x16 image: predicted at 1x1 (not a size-0 error), the scores averaged as for any scale."""
+    x = torch.randn(1, 3, 24, 16)
+    assert evaluate.rescale(x, 0.01).shape == (1, 3, 1, 1) and evaluate.rescale(x, 0.05).shape == (1, 3, 1, 1)
+    assert evaluate.rescale(torch.randn(1, 3, 300, 16), 0.01).shape == (1, 3, 3, 1)
+    assert torch.equal(evaluate.rescale(x, 0.5), F.interpolate(x, scale_factor=0.5, mode="bilinear"))
+    model = tiny_model()
+    with torch.inference_mode():
+        scores = evaluate.predict(model, x, scales=[0.01, 1.0])
+        small = F.interpolate(x, size=(1, 1), mode="bilinear")
+        expected = (F.interpolate(train.predict_logits(model, small), size=(24, 16), mode="bilinear").softmax(1) +
+                    train.predict_logits(model, x).softmax(1)) / 2
+    torch.testing.assert_close(scores, expected)
+
+    random_png(tmp_path / "a.png", 40, 64)
+    evaluate.main([str(a) for a in ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu",
+                                    "--scales", "0.01", "--json", tmp_path / "r.json"]])
+    assert json.loads((tmp_path / "r.json").read_text())["images"][0]["size"] == [40, 64]

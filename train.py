@@ -732,6 +732,13 @@ def predict_logits(model, images):
     return model(images)["out"].float()  # [B, K, H, W]
 
 
+def is_out_of_memory(error):
+    """Whether `error` means the memory ran out: CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError
+    of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
+
+
 @torch.inference_mode()
 def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits, on_batch=None,
              stop=None):
