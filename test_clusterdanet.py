@@ -2773,7 +2773,7 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
           "is not a train.py checkpoint to resume from", "use --init-from", main=train.main)
 
 
-# ----------------------------------------------------------------------------- inputs as users have them: data and flags
+# ----------------------------------------------------------------------------- inputs as users have them: data, flags
 
 def test_folder_dataset_is_what_is_listed(tmp_path, capsys):
     """Subfolders are read (the mask at the same relative path); resource forks, hidden files and folders named like
