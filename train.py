@@ -1039,7 +1039,7 @@ class Interrupts:
 RESUME_MUST_MATCH = (
     ("dataset", None, "data"), ("train_split", None, "data"), ("val_split", None, "data"),
     ("demo_images", None, "data"), ("crop_size", None, "data"), ("base_size", None, "data"),
-    ("batch_size", None, "data"), ("seed", None, "data"),
+    ("seed", None, "data"),
     ("model", None, "model"), ("backbone", None, "model"), ("deep_stem", None, "model"),
     ("num_clusters", None, "model"), ("temperature", None, "model"), ("clustering", True, "model"),
     ("cluster_init", "random", "model"), ("cluster_reseed", 0, "model"), ("multi_grid", False, "model"),
@@ -1047,9 +1047,11 @@ RESUME_MUST_MATCH = (
     ("iters", None, "schedule"), ("lr", None, "schedule"), ("momentum", None, "schedule"),
     ("weight_decay", None, "schedule"),
 )
-# Where and how fast the run goes and what it logs; --dense-attention computes the same attention (to float
-# rounding) by another formula. --pretrained and --init-from only choose a new run's first weights.
-RESUME_MAY_CHANGE = ("device", "workers", "compile", "log_every", "val_every", "out_dir", "data_root",
+# Where and how fast the run goes and what it logs. --batch-size: the images per step of each process, as the number
+# of processes may change (the data position counts images, see EpochSampler); a lower one continues a run that ran
+# out of memory. --dense-attention computes the same attention (to float rounding) by another formula.
+# --pretrained and --init-from only choose a new run's first weights: a resumed run keeps the checkpoint's.
+RESUME_MAY_CHANGE = ("device", "workers", "batch_size", "compile", "log_every", "val_every", "out_dir", "data_root",
                      "dense_attention")
 RESUME_KEEPS = ("pretrained", "init_from")  # what the resumed run records: the checkpoint's values
 
@@ -1122,12 +1124,15 @@ def folder_runs(out_dir):
     return found
 
 
-def check_out_dir(args, checkpoint=None):
+def check_out_dir(args, checkpoint=None, locked=False):
     """--out-dir must be writable and belong to this run: a new run needs one that holds no earlier run (or
     --overwrite); a run resumed from `checkpoint` one that holds only its own run's files, none of them later.
-    Returns folder_runs(out_dir): the earlier run's files, which --overwrite replaces at the first save."""
+    Returns folder_runs(out_dir): the earlier run's files, which --overwrite replaces at the first save. `locked`:
+    this process holds the folder's lock (start_out_dir checks again under it)."""
     out_dir = Path(args.out_dir)
     check_writable(out_dir, "--out-dir")
+    if out_dir.is_dir() and not locked:
+        FolderLock.check(out_dir)  # a training in it now, whatever it has written so far
     found = folder_runs(out_dir) if out_dir.is_dir() else {}
     if not found or args.overwrite:
         return found
@@ -1170,12 +1175,15 @@ class FolderLock:
             return
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # held by a live process
+            for attempt in range(20):  # a check_out_dir of another process may hold it for a moment (held)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            else:  # held by a live process
                 os.close(fd)
-                raise UserError(f"--out-dir {out_dir} is in use by another training ({self.holder()}): wait for it "
-                                f"to end, or choose another --out-dir") from None
+                raise UserError(self.in_use(out_dir, self.path))
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:  # its holder removed it as it ended: lock the new one
@@ -1189,12 +1197,30 @@ class FolderLock:
         os.ftruncate(self.fd, 0)
         os.write(self.fd, (json.dumps(holder) + "\n").encode())
 
-    def holder(self):
+    @staticmethod
+    def in_use(out_dir, path):
         try:
-            holder = json.loads(self.path.read_text())
-            return f"run {holder['run_id']}, pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+            holder = json.loads(Path(path).read_text())
+            holder = f"run {holder['run_id']}, pid {holder['pid']} on {holder['host']}, started {holder['started']}"
         except (OSError, ValueError, KeyError, TypeError):  # being written at this very moment
-            return "its lock file names no holder yet"
+            holder = "its lock file names no holder yet"
+        return f"--out-dir {out_dir} is in use by another training ({holder}): wait for it to end, or choose another " \
+               f"--out-dir"
+
+    @classmethod
+    def check(cls, out_dir):
+        """A UserError naming the holder if a live process holds out_dir's lock; creates nothing."""
+        path = Path(out_dir) / cls.NAME
+        if fcntl is None or not path.is_file():
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            raise UserError(cls.in_use(out_dir, path)) from None
+        finally:
+            os.close(fd)
 
     def release(self):
         if self.fd is not None:
@@ -1283,7 +1309,7 @@ def start_out_dir(run):
         run.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             run.lock = FolderLock(run.out_dir, run.run_id)
-            earlier = check_out_dir(run.args, run.resumed if run.args.resume else None)
+            earlier = check_out_dir(run.args, run.resumed if run.args.resume else None, locked=True)
         except UserError as e:
             refused = e
     if any_rank(refused is not None, run.device):
@@ -1537,11 +1563,12 @@ def out_of_memory(args, device, run=None):
     if args.precision == "fp32":
         lower.append("--precision bf16" + (" (or fp16)" if device.type == "cuda" else ""))
     workers = f"; on the CPU also fewer --workers (now {args.workers})" if device.type == "cpu" and args.workers else ""
-    kept = f"; {latest_checkpoint(run)}" if run is not None else ""
-    resume = (" (a resumed run keeps these flags: resume it only where there is more memory)"
-              if run is not None and run.saved_iteration is not None else "")
-    return RunError(f"{where}: lower {', '.join(lower[:-1])} or {lower[-1]}{workers}{kept}{resume}",
-                    EXIT_OUT_OF_MEMORY)
+    kept = ""
+    if run is not None and run.saved_iteration is not None:
+        kept = f"; {latest_checkpoint(run)}: --resume it with a lower --batch-size (the other flags must stay)"
+    elif run is not None:
+        kept = f"; {latest_checkpoint(run)}"
+    return RunError(f"{where}: lower {', '.join(lower[:-1])} or use {lower[-1]}{workers}{kept}", EXIT_OUT_OF_MEMORY)
 
 
 def stop_at_once(run, interrupts):
