@@ -2830,24 +2830,24 @@ def test_two_trainings_started_together_one_is_refused_naming_the_holder(tmp_pat
 
 def test_lock_of_a_killed_training_is_taken_over(tmp_path, capsys):
     """SIGKILL leaves train.lock behind, naming the dead process; the OS released its flock, so the next run takes
-    it over. That run is --overwrite: the killed run's files stay until its first save, then go."""
+    it over. That run is --overwrite: it replaces the killed run's log at its first save."""
     out = tmp_path / "out"
-    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "1", "--val-every", "1"),
-                           cwd=tmp_path)
-    wait_for(process, "val iter 1")
+    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "1",
+                                "--val-every", "1000"), cwd=tmp_path)
+    wait_for(process, "iter 2/1000")  # the record of iteration 1 is written
     process.kill()
     finish_script(process)
-    assert json.loads((out / "train.lock").read_text())["pid"] == process.pid
-    killed = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    code, out_text, err = run_code(demo_args(out, "--iters", "1", "--overwrite"), capsys)
+    killed = json.loads((out / "train.lock").read_text())
+    assert killed["pid"] == process.pid
+    assert strict_json((out / "log.jsonl").read_text().splitlines()[0])["run_id"] == killed["run_id"]
+    code, _, err = run_code(demo_args(out, "--iters", "1", "--overwrite"), capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
     new = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert new["run_id"] != killed["run_id"] and new["iteration"] == 1
     records = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[0]["run_id"] == new["run_id"] and records[0]["start"] == "new"
-    assert records[0]["overwriting"]["run_id"] == killed["run_id"]
-    assert records[0]["overwriting"]["files"] == ["best.pt", "last.pt", "log.jsonl"]
+    assert records[0]["overwriting"] == {"run_id": killed["run_id"], "files": ["log.jsonl"], "iteration": None}
     assert [r for r in records if "start" in r] == [records[0]]  # none of the killed run's records
 
 
@@ -3011,8 +3011,9 @@ def test_every_flag_is_classified_for_resume(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = capsys.readouterr().out
-    flags = {f[2:].replace("-", "_") for f in re.findall(r"(?<![\w-])--[a-z][a-z-]+", text)} - {"help", "no_pretrained",
-                                                                                                 "no_clustering"}
+    usage = text.split("\n\n")[0]
+    flags = {f[2:].replace("-", "_") for f in re.findall(r"--[a-z][a-z-]+", usage)} - {"no_pretrained", "no_clustering"}
+    assert {"backbone", "resume", "benchmark_steps"} <= flags
     must = {key for key, _, _ in train.RESUME_MUST_MATCH}
     may = set(train.RESUME_MAY_CHANGE)
     starts = set(train.RESUME_KEEPS) | {"resume", "overwrite", "download", "benchmark", "benchmark_steps"}

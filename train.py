@@ -585,7 +585,15 @@ def save_checkpoint(state, path):
     (ENOSPC, which save_atomic turns into EXIT_DISK_FULL), not the RuntimeError torch.save(state, path) raises."""
     def write(tmp):
         with open(tmp, "wb") as file:
-            torch.save(state, file)
+            try:
+                torch.save(state, file)
+            except RuntimeError as e:  # the zip writer's own error, raised as a failed file.write unwinds
+                cause = e.__context__
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if cause is None:
+                    raise
+                raise cause from None
 
     save_atomic(path, write)
 
