@@ -1132,14 +1132,14 @@ def folder_runs(out_dir):
     return found
 
 
-def check_out_dir(args, checkpoint=None, locked=False):
+def check_out_dir(args, checkpoint=None, check_lock=True):
     """--out-dir must be writable and belong to this run: a new run needs one that holds no earlier run (or
     --overwrite); a run resumed from `checkpoint` one that holds only its own run's files, none of them later.
-    Returns folder_runs(out_dir): the earlier run's files, which --overwrite replaces at the first save. `locked`:
-    this process holds the folder's lock (start_out_dir checks again under it)."""
+    Returns folder_runs(out_dir): the earlier run's files, which --overwrite replaces at the first save.
+    check_lock=False where a process of this run may hold the lock (start_out_dir, and processes other than 0)."""
     out_dir = Path(args.out_dir)
     check_writable(out_dir, "--out-dir")
-    if out_dir.is_dir() and not locked:
+    if out_dir.is_dir() and check_lock:
         FolderLock.check(out_dir)  # a training in it now, whatever it has written so far
     found = folder_runs(out_dir) if out_dir.is_dir() else {}
     if not found or args.overwrite:
@@ -1317,7 +1317,7 @@ def start_out_dir(run):
         run.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             run.lock = FolderLock(run.out_dir, run.run_id)
-            earlier = check_out_dir(run.args, run.resumed if run.args.resume else None, locked=True)
+            earlier = check_out_dir(run.args, run.resumed if run.args.resume else None, check_lock=False)
         except UserError as e:
             refused = e
     if any_rank(refused is not None, run.device):
@@ -1616,7 +1616,7 @@ def main(argv=None):
             model.train()
             return benchmark(args, model, optimizer, scaler, device, autocast, rank == 0)
 
-        check_out_dir(args, checkpoint)
+        check_out_dir(args, checkpoint, check_lock=rank == 0)
         run = build_run(args, checkpoint, device, rank, world_size, autocast)
         del checkpoint  # its tensors are in the model and optimizer now
         start_out_dir(run)
