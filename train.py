@@ -21,7 +21,8 @@ Exit codes (the README lists the same):
   3    the disk is full: a write failed for lack of space; the message names the checkpoint kept
   4    out of memory: the message names the flags that lower memory and the checkpoint kept
   5    a bad data file found after training started: last.pt was saved first, and the message says so
-  130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM, after saving last.pt
+  130  stopped by Ctrl-C (SIGINT), after saving last.pt (unless a second signal came in the middle of a step)
+  143  stopped by SIGTERM, the same way
 """
 
 import argparse
