@@ -2870,7 +2870,7 @@ def test_data_error_after_training_started_saves_last_first_and_exits_5(tmp_path
     """A training file that turns out bad after a step: last.pt is saved first, the run says so and exits 5. Under
     --overwrite that save is the new run's first: the earlier run's checkpoints and log go, its own log is written."""
     out = tmp_path / "out"
-    assert train.main(demo_args(out, "--iters", "2", "--val-every", "2")) == 0
+    assert train.main(demo_args(out, "--iters", "1", "--val-every", "1")) == 0
     earlier = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     original, reads = train.SyntheticShapes.__getitem__, [0]
 
@@ -2892,7 +2892,7 @@ def test_data_error_after_training_started_saves_last_first_and_exits_5(tmp_path
     records = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[0]["start"] == "new" and records[0]["run_id"] == saved["run_id"]
     assert records[0]["overwriting"] == {"run_id": earlier["run_id"], "files": ["best.pt", "last.pt", "log.jsonl"],
-                                         "iteration": 2}
+                                         "iteration": 1}
     assert [r["iteration"] for r in records[1:]] == [1, 1] and records[-1]["data_error"].startswith("cannot read")
 
 
@@ -3111,8 +3111,8 @@ class FullDisk:
 
 
 def test_full_disk_while_saving_ends_in_one_line_naming_the_checkpoint_kept(tmp_path, monkeypatch, capsys):
-    """The second last.pt finds the disk full part-way through torch.save's writes: exit 3, the previous last.pt
-    kept as it was, no temporary file."""
+    """The second last.pt finds the disk full part-way through torch.save's writes (an OSError from file.write, as
+    on a real full disk): exit 3, the previous last.pt kept as it was, no temporary file."""
     saves = [0]
 
     def open_(path, mode="r", *args, **kwargs):
@@ -3125,12 +3125,12 @@ def test_full_disk_while_saving_ends_in_one_line_naming_the_checkpoint_kept(tmp_
 
     monkeypatch.setattr(train, "open", open_, raising=False)
     out = tmp_path / "out"
-    code, _, err = run_code(demo_args(out, "--iters", "4", "--val-every", "2", "--log-every", "100"), capsys)
+    code, _, err = run_code(demo_args(out, "--iters", "2", "--val-every", "1", "--log-every", "100"), capsys)
     last = out / "last.pt"
     assert code == train.EXIT_DISK_FULL == 3
     assert err == [f"error: no space left on the device while writing {last}: the latest checkpoint is {last} from "
-                   f"iteration 2; free some space, then continue with --resume {last}"]
-    assert torch.load(last, weights_only=True)["iteration"] == 2
+                   f"iteration 1; free some space, then continue with --resume {last}"]
+    assert torch.load(last, weights_only=True)["iteration"] == 1
     assert not list(tmp_path.rglob("*.tmp")) and not (out / "train.lock").exists()
 
 

@@ -1184,7 +1184,7 @@ class FolderLock:
             return
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            for attempt in range(20):  # a check_out_dir of another process may hold it for a moment (held)
+            for _ in range(20):  # FolderLock.check in another process may hold it for a moment
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
