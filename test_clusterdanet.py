@@ -1717,7 +1717,7 @@ def _log_progress_on_rank(rank, world_size, init_file, out_dir, result_file):
     sums = {k: torch.tensor(3.0 * w * (rank + 1)) for k, w in
             (("loss", 1.0), ("out", 0.5), ("position", 0.25), ("channel", 0.25))}
     run = SimpleNamespace(args=SimpleNamespace(batch_size=2, iters=10), iteration=3, world_size=world_size,
-                          master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir))
+                          master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir), pending=[], held=False)
     record = train.log_progress(run, sums, 3, 0.01, time.perf_counter() - 1.0, 0)
     torch.save(record, f"{result_file}.{rank}")
     torch.distributed.destroy_process_group()
