@@ -3044,7 +3044,7 @@ def test_checkpoints_are_checked_when_read(demo_run, tmp_path, capsys):
                      f"classifier.1.weight): it cannot be evaluated or trained from"}
     for path, message in messages.items():
         runs = [(["--checkpoint", path], evaluate.main),
-                (tiny(tmp_path / "out", "--iters", str(DEMO_ITERS), "--demo-images", "4", "--resume", path), train.main),
+                (tiny(tmp_path / "out", "--iters", DEMO_ITERS, "--demo-images", "4", "--resume", path), train.main),
                 (tiny(tmp_path / "out", "--iters", "1", "--demo-images", "4", "--init-from", path), train.main)]
         for argv, main in runs:
             line = cli_error(capsys, argv, main=main)

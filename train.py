@@ -1491,7 +1491,8 @@ def save(run, name):
         except RunError as e:
             kept = f"the previous {name} is kept, " if name != "last.pt" and path.is_file() else ""
             earlier = f"; the earlier run in {run.out_dir} is as it was" if run.held else ""
-            resume = f", then continue with --resume {run.out_dir / 'last.pt'}" if run.saved_iteration is not None else ""
+            last = run.out_dir / "last.pt"
+            resume = f", then continue with --resume {last}" if run.saved_iteration is not None else ""
             raise RunError(f"no space left on the device while writing {path}: {kept}{latest_checkpoint(run)}"
                            f"{earlier}; free some space{resume}", e.code) from None
         if run.held:  # --overwrite: this run has a checkpoint now, the earlier run's files go
