@@ -345,7 +345,8 @@ def save_json(path, summary):
 
 
 def load_model(path, device):
-    """A train.py checkpoint, or one of the original DANet code (DANet101.pth.tar) read as it is."""
+    """A train.py checkpoint, or one of the original DANet code (DANet101.pth.tar) read as it is; one whose weights
+    are not finite is refused (train.load_checkpoint). Returns (model, its config, its class names)."""
     checkpoint = train.load_checkpoint(path)
     config = checkpoint["args"]
     if checkpoint.get("original"):
@@ -355,8 +356,13 @@ def load_model(path, device):
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {path} has an unusable model configuration ({e})") from None
     train.load_model_state(model, checkpoint, path)
-    class_names = checkpoint.get("class_names") or [f"class {i}" for i in range(config["num_classes"])]
+    class_names = list(checkpoint.get("class_names") or unnamed(config["num_classes"]))
     return model.to(device, memory_format=torch.channels_last).eval(), config, class_names
+
+
+def unnamed(num_classes):
+    """The class names of a checkpoint that stores none (the original DANet code's for another dataset)."""
+    return [f"class {i}" for i in range(num_classes)]
 
 
 def print_table(result, class_names):
@@ -429,6 +435,11 @@ def main(argv=None):
     if len(dataset.class_names) != config["num_classes"]:
         raise UserError(f"checkpoint {args.checkpoint} predicts {config['num_classes']} classes, the dataset has "
                         f"{len(dataset.class_names)}")
+    differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
+              for i, (ours, theirs) in enumerate(zip(class_names, dataset.class_names)) if ours != theirs]
+    if differ and class_names != unnamed(len(class_names)):  # a checkpoint that names no classes is not checked
+        raise UserError(f"checkpoint {args.checkpoint} was trained on other classes than the dataset's: "
+                        f"{differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''}")
     class_names, ids = dataset.class_names, dataset.ids
     train.check_masks(dataset, workers=args.workers)  # every mask, before the first prediction
 

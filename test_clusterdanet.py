@@ -1299,7 +1299,7 @@ def test_second_interrupt_stops_at_once(when, tmp_path, monkeypatch, capsys):
 
     def save(state, file, *args, **kwargs):
         if when == "while_saving" and state.get("iteration") == 3:
-            Path(file).write_bytes(b"PK half a checkpoint")
+            file.write(b"PK half a checkpoint")  # save_checkpoint writes through a file object
             os.kill(os.getpid(), signal.SIGINT)
         return original_save(state, file, *args, **kwargs)
 
@@ -1453,7 +1453,7 @@ def test_existing_out_dir_is_refused_unless_resume_or_overwrite(tmp_path, capsys
 
     assert train.main(args + ["--overwrite", "--seed", "1"]) == 0  # a new run: other weights, its own log only
     assert (out / "best.pt").read_bytes() != best and len(read_log(out)) == len(records)
-    assert train.main(args + ["--resume", str(out / "last.pt")]) == 0  # nothing left to do, nothing refused
+    assert train.main(args + ["--resume", str(out / "last.pt"), "--seed", "1"]) == 0  # nothing left to do
 
 
 def test_unwritable_outputs_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
@@ -1512,7 +1512,7 @@ def test_paths_may_start_with_tilde(voc_root, tmp_path, monkeypatch):
 
 def test_truncated_image_exits_2_naming_it(voc_root, tmp_path):
     """Through a DataLoader worker (--workers 1): the error is re-raised in the main process, still one line."""
-    image = voc_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000002.jpg"  # a train image
+    image = voc_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000000.jpg"  # in the first batch
     data = image.read_bytes()
     image.write_bytes(data[: len(data) // 2])
     args = tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train", "--iters", "2")
@@ -1590,7 +1590,7 @@ def bad_checkpoint(case, real, tmp_path):
     elif case == "other_backbone":
         checkpoint["args"]["backbone"] = "resnet34"
         checkpoint["model"] = ClusterDANet(num_classes=4, backbone="resnet34").state_dict()
-        message = f"checkpoint {path} is for resnet34, not resnet18"
+        message = f"checkpoint {path} was trained with --backbone resnet34: resume with --backbone resnet34"
     elif case == "other_num_clusters":
         checkpoint["model"] = ClusterDANet(num_classes=4, backbone="resnet18", num_clusters=32).state_dict()
         message = f"checkpoint {path} is for another model (size mismatch for"
@@ -1608,7 +1608,7 @@ def bad_checkpoint(case, real, tmp_path):
                                   "weights_only", "no_optimizer"])
 def test_bad_checkpoint_exits_2(case, demo_run, tmp_path, capsys):
     path, message = bad_checkpoint(case, demo_run / "last.pt", tmp_path)
-    argv = tiny(tmp_path / "out", "--iters", str(DEMO_ITERS), "--demo-images", "4", "--resume", str(path))
+    argv = tiny(tmp_path / "out", "--iters", str(DEMO_ITERS), "--demo-images", "16", "--resume", str(path))
     line = cli_error(capsys, argv)
     assert message in line
     assert_nothing_half_written(tmp_path, tmp_path / "out")
@@ -1621,7 +1621,7 @@ def test_bad_checkpoint_exits_2(case, demo_run, tmp_path, capsys):
 ])
 def test_resume_with_another_schedule_exits_2(flags, message, demo_run, tmp_path, capsys):
     """The optimizer state would silently keep the old LR, momentum and schedule: say so instead."""
-    line = cli_error(capsys, tiny(tmp_path / "out", "--demo-images", "4", "--resume", demo_run / "last.pt", *flags))
+    line = cli_error(capsys, tiny(tmp_path / "out", "--demo-images", "16", "--resume", demo_run / "last.pt", *flags))
     assert line == f"error: checkpoint {demo_run / 'last.pt'} {message} (a resumed run continues its schedule)"
     assert_nothing_half_written(tmp_path, tmp_path / "out")
 
@@ -1683,12 +1683,13 @@ def test_failed_save_leaves_old_checkpoint_and_no_temporary_file(tmp_path, monke
     assert torch.load(path, weights_only=True) == {"iteration": 1} and not list(tmp_path.glob("*.tmp"))
 
     def half_save(state, file):
-        Path(file).write_bytes(b"PK\x03\x04 half a zip file")
+        file.write(b"PK\x03\x04 half a zip file")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(train.RunError, match="no space left on the device") as error:
         train.save_checkpoint({"iteration": 2}, path)
+    assert error.value.code == train.EXIT_DISK_FULL
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"iteration": 1}
     assert not list(tmp_path.glob("*.tmp"))
@@ -1721,7 +1722,7 @@ def _log_progress_on_rank(rank, world_size, init_file, out_dir, result_file):
     sums = {k: torch.tensor(3.0 * w * (rank + 1)) for k, w in
             (("loss", 1.0), ("out", 0.5), ("position", 0.25), ("channel", 0.25))}
     run = SimpleNamespace(args=SimpleNamespace(batch_size=2, iters=10), iteration=3, world_size=world_size,
-                          master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir))
+                          master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir), pending=[], held=False)
     record = train.log_progress(run, sums, 3, 0.01, time.perf_counter() - 1.0, 0)
     torch.save(record, f"{result_file}.{rank}")
     torch.distributed.destroy_process_group()
@@ -2342,7 +2343,7 @@ def break_dataset(case, root):
         (root / "masks" / "val").rename(root / "masks" / "validation")
         return flags, [f"folder {root}/masks/val not found"]
     if case == "folder_bad_mask_value":  # found when the mask is read
-        mask = root / "masks" / "train" / "train_2.png"
+        mask = root / "masks" / "train" / "train_1.png"  # in the first batch: nothing trained, exit 2
         labels = np.array(Image.open(mask))
         labels[0, :2] = 3  # 3 classes: 0..2
         save_mask(labels, mask)
@@ -3165,3 +3166,389 @@ def test_scale_below_one_pixel_is_clamped_to_one_pixel(voc_checkpoint, tmp_path,
     evaluate.main([str(a) for a in ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu",
                                     "--scales", "0.01", "--json", tmp_path / "r.json"]])
     assert json.loads((tmp_path / "r.json").read_text())["images"][0]["size"] == [40, 64]
+
+
+# ----------------------------------------------------------------------------- one run, one folder
+
+def strict_json(line):
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def folder_bytes(folder):
+    """{file name: bytes} of every file in folder."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def run_code(argv, capsys, main=train.main):
+    """(exit code, stdout, stderr lines) of main(argv) run as the command line runs it (run_main)."""
+    capsys.readouterr()
+    try:
+        train.run_main(lambda: main([str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.splitlines()
+
+
+def demo_args(out, *extra):
+    return tiny(out, "--demo-images", "4", "--log-every", "1", *extra)
+
+
+def test_two_trainings_started_together_one_is_refused_naming_the_holder(tmp_path):
+    """Real processes into one --out-dir: the second is refused in one line naming the first (its pid and run id),
+    and the folder holds one run: its checkpoint, its log (strict JSON, one start record), no lock once it ended."""
+    out = tmp_path / "out"
+    args = tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "1", "--val-every", "1000")
+    processes = [start_script(args, cwd=tmp_path) for _ in range(2)]
+    deadline = time.monotonic() + 240
+    while all(p.poll() is None for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    loser = next(p for p in processes if p.poll() is not None)
+    winner = next(p for p in processes if p is not loser)
+    code, _, stderr = finish_script(loser)
+    assert code == 2, stderr
+    lock = json.loads((out / "train.lock").read_text())
+    assert lock["pid"] == winner.pid
+    assert stderr.splitlines() == [
+        f"error: --out-dir {out} is in use by another training (run {lock['run_id']}, pid {winner.pid} on "
+        f"{lock['host']}, started {lock['started']}): wait for it to end, or choose another --out-dir"]
+    wait_for(winner, "iter 1/1000")
+    winner.send_signal(signal.SIGTERM)
+    code, _, stderr = finish_script(winner)
+    assert code == 143, stderr
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["run_id"] == lock["run_id"]
+    records = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r for r in records if "start" in r] == [records[0]]
+    assert records[0]["run_id"] == lock["run_id"] and records[0]["start"] == "new"
+    assert records[-1] == {"iteration": checkpoint["iteration"], "interrupted": "SIGTERM"}
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"]  # the lock went with its holder
+
+
+def test_lock_of_a_killed_training_is_taken_over(tmp_path, capsys):
+    """SIGKILL leaves train.lock behind, naming the dead process; the OS released its flock, so the next run takes
+    it over. That run is --overwrite: it replaces the killed run's log at its first save."""
+    out = tmp_path / "out"
+    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "1",
+                                "--val-every", "1000"), cwd=tmp_path)
+    wait_for(process, "iter 2/1000")  # the record of iteration 1 is written
+    process.kill()
+    finish_script(process)
+    killed = json.loads((out / "train.lock").read_text())
+    assert killed["pid"] == process.pid
+    assert strict_json((out / "log.jsonl").read_text().splitlines()[0])["run_id"] == killed["run_id"]
+    code, _, err = run_code(demo_args(out, "--iters", "1", "--overwrite"), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
+    new = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert new["run_id"] != killed["run_id"] and new["iteration"] == 1
+    records = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[0]["run_id"] == new["run_id"] and records[0]["start"] == "new"
+    assert records[0]["overwriting"] == {"run_id": killed["run_id"], "files": ["log.jsonl"], "iteration": None}
+    assert [r for r in records if "start" in r] == [records[0]]  # none of the killed run's records
+
+
+def test_overwrite_then_bad_data_keeps_the_earlier_run_byte_for_byte(voc_root, tmp_path, capsys):
+    """--overwrite, then a training image that cannot be read in the first batch (a real process): nothing trained,
+    exit 2, and the earlier run's files are exactly as they were, nothing added."""
+    out = tmp_path / "out"
+    args = tiny(out, "--data-root", str(voc_root), "--train-split", "train", "--iters", "1", "--val-every", "1")
+    assert train.main(args) == 0
+    before = folder_bytes(out)
+    assert sorted(before) == ["best.pt", "last.pt", "log.jsonl"]
+    image = voc_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000000.jpg"  # read in the first batch
+    image.write_bytes(b"not a JPEG")
+    result = run_script([*args, "--overwrite"], cwd=tmp_path)
+    assert_script_error(result, f"cannot read image {image}")
+    assert folder_bytes(out) == before
+
+
+def test_data_error_after_training_started_saves_last_first_and_exits_5(tmp_path, monkeypatch, capsys):
+    """A training file that turns out bad after a step: last.pt is saved first, the run says so and exits 5. Under
+    --overwrite that save is the new run's first: the earlier run's checkpoints and log go, its own log is written."""
+    out = tmp_path / "out"
+    assert train.main(demo_args(out, "--iters", "1", "--val-every", "1")) == 0
+    earlier = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    original, reads = train.SyntheticShapes.__getitem__, [0]
+
+    def getitem(self, index):
+        reads[0] += 1
+        if reads[0] == 3:  # the first image of the second batch (batch size 2)
+            raise train.UserError("cannot read image shapes_003.png: truncated")
+        return original(self, index)
+
+    monkeypatch.setattr(train.SyntheticShapes, "__getitem__", getitem)
+    code, _, err = run_code(demo_args(out, "--iters", "4", "--val-every", "4", "--overwrite"), capsys)
+    last = out / "last.pt"
+    assert code == train.EXIT_DATA_ERROR == 5
+    assert err == [f"error: cannot read image shapes_003.png: truncated (after iteration 1): saved {last} at "
+                   f"iteration 1 first; fix the file, then continue with --resume {last}"]
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"]  # the earlier best.pt went too
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["iteration"] == 1 and saved["run_id"] != earlier["run_id"] and saved["best_miou"] is None
+    records = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[0]["start"] == "new" and records[0]["run_id"] == saved["run_id"]
+    assert records[0]["overwriting"] == {"run_id": earlier["run_id"], "files": ["best.pt", "last.pt", "log.jsonl"],
+                                         "iteration": 1}
+    assert [r["iteration"] for r in records[1:]] == [1, 1] and records[-1]["data_error"].startswith("cannot read")
+
+
+def test_data_error_during_validation_saves_last_first_and_exits_5(tmp_path, monkeypatch, capsys):
+    original = train.SyntheticShapes.__getitem__
+
+    def getitem(self, index):
+        if self.seed == 1 and index == 3:  # the demo's validation set
+            raise train.UserError("mask shapes_003.png is not a 32x32 map of labels (found [9])")
+        return original(self, index)
+
+    monkeypatch.setattr(train.SyntheticShapes, "__getitem__", getitem)
+    out = tmp_path / "out"
+    code, _, err = run_code(demo_args(out, "--iters", "4", "--val-every", "2"), capsys)
+    assert code == 5
+    assert err == [f"error: mask shapes_003.png is not a 32x32 map of labels (found [9]) (during the validation of "
+                   f"iteration 2): saved {out / 'last.pt'} at iteration 2 first; fix the file, then continue with "
+                   f"--resume {out / 'last.pt'}"]
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["iteration"] == 2
+    assert not (out / "best.pt").exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_diverged_run_logs_strict_json_and_a_new_run_does_not_append(tmp_path, capsys):
+    """nan in the log is null; the log of a run that saved nothing is not appended to by the next run, which is
+    refused unless --overwrite; an --overwrite run that diverges before its first save leaves it byte for byte."""
+    out = tmp_path / "out"
+    args = demo_args(out, "--iters", "6", "--lr", "1e9", "--val-every", "100")
+    code, _, err = run_code(args, capsys)
+    assert code == 1 and "this run has saved no checkpoint" in err[0]
+    lines = (out / "log.jsonl").read_text().splitlines()
+    records = [strict_json(line) for line in lines]
+    assert records[0]["start"] == "new" and records[-1]["diverged"] is True
+    assert any(r.get("loss", 0) is None for r in records)  # a nan loss, written as null
+    code, _, err = run_code(args, capsys)
+    assert code == 2 and err == [f"error: --out-dir {out} holds the log.jsonl of an earlier run (which saved no "
+                                 f"checkpoint): choose another --out-dir, or give --overwrite to replace it"]
+    before = folder_bytes(out)
+    code, _, err = run_code([*args, "--overwrite"], capsys)
+    assert code == 1 and err[0].endswith(f"this run has saved no checkpoint; the earlier run in {out} is as it was; "
+                                         f"try a lower --lr than 1e+09")
+    assert folder_bytes(out) == before
+
+
+def test_log_lines_are_strict_json(tmp_path):
+    run = SimpleNamespace(master=True, pending=[], held=False, out_dir=tmp_path)
+    train.log(run, {"iteration": 3, "loss": math.nan, "lr": math.inf, "val_iou": {"a": -math.inf, "b": 0.5},
+                    "x": [math.nan]})
+    assert [strict_json(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [
+        {"iteration": 3, "loss": None, "lr": None, "val_iou": {"a": None, "b": 0.5}, "x": [None]}]
+
+
+def test_resume_stays_in_its_folder_and_never_enters_another_run(tmp_path, monkeypatch, capsys):
+    """--resume without --out-dir continues in the checkpoint's folder (not the dataset's default one); into a
+    folder of another run, or over a later last.pt of its own run, it is refused; a checkpoint of a train.py without
+    run ids (best_miou -1.0 before any validation) still resumes in its own folder, and -1.0 is never shown."""
+    monkeypatch.chdir(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        assert train.main(demo_args(folder, "--iters", "1", "--val-every", "1")) == 0
+    b_files = folder_bytes(b)
+    resume = demo_args(a, "--iters", "1")
+    del resume[resume.index("--out-dir"):resume.index("--out-dir") + 2]  # no --out-dir
+    code, out, err = run_code([*resume, "--resume", a / "last.pt"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith("done: best val mIoU ") and out.splitlines()[-1].endswith(f"in {a}")
+    assert not (tmp_path / "runs").exists() and folder_bytes(b) == b_files
+    ids = {f: torch.load(f / "last.pt", weights_only=True)["run_id"] for f in (a, b)}
+    code, _, err = run_code([*resume, "--resume", a / "last.pt", "--out-dir", b], capsys)
+    assert code == 2 and err == [f"error: --out-dir {b} holds the last.pt of another run (run {ids[b]}) than "
+                                 f"{a / 'last.pt'} (run {ids[a]}): give the resumed run an --out-dir of its own"]
+    assert folder_bytes(b) == b_files
+
+    checkpoint = torch.load(a / "last.pt", weights_only=True)
+    torch.save({**checkpoint, "iteration": 0}, a / "earlier.pt")
+    code, _, err = run_code([*resume, "--resume", a / "earlier.pt"], capsys)
+    assert code == 2 and err == [f"error: --out-dir {a} holds a later last.pt of this run (iteration 1; "
+                                 f"{a / 'earlier.pt'} is from iteration 0): resume from {a / 'last.pt'}, or give "
+                                 f"another --out-dir"]
+
+    old = tmp_path / "old"
+    old.mkdir()
+    legacy = {k: v for k, v in checkpoint.items() if k != "run_id"}
+    torch.save({**legacy, "best_miou": -1.0}, old / "last.pt")
+    code, out, err = run_code([*resume, "--resume", old / "last.pt"], capsys)
+    assert code == 0 and out.splitlines()[-1] == f"done: no validation has run; checkpoints in {old}"
+    assert "-1.0" not in out
+
+
+def test_resume_refuses_a_change_of_model_loss_data_or_numerics(demo_run, tmp_path, capsys):
+    """Each flag that shapes the run must be the checkpoint's: the refusal names it and its stored value."""
+    path = demo_run / "last.pt"
+    base = tiny(tmp_path / "out", "--iters", str(DEMO_ITERS), "--demo-images", "16", "--batch-size", "4",
+                "--resume", path)
+    cases = [(["--temperature", "50"], "with --temperature 100.0", "keeps its model"),
+             (["--aux-weight", "0.4"], "with --aux-weight 1.0", "keeps its loss"),
+             (["--no-clustering"], "with --clustering", "keeps its model"),
+             (["--cluster-init", "data"], "with --cluster-init random", "keeps its model"),
+             (["--cluster-reseed", "3"], "with --cluster-reseed 0", "keeps its model"),
+             (["--num-clusters", "64"], "with the default --num-clusters", "keeps its model"),
+             (["--multi-grid"], "without --multi-grid", "keeps its model"),
+             (["--precision", "bf16"], "with --precision fp32", "keeps its numerics"),
+             (["--seed", "3"], "with --seed 0", "keeps its data"),
+             (["--crop-size", "48"], "with --crop-size 32", "keeps its data"),
+             (["--data-root", tmp_path], "on the demo data (no --dataset, no --data-root)", "keeps its data")]
+    for flags, text, why in cases:
+        line = cli_error(capsys, [*base, *flags])
+        assert line == f"error: checkpoint {path} was trained {text}: resume {text} (a resumed run {why})", flags
+    assert not (tmp_path / "out").exists()
+    # the flags that may change are accepted (nothing left to train: iteration 20 of 20)
+    assert train.main([*map(str, base), "--device", "cpu", "--workers", "1", "--log-every", "3", "--val-every", "7",
+                       "--dense-attention", "--out-dir", str(tmp_path / "out")]) == 0
+
+
+def test_every_flag_is_classified_for_resume(capsys):
+    """Every flag of train.py either must match on resume, may change (listed in --help), or only starts a run."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    usage = text.split("\n\n")[0]
+    flags = {f[2:].replace("-", "_") for f in re.findall(r"--[a-z][a-z-]+", usage)} - {"no_pretrained", "no_clustering"}
+    assert {"backbone", "resume", "benchmark_steps"} <= flags
+    must = {key for key, _, _ in train.RESUME_MUST_MATCH}
+    may = set(train.RESUME_MAY_CHANGE)
+    starts = set(train.RESUME_KEEPS) | {"resume", "overwrite", "download", "benchmark", "benchmark_steps"}
+    assert not must & may and not (must | may) & starts
+    assert flags <= must | may | starts, flags - (must | may | starts)
+    listed = " ".join(text.split())
+    assert "These flags may differ from the checkpoint's: " + ", ".join(
+        "--" + k.replace("_", "-") for k in train.RESUME_MAY_CHANGE) in listed
+
+
+def test_checkpoints_are_checked_when_read(demo_run, tmp_path, capsys):
+    """A folder is named as a folder (not "not found"), a whole pickled model as such, non-finite weights are
+    refused by evaluate.py, --init-from and --resume."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes((demo_run / "last.pt").read_bytes())
+    pickled = tmp_path / "model.pt"
+    torch.save(ClusterDANet(num_classes=4, backbone="resnet18"), pickled)
+    checkpoint = torch.load(demo_run / "last.pt", weights_only=True)
+    checkpoint["model"]["classifier.1.weight"][0, 0] = math.nan
+    checkpoint["model"]["backbone.stem.0.weight"][0, 0] = math.inf
+    nan = tmp_path / "nan.pt"
+    torch.save(checkpoint, nan)
+    messages = {folder: f"checkpoint {folder} is a folder, not a checkpoint file (it holds {folder / 'last.pt'})",
+                pickled: f"checkpoint {pickled} is a whole pickled model (clusterdanet.ClusterDANet, as torch.save("
+                         f"model) writes), not a checkpoint of tensors",
+                nan: f"checkpoint {nan} holds weights that are nan or infinite (2 tensors: backbone.stem.0.weight, "
+                     f"classifier.1.weight): it cannot be evaluated or trained from"}
+    for path, message in messages.items():
+        runs = [(["--checkpoint", path], evaluate.main),
+                (tiny(tmp_path / "out", "--iters", DEMO_ITERS, "--demo-images", "4", "--resume", path), train.main),
+                (tiny(tmp_path / "out", "--iters", "1", "--demo-images", "4", "--init-from", path), train.main)]
+        for argv, main in runs:
+            line = cli_error(capsys, argv, main=main)
+            assert line.startswith(f"error: {message}"), line
+            assert "not found" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_a_dataset_with_other_class_names(demo_run, tmp_path, capsys):
+    checkpoint = torch.load(demo_run / "last.pt", weights_only=True)
+    checkpoint["class_names"] = ["background", "square", "disc", "triangle"]
+    path = tmp_path / "swapped.pt"
+    torch.save(checkpoint, path)
+    line = cli_error(capsys, ["--checkpoint", path], main=evaluate.main)
+    assert line == (f"error: checkpoint {path} was trained on other classes than the dataset's: class 1 is 'square' "
+                    f"in the checkpoint, 'disc' in the dataset (and 1 more)")
+
+
+def test_init_from_says_when_backbone_or_classes_differ(demo_run):
+    lines = []
+    model = ClusterDANet(num_classes=4, backbone="resnet34")
+    train.init_from(model, demo_run / "last.pt", lines.append, "resnet34", list(train.SHAPE_CLASSES))
+    loaded = re.match(rf"init from {re.escape(str(demo_run / 'last.pt'))} \(a train.py checkpoint\): loaded (\d+) of "
+                      rf"(\d+) tensors, (\d+)% of the model's parameters", lines[0])
+    assert loaded and int(loaded[1]) < int(loaded[2]) and int(loaded[3]) < 100
+    assert lines[1] == ("  the file's backbone is resnet18, this model's resnet34: only the tensors whose names and "
+                        "shapes happen to match were loaded")
+
+    model = ClusterDANet(num_classes=4, backbone="resnet18")
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    source = torch.load(demo_run / "last.pt", weights_only=True)["model"]
+    lines = []
+    train.init_from(model, demo_run / "last.pt", lines.append, "resnet18", ["background", "square", "disc", "triangle"])
+    classifiers = [n for n in fresh if n.startswith(train.CLASSIFIERS)]
+    assert len(classifiers) == 6  # weight and bias of three 1x1 convolutions
+    for name, tensor in model.state_dict().items():
+        expected = fresh[name] if name in classifiers or ".clustering." in name else source[name]
+        assert torch.equal(tensor, expected), name
+    assert "  the file's classes differ from the dataset's (class 1 'disc' -> 'square', 2 'square' -> 'disc'): the " \
+           "classifiers start fresh" in lines
+    assert any(line.startswith("  skipped, other classes 6: ") for line in lines)
+
+
+class FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+
+def test_full_disk_while_saving_ends_in_one_line_naming_the_checkpoint_kept(tmp_path, monkeypatch, capsys):
+    """The second last.pt finds the disk full part-way through torch.save's writes (an OSError from file.write, as
+    on a real full disk): exit 3, the previous last.pt kept as it was, no temporary file."""
+    saves = [0]
+
+    def open_(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        if mode == "wb" and str(path).endswith("last.pt.tmp"):
+            saves[0] += 1
+            if saves[0] == 2:
+                return FullDisk(file, room=4096)
+        return file
+
+    monkeypatch.setattr(train, "open", open_, raising=False)
+    out = tmp_path / "out"
+    code, _, err = run_code(demo_args(out, "--iters", "2", "--val-every", "1", "--log-every", "100"), capsys)
+    last = out / "last.pt"
+    assert code == train.EXIT_DISK_FULL == 3
+    assert err == [f"error: no space left on the device while writing {last}: the latest checkpoint is {last} from "
+                   f"iteration 1; free some space, then continue with --resume {last}"]
+    assert torch.load(last, weights_only=True)["iteration"] == 1
+    assert not list(tmp_path.rglob("*.tmp")) and not (out / "train.lock").exists()
+
+
+def test_out_of_memory_ends_in_one_line_naming_the_flags_and_the_checkpoint(tmp_path, monkeypatch, capsys):
+    original, steps = train.train_step, [0]
+
+    def train_step(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    out = tmp_path / "out"
+    code, _, err = run_code(demo_args(out, "--iters", "4", "--val-every", "1", "--log-every", "100"), capsys)
+    assert code == train.EXIT_OUT_OF_MEMORY == 4
+    assert err == [f"error: out of memory on cpu in step 2: lower --batch-size (now 2), --crop-size (now 32) or use "
+                   f"--precision bf16; the latest checkpoint is {out / 'last.pt'} from iteration 1: --resume it with a "
+                   f"lower --batch-size (the other flags must stay)"]
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 1

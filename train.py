@@ -10,9 +10,19 @@
     python train.py --data-root data --multi-grid --init-from DANet101.pth.tar  # from the original's weights
 
 This file also holds what evaluate.py builds on: the datasets, the one mIoU metric (a confusion matrix),
-whole-image prediction, and checkpoint loading. Errors a user can fix end in one line and exit code 2.
-Exit codes: 0 done, 2 a user error (nothing was trained), 1 the loss became nan or infinite, 130 / 143 stopped
-by Ctrl-C (SIGINT) / SIGTERM after saving last.pt.
+whole-image prediction, and checkpoint loading. Every error ends in one line `error: ...`, never a traceback.
+
+Exit codes (the README lists the same):
+  0    done
+  1    diverged: the loss or the weights became nan or infinite; stopped without saving, so the last finite
+       checkpoint is kept (the message names it)
+  2    a user error found before any training (a flag, a path, a file, an --out-dir in use or holding another
+       run): nothing was trained and the run folder is as it was
+  3    the disk is full: a write failed for lack of space; the message names the checkpoint kept
+  4    out of memory: the message names the flags that lower memory and the checkpoint kept
+  5    a bad data file found after training started: last.pt was saved first, and the message says so
+  130  stopped by Ctrl-C (SIGINT), after saving last.pt (unless a second signal came in the middle of a step)
+  143  stopped by SIGTERM, the same way
 """
 
 import argparse
@@ -21,7 +31,10 @@ import errno
 import json
 import math
 import os
+import pickle
+import re
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -45,6 +58,10 @@ try:
     import resource  # Unix only: the peak memory of a CPU run
 except ImportError:
     resource = None
+try:
+    import fcntl  # Unix only: the lock of a run folder (FolderLock)
+except ImportError:
+    fcntl = None
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -806,24 +823,61 @@ def save_atomic(path, write):
 
 
 def save_checkpoint(state, path):
-    save_atomic(path, lambda tmp: torch.save(state, tmp))
+    """torch.save(state) to path, atomically. Written through a Python file object: a full disk is then an OSError
+    (ENOSPC, which save_atomic turns into EXIT_DISK_FULL), not the RuntimeError torch.save(state, path) raises."""
+    def write(tmp):
+        with open(tmp, "wb") as file:
+            try:
+                torch.save(state, file)
+            except RuntimeError as e:  # the zip writer's own error, raised as a failed file.write unwinds
+                cause = e.__context__
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if cause is None:
+                    raise
+                raise cause from None
+
+    save_atomic(path, write)
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint written by save_checkpoint; any other file is a UserError that says what is wrong."""
+    """A checkpoint written by save_checkpoint (or by the original DANet code), with finite weights; any other file
+    is a UserError that says what it is: a folder, a whole pickled model, a truncated file, non-finite weights."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        inside = next((f" (it holds {path / name})" for name in ("last.pt", "best.pt") if (path / name).is_file()), "")
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file{inside}")
+    if not path.exists():
         raise UserError(f"checkpoint {path} not found")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a regular file")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses Python objects: torch.save(model) pickles the class
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise UserError(f"checkpoint {path} cannot be read (truncated or not a PyTorch file?): "
+                            f"{type(e).__name__}") from None
+        name = found.group(1)
+        what = "a whole pickled model" if name.startswith(("torch.nn.", "clusterdanet.")) else "a pickled Python object"
+        raise UserError(f"checkpoint {path} is {what} ({name}, as torch.save(model) writes), not a checkpoint of "
+                        f"tensors: it is not unpickled (that would run code from the file); save model.state_dict() "
+                        f"instead") from None
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise UserError(f"checkpoint {path} cannot be read (truncated or not a PyTorch file?): "
                         f"{type(e).__name__}") from None
     if is_original_checkpoint(checkpoint):
-        return from_original(checkpoint, path)
-    if not isinstance(checkpoint, dict) or not {"model", "args", "iteration"} <= checkpoint.keys():
+        checkpoint = from_original(checkpoint, path)
+    elif not isinstance(checkpoint, dict) or not {"model", "args", "iteration"} <= checkpoint.keys() or \
+            not isinstance(checkpoint["model"], dict):
         raise UserError(f"{path} is not a train.py checkpoint (it needs model, args and iteration) "
                         f"nor one of the original DANet code (a state_dict of pretrained.* and head.* tensors)")
+    bad = [name for name, t in checkpoint["model"].items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise UserError(f"checkpoint {path} holds weights that are nan or infinite ({len(bad)} tensors: "
+                        f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): it cannot be evaluated or trained "
+                        f"from; train.py never saves such weights, so use an earlier checkpoint")
     return checkpoint
 
 
@@ -898,18 +952,27 @@ def describe(checkpoint, path):
                    if unused else "")
 
 
-def init_from(model, path, log=print):
+CLASSIFIERS = ("classifier.", "position_classifier.", "channel_classifier.")  # the tensors of the class list
+
+
+def init_from(model, path, log=print, backbone=None, class_names=None):
     """--init-from: copy into `model` every tensor of `path` whose name and shape match; keep clustering fresh.
 
     `path` is a train.py checkpoint or one of the original DANet code. A classifier for another number of
-    classes has another shape and is skipped; the clustering centres and counts are never copied.
+    classes has another shape and is skipped, and so is one for as many classes of other names (its rows would
+    stand for other classes); the clustering centres and counts are never copied. The log says how much of the
+    model was loaded, and plainly when the file's backbone or classes differ from the model's (`backbone`,
+    `class_names`).
     """
     checkpoint = load_checkpoint(path)
-    source = checkpoint["model"]
+    source, config = checkpoint["model"], checkpoint["args"]
+    file_classes = checkpoint.get("class_names")
+    other_classes = (class_names is not None and file_classes is not None and len(file_classes) == len(class_names)
+                     and list(file_classes) != list(class_names))
     state = model.state_dict()  # its tensors share memory with the model's
     fresh = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, ClusteringLayer)
              for b, _ in m.named_buffers()}
-    loaded, other_shape, absent = {}, [], []
+    loaded, other_shape, absent, renamed_classes = {}, [], [], []
     with torch.no_grad():
         for name, tensor in state.items():
             if name in fresh:
@@ -918,20 +981,33 @@ def init_from(model, path, log=print):
                 absent.append(name)
             elif source[name].shape != tensor.shape:
                 other_shape.append(f"{name} {list(source[name].shape)} -> {list(tensor.shape)}")
+            elif other_classes and name.startswith(CLASSIFIERS):
+                renamed_classes.append(name)
             else:
                 tensor.copy_(source[name])
                 part = name.split(".")[0]
                 loaded[part] = loaded.get(part, 0) + 1
     unused = [k for k in source if k not in state] + checkpoint.get("unused", [])
+    parameters = dict(model.named_parameters())
+    share = sum(p.numel() for n, p in parameters.items() if n in source and source[n].shape == p.shape
+                and n not in renamed_classes) / sum(p.numel() for p in parameters.values())
 
     def some(names):
         return f"{len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
 
     kind = "the original DANet code's checkpoint" if checkpoint.get("original") else "a train.py checkpoint"
-    log(f"init from {path} ({kind}): loaded {sum(loaded.values())} tensors "
-        f"({', '.join(f'{part} {n}' for part, n in loaded.items())})")
+    log(f"init from {path} ({kind}): loaded {sum(loaded.values())} of {len(state)} tensors, {share:.0%} of the "
+        f"model's parameters ({', '.join(f'{part} {n}' for part, n in loaded.items())})")
+    if backbone is not None and config.get("backbone") not in (None, backbone):
+        log(f"  the file's backbone is {config['backbone']}, this model's {backbone}: only the tensors whose names "
+            f"and shapes happen to match were loaded")
+    if other_classes:
+        differ = [f"{i} {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(file_classes, class_names)) if a != b]
+        log(f"  the file's classes differ from the dataset's (class {', '.join(differ[:3])}"
+            f"{', ...' if len(differ) > 3 else ''}): the classifiers start fresh")
     for label, names in (("kept fresh (clustering)", sorted(fresh)),
                          ("skipped, other shape (file -> model)", other_shape),
+                         ("skipped, other classes", renamed_classes),
                          ("skipped, not in the file", absent), ("unused from the file", unused)):
         if names:
             log(f"  {label} {some(names)}")
@@ -1066,10 +1142,16 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=whole_number(0, 256), help="data loading processes; " + d("workers"))
     p.add_argument("--demo-images", type=whole_number(1, 10**6), default=1000,
                    help="size of the synthetic training set")
-    p.add_argument("--out-dir", type=os.path.expanduser, help=d("out_dir"))
-    p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue from (same schedule)")
+    p.add_argument("--out-dir", type=os.path.expanduser, help="the run's folder, which belongs to one run: its "
+                   "checkpoints, log.jsonl, and train.lock while it trains; with --resume: the checkpoint's folder; "
+                   + d("out_dir"))
+    p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue the same run from, in its own "
+                   "folder unless --out-dir says otherwise (never one holding another run). These flags may differ "
+                   "from the checkpoint's: " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+                   + "; every other flag must be the same (the run says which is not)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds an earlier "
-                   "one (its checkpoints and log are deleted when training starts)")
+                   "one; the earlier run's checkpoints and log are replaced at the new run's first save, and stay "
+                   "as they were if it stops before")
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
                    "else fp16 on GPU; fp32 on CPU")
@@ -1085,6 +1167,8 @@ def parse_args(argv=None):
                 f"through K / 8 query dimensions), got {args.num_clusters}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
+    if args.resume and args.out_dir is None:  # a resumed run continues in its checkpoint's folder
+        args.out_dir = os.path.dirname(args.resume) or "."
     if not args.clustering and (args.num_clusters is not None or args.cluster_init != "random" or args.cluster_reseed):
         p.error("--num-clusters, --cluster-init and --cluster-reseed set the clustering layers, which --no-clustering "
                 "leaves out")
@@ -1228,45 +1312,206 @@ class Interrupts:
         return 128 + (self.signum or signal.SIGINT)
 
 
+# A resumed run is the same run: these flags change the model, the loss, the data (or their order), the numerics or
+# the schedule, so they must be the checkpoint's. (key, its value in checkpoints written before it existed, None: not
+# checked there; what a resumed run keeps.) Every other flag of a run may change: RESUME_MAY_CHANGE.
+RESUME_MUST_MATCH = (
+    ("dataset", None, "data"), ("train_split", None, "data"), ("val_split", None, "data"),
+    ("demo_images", None, "data"), ("crop_size", None, "data"), ("base_size", None, "data"),
+    ("seed", None, "data"),
+    ("model", None, "model"), ("backbone", None, "model"), ("deep_stem", None, "model"),
+    ("num_clusters", None, "model"), ("temperature", None, "model"), ("clustering", True, "model"),
+    ("cluster_init", "random", "model"), ("cluster_reseed", 0, "model"), ("multi_grid", False, "model"),
+    ("aux_weight", None, "loss"), ("precision", None, "numerics"),
+    ("iters", None, "schedule"), ("lr", None, "schedule"), ("momentum", None, "schedule"),
+    ("weight_decay", None, "schedule"),
+)
+# Where and how fast the run goes and what it logs. --batch-size: the images per step of each process, as the number
+# of processes may change (the data position counts images, see EpochSampler); a lower one continues a run that ran
+# out of memory. --dense-attention computes the same attention (to float rounding) by another formula.
+# --pretrained and --init-from only choose a new run's first weights: a resumed run keeps the checkpoint's.
+RESUME_MAY_CHANGE = ("device", "workers", "batch_size", "compile", "log_every", "val_every", "out_dir", "data_root",
+                     "dense_attention")
+RESUME_KEEPS = ("pretrained", "init_from")  # what the resumed run records: the checkpoint's values
+
+
+def flag_text(key, value):
+    """How a command line says `key` = `value`: "with --lr 0.01", "with --multi-grid", "without --multi-grid", ..."""
+    flag = "--" + key.replace("_", "-")
+    if key == "dataset" and value == "demo":
+        return "on the demo data (no --dataset, no --data-root)"
+    if key == "clustering":
+        return "with --clustering" if value else "with --no-clustering"
+    if value is None:
+        return f"with the default {flag}"
+    if isinstance(value, bool):
+        return f"with {flag}" if value else f"without {flag}"
+    return f"with {flag} {value}"
+
+
 def load_resume_checkpoint(args):
-    """The --resume checkpoint, checked against the command line: same backbone and dataset, same schedule and
-    optimizer."""
+    """The --resume checkpoint, checked against the command line: every flag of RESUME_MUST_MATCH the same."""
     checkpoint = load_checkpoint(args.resume)
     missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
     if missing:
         hint = "; to start from its weights use --init-from" if checkpoint.get("original") else ""
         raise UserError(f"{args.resume} is not a train.py checkpoint to resume from "
                         f"(no {', '.join(sorted(missing))}){hint}")
-    if checkpoint["args"]["backbone"] != args.backbone:
-        raise UserError(f"checkpoint {args.resume} is for {checkpoint['args']['backbone']}, not {args.backbone}")
-    if checkpoint["args"].get("dataset", args.dataset) != args.dataset:
-        raise UserError(f"checkpoint {args.resume} was trained on {checkpoint['args']['dataset']}, not {args.dataset}")
+    check_same_run(args, checkpoint)
     return checkpoint
 
 
-def check_same_schedule(args, checkpoint):
-    """A resumed run continues the checkpoint's schedule: --iters, --lr, --momentum, --weight-decay cannot change
-    (the optimizer state would silently keep the old values)."""
-    for key in ("iters", "lr", "momentum", "weight_decay"):
-        if checkpoint["args"][key] != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"checkpoint {args.resume} was trained with {flag} {checkpoint['args'][key]}: resume "
-                            f"with {flag} {checkpoint['args'][key]} (a resumed run continues its schedule)")
+def check_same_run(args, checkpoint):
+    """A UserError naming the first flag of RESUME_MUST_MATCH that differs from the checkpoint's, and its value."""
+    stored = checkpoint["args"]
+    for key, old_default, kept in RESUME_MUST_MATCH:
+        if key == "demo_images" and stored.get("dataset", "demo") != "demo":
+            continue  # the demo's training set size; other datasets ignore it
+        if key not in stored and old_default is None:
+            continue  # a checkpoint older than the flag: its model is checked by load_state_dict
+        value = stored.get(key, old_default)
+        if value != getattr(args, key, old_default):
+            text = flag_text(key, value)
+            what = "continues its schedule" if kept == "schedule" else f"keeps its {kept}"
+            raise UserError(f"checkpoint {args.resume} was trained {text}: resume {text} (a resumed run {what})")
 
 
-def check_out_dir(args):
-    """--out-dir must be writable, and must not hold an earlier run unless --resume or --overwrite says so."""
+def new_run_id():
+    """A run's id: when it started (UTC) and 6 random hex digits, e.g. 20261202-004012-3fa9c1."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+def folder_runs(out_dir):
+    """{file: (run id, iteration)} for each of last.pt, best.pt and log.jsonl in out_dir. The run id is None in files
+    of a train.py without run ids, "unreadable" for a file that cannot be read; a log has no iteration.
+    Checkpoints are memory-mapped: only the few bytes of the id and iteration are read."""
+    out_dir, found = Path(out_dir), {}
+    for name in ("last.pt", "best.pt"):
+        if (out_dir / name).is_file():
+            try:
+                checkpoint = torch.load(out_dir / name, map_location="cpu", weights_only=True, mmap=True)
+                found[name] = (checkpoint.get("run_id"), checkpoint.get("iteration"))
+            except Exception:  # truncated, foreign: another run's file as far as this run knows
+                found[name] = ("unreadable", None)
+    if (out_dir / "log.jsonl").is_file():
+        try:
+            with open(out_dir / "log.jsonl") as log_file:
+                first = json.loads(log_file.readline())
+            found["log.jsonl"] = (first.get("run_id") if isinstance(first, dict) else None, None)
+        except (OSError, ValueError):  # empty, or not JSON: a log of a train.py without run ids
+            found["log.jsonl"] = (None, None)
+    return found
+
+
+def check_out_dir(args, checkpoint=None, check_lock=True):
+    """--out-dir must be writable and belong to this run: a new run needs one that holds no earlier run (or
+    --overwrite); a run resumed from `checkpoint` one that holds only its own run's files, none of them later.
+    Returns folder_runs(out_dir): the earlier run's files, which --overwrite replaces at the first save.
+    check_lock=False where a process of this run may hold the lock (start_out_dir, and processes other than 0)."""
     out_dir = Path(args.out_dir)
     check_writable(out_dir, "--out-dir")
-    earlier = [name for name in ("last.pt", "best.pt") if (out_dir / name).is_file()]
-    if earlier and not (args.resume or args.overwrite):
-        resume = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in earlier else ""
-        raise UserError(f"--out-dir {out_dir} holds {' and '.join(earlier)} of an earlier run: {resume}choose "
-                        f"another --out-dir, or give --overwrite to replace it")
+    if out_dir.is_dir() and check_lock:
+        FolderLock.check(out_dir)  # a training in it now, whatever it has written so far
+    found = folder_runs(out_dir) if out_dir.is_dir() else {}
+    if not found or args.overwrite:
+        return found
+    if checkpoint is None:
+        earlier = [name for name in ("last.pt", "best.pt") if name in found]
+        if earlier:
+            resume = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in earlier else ""
+            raise UserError(f"--out-dir {out_dir} holds {' and '.join(earlier)} of an earlier run: {resume}choose "
+                            f"another --out-dir, or give --overwrite to replace it")
+        raise UserError(f"--out-dir {out_dir} holds the log.jsonl of an earlier run (which saved no checkpoint): "
+                        f"choose another --out-dir, or give --overwrite to replace it")
+    run_id = checkpoint.get("run_id")
+    own_folder = out_dir.resolve() == Path(args.resume).resolve().parent
+    for name, (other, iteration) in found.items():
+        same = own_folder if other is None or run_id is None else other == run_id  # no ids: its own folder only
+        if not same:
+            raise UserError(f"--out-dir {out_dir} holds the {name} of another run (run {other}) than {args.resume} "
+                            f"(run {run_id}): give the resumed run an --out-dir of its own")
+        if name == "last.pt" and iteration is not None and iteration > checkpoint["iteration"]:
+            raise UserError(f"--out-dir {out_dir} holds a later last.pt of this run (iteration {iteration}; "
+                            f"{args.resume} is from iteration {checkpoint['iteration']}): resume from "
+                            f"{out_dir / 'last.pt'}, or give another --out-dir")
+    return found
 
 
-def build_model_and_optimizer(args, checkpoint, device, world_size):
-    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given.
+class FolderLock:
+    """The lock of a run folder: OUT_DIR/train.lock, held with fcntl.flock for the life of the training process.
+
+    The OS releases a flock when its process ends, however it ends (also SIGKILL, or a machine restart, after which
+    no lock is held at all), so the lock of a dead process is simply taken over. The file records the holder (pid,
+    host, start time, run id) for the refusal to name. It is removed when the holder ends; a process that locked a
+    file removed meanwhile tries again on the new one. Without fcntl (Windows) folders are not locked.
+    """
+
+    NAME = "train.lock"
+
+    def __init__(self, out_dir, run_id):
+        self.path, self.fd = Path(out_dir) / self.NAME, None
+        if fcntl is None:
+            return
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            for _ in range(20):  # FolderLock.check in another process may hold it for a moment
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            else:  # held by a live process
+                os.close(fd)
+                raise UserError(self.in_use(out_dir, self.path))
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # its holder removed it as it ended: lock the new one
+                same = False
+            if same:
+                self.fd = fd
+            else:
+                os.close(fd)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "run_id": run_id}
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, (json.dumps(holder) + "\n").encode())
+
+    @staticmethod
+    def in_use(out_dir, path):
+        try:
+            holder = json.loads(Path(path).read_text())
+            holder = f"run {holder['run_id']}, pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError, TypeError):  # being written at this very moment
+            holder = "its lock file names no holder yet"
+        return f"--out-dir {out_dir} is in use by another training ({holder}): wait for it to end, or choose another " \
+               f"--out-dir"
+
+    @classmethod
+    def check(cls, out_dir):
+        """A UserError naming the holder if a live process holds out_dir's lock; creates nothing."""
+        path = Path(out_dir) / cls.NAME
+        if fcntl is None or not path.is_file():
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            raise UserError(cls.in_use(out_dir, path)) from None
+        finally:
+            os.close(fd)
+
+    def release(self):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one can lock this file after us
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # also for DataLoader workers that share the descriptor
+            os.close(self.fd)
+            self.fd = None
+
+
+def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=None):
+    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given (checked
+    against the command line by load_resume_checkpoint), or started from --init-from's weights.
 
     The model to train is wrapped in DDP, then compiled with --compile (so the gradient all_reduce overlaps the
     backward pass); the raw model, unwrapped, is the one validated and saved.
@@ -1274,10 +1519,9 @@ def build_model_and_optimizer(args, checkpoint, device, world_size):
     raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None and not args.init_from})
     if args.init_from:  # every rank reads the same file: the models start equal
         init_from(raw_model, args.init_from, print if not dist.is_initialized() or dist.get_rank() == 0 else
-                  (lambda *_: None))
+                  (lambda *_: None), args.backbone, class_names)
     if checkpoint is not None:
         load_model_state(raw_model, checkpoint, args.resume)
-        check_same_schedule(args, checkpoint)
     if dist.is_initialized() and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device, memory_format=torch.channels_last)
@@ -1310,7 +1554,8 @@ def build_run(args, checkpoint, device, rank, world_size, autocast):
     if len(train_set) < world_size * args.batch_size:
         raise UserError(f"{len(train_set)} training images cannot fill a batch of {args.batch_size} on each of "
                         f"{world_size} processes")
-    model, raw_model, optimizer, scheduler, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
+    model, raw_model, optimizer, scheduler, scaler = build_model_and_optimizer(args, checkpoint, device, world_size,
+                                                                               train_set.class_names)
 
     sampler = EpochSampler(len(train_set), args.seed, rank, world_size)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
@@ -1319,26 +1564,53 @@ def build_run(args, checkpoint, device, rank, world_size, autocast):
     val_shard = Subset(val_set, range(rank, len(val_set), world_size))  # each image once: the metric is exact
     val_loader = DataLoader(val_shard, 1, collate_fn=pad_collate, **loader_kwargs)
     resumed = checkpoint or {}
+    config = {**vars(args), **{k: resumed["args"][k] for k in RESUME_KEEPS if k in resumed.get("args", {})}}
+    best_miou = resumed.get("best_miou")  # None until a validation has run (older checkpoints: -1.0)
     return SimpleNamespace(
-        args=args, config=vars(args).copy(), device=device, master=rank == 0, world_size=world_size,
+        args=args, config=config, device=device, master=rank == 0, world_size=world_size,
         autocast=autocast, model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         sampler=sampler, train_loader=train_loader, val_loader=val_loader, out_dir=Path(args.out_dir),
         class_names=list(train_set.class_names), train_set=train_set,
-        iteration=resumed.get("iteration", 0), best_miou=resumed.get("best_miou", -1.0),
+        run_id=resumed.get("run_id") or new_run_id(), resumed={k: resumed.get(k) for k in ("run_id", "iteration")},
+        iteration=resumed.get("iteration", 0), start_iteration=resumed.get("iteration", 0),
+        best_miou=None if best_miou is None or best_miou < 0 else best_miou,
         epoch=resumed.get("epoch", 0), epoch_images=resumed.get("epoch_images", 0),  # the data position
-        busy=None, saved_iteration=None)  # what a second interrupt would cut short; the iteration of last.pt
+        busy=None, saved_iteration=None,  # what a second interrupt would cut short; the iteration of last.pt
+        validating=False, lock=None, pending=[], held=False)  # log lines not written yet; held until the first save
 
 
 def start_out_dir(run):
-    """Create --out-dir (rank 0), empty it with --overwrite, and say what is about to run."""
+    """Take the run folder (rank 0): create and lock it, check it again under the lock (another training may have
+    written it since check_out_dir), and begin the log with what this run is; say what is about to run.
+
+    --overwrite replaces nothing yet: the earlier run's files go at this run's first save (save), and until then
+    its log lines are held back. The first record waits for the next one, so that a run that stops before its
+    first step (a bad file in the first batch: exit 2) leaves the folder as it was."""
+    refused = None
     if run.master:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        if run.args.overwrite:
-            for name in ("last.pt", "best.pt", "log.jsonl"):
-                (run.out_dir / name).unlink(missing_ok=True)
-        print(f"training {run.args.backbone} on {type(run.train_set).__name__} {len(run.train_set)} images, "
-              f"{run.world_size} process(es) on {run.device.type}, {run.args.precision}, {run.args.iters} iterations "
-              f"from {run.iteration}", flush=True)
+        try:
+            run.lock = FolderLock(run.out_dir, run.run_id)
+            earlier = check_out_dir(run.args, run.resumed if run.args.resume else None, check_lock=False)
+        except UserError as e:
+            refused = e
+    if any_rank(refused is not None, run.device):
+        raise refused or UserError(f"process 0 could not take --out-dir {run.out_dir}")
+    if not run.master:
+        return
+    record = {"run_id": run.run_id, "start": "resumed" if run.args.resume else "new",
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if run.args.resume:
+        record.update({"from": str(run.args.resume), "from_iteration": run.iteration})
+    elif earlier:
+        last = earlier.get("last.pt", earlier.get("best.pt", (None, None)))
+        record["overwriting"] = {"run_id": last[0] or earlier.get("log.jsonl", (None,))[0], "files": sorted(earlier),
+                                 "iteration": last[1]}
+        run.held = True
+    log(run, record, defer=True)
+    print(f"training {run.args.backbone} on {type(run.train_set).__name__} {len(run.train_set)} images, "
+          f"{run.world_size} process(es) on {run.device.type}, {run.args.precision}, {run.args.iters} iterations "
+          f"from {run.iteration}, run {run.run_id} in {run.out_dir}", flush=True)
 
 
 def train_batches(run):
@@ -1417,14 +1689,17 @@ def weights_finite(run):
 
 def validate(run, interrupts):
     """Validation mIoU, logged; saves last.pt, and best.pt at a new best. False if a signal abandoned it."""
+    run.validating = True  # for the message of an error in the middle of it
     metric = evaluate(run.raw_model, run.val_loader, run.args.num_classes, run.device, run.autocast,
                       stop=lambda: interrupts.requested)  # the raw model: DDP's forward expects every rank in step
+    run.validating = False
     run.model.train()
     if metric is None:
         return False
     metric = metric.compute()
-    best = metric["miou"] > run.best_miou
-    run.best_miou = max(run.best_miou, metric["miou"])
+    best = not math.isnan(metric["miou"]) and (run.best_miou is None or metric["miou"] > run.best_miou)
+    if best:
+        run.best_miou = metric["miou"]
     usage = run.raw_model.cluster_usage()  # over the training steps since the last validation
     log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
               "val_iou": per_class(metric["iou"], run.class_names),
@@ -1439,24 +1714,65 @@ def validate(run, interrupts):
     return True
 
 
-def log(run, record, text=None):
-    """Print `text` and append `record` to out_dir/log.jsonl (rank 0)."""
-    if run.master:
-        if text:
-            print(text, flush=True)
-        with open(run.out_dir / "log.jsonl", "a") as log_file:
-            log_file.write(json.dumps(record) + "\n")
+def json_safe(value):
+    """`value` with every nan and inf (in dicts and lists) replaced by None: strict JSON, as log.jsonl holds."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def log(run, record, text=None, defer=False):
+    """Print `text` and append `record` to out_dir/log.jsonl (rank 0), one strict JSON line (nan and inf as null).
+
+    Lines wait in run.pending: a `defer`red one (the run's first record) for the next record, all of them while
+    run.held (an --overwrite run before its first save, which writes them in place of the earlier run's log)."""
+    if not run.master:
+        return
+    if text:
+        print(text, flush=True)
+    run.pending.append(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    if not (defer or run.held):
+        path = run.out_dir / "log.jsonl"
+        try:
+            with open(path, "a") as log_file:
+                log_file.write("".join(run.pending))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RunError(f"no space left on the device while writing {path}: {latest_checkpoint(run)}; free "
+                           f"some space", EXIT_DISK_FULL) from None
+        run.pending = []
 
 
 def save(run, name):
-    """The run's state as out_dir/name (rank 0), written atomically."""
+    """The run's state as out_dir/name (rank 0), written atomically. The first save of an --overwrite run then
+    removes the earlier run's files (its other checkpoint, its log) and writes this run's log lines held so far.
+    A full disk ends the run (EXIT_DISK_FULL) with a message naming the checkpoints kept."""
     if run.master:
         run.busy = "while saving"
-        save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-                         "iteration": run.iteration, "best_miou": run.best_miou, "args": run.config,
-                         "class_names": run.class_names, "epoch": run.epoch, "epoch_images": run.epoch_images},
-                        run.out_dir / name)
+        path = run.out_dir / name
+        try:
+            save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+                             "iteration": run.iteration, "best_miou": run.best_miou, "args": run.config,
+                             "class_names": run.class_names, "epoch": run.epoch, "epoch_images": run.epoch_images,
+                             "run_id": run.run_id}, path)
+        except RunError as e:
+            kept = f"the previous {name} is kept, " if name != "last.pt" and path.is_file() else ""
+            earlier = f"; the earlier run in {run.out_dir} is as it was" if run.held else ""
+            last = run.out_dir / "last.pt"
+            resume = f", then continue with --resume {last}" if run.saved_iteration is not None else ""
+            raise RunError(f"no space left on the device while writing {path}: {kept}{latest_checkpoint(run)}"
+                           f"{earlier}; free some space{resume}", e.code) from None
+        if run.held:  # --overwrite: this run has a checkpoint now, the earlier run's files go
+            for other in sorted({"last.pt", "best.pt"} - {name}):
+                (run.out_dir / other).unlink(missing_ok=True)
+            save_atomic(run.out_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(run.pending)))
+            run.pending, run.held = [], False
         run.busy = None
     if name == "last.pt":
         run.saved_iteration = run.iteration
@@ -1475,10 +1791,11 @@ def finish(run, status, interrupts):
     if status == "diverged":
         log(run, {"iteration": run.iteration, "diverged": True})
         if run.master:
+            earlier = f"; the earlier run in {run.out_dir} is as it was" if run.held else ""
             print(f"error: training diverged (the loss or the weights became nan or infinite by iteration "
-                  f"{run.iteration}): stopped without saving, {latest_checkpoint(run)}; try a lower --lr than "
-                  f"{run.args.lr:g}", file=sys.stderr)
-        return 1
+                  f"{run.iteration}): stopped without saving, {latest_checkpoint(run)}{earlier}; try a lower --lr "
+                  f"than {run.args.lr:g}", file=sys.stderr)
+        return EXIT_DIVERGED
     if status == "interrupted":
         if run.saved_iteration != run.iteration:
             save(run, "last.pt")
@@ -1487,8 +1804,54 @@ def finish(run, status, interrupts):
             f"--resume {run.out_dir / 'last.pt'}")
         return interrupts.exit_code
     if run.master:
-        print(f"done: best val mIoU {run.best_miou:.4f}; checkpoints in {run.out_dir}")
+        best = "no validation has run" if run.best_miou is None else f"best val mIoU {run.best_miou:.4f}"
+        print(f"done: {best}; checkpoints in {run.out_dir}")
     return 0
+
+
+def error_line(error):
+    """The one line of a UserError, also of one that a DataLoader worker re-raised with its traceback."""
+    return str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+
+
+def data_error(run, error):
+    """A file that turned out bad during training or validation (a dataset's UserError). Before this process's first
+    step nothing was trained: a user error (exit 2), the run folder as it was. After it, last.pt is saved first
+    (the weights are between two steps) and the run ends with EXIT_DATA_ERROR, saying so."""
+    message = error_line(error)
+    if run.iteration == run.start_iteration:
+        raise UserError(message) from None
+    where = "during the validation of" if run.validating else "after"
+    last = run.out_dir / "last.pt"
+    if run.saved_iteration == run.iteration:
+        outcome = f"{last} was saved at iteration {run.iteration}"
+    elif finite(run.raw_model):
+        save(run, "last.pt")
+        outcome = f"saved {last} at iteration {run.iteration} first"
+    else:
+        outcome = f"last.pt not saved (the weights are not finite), {latest_checkpoint(run)}"
+    log(run, {"iteration": run.iteration, "data_error": message})
+    resume = f"; fix the file, then continue with --resume {last}" if run.saved_iteration is not None else ""
+    raise RunError(f"{message} ({where} iteration {run.iteration}): {outcome}{resume}", EXIT_DATA_ERROR)
+
+
+def out_of_memory(args, device, run=None):
+    """The RunError (EXIT_OUT_OF_MEMORY) for an error that is_out_of_memory: where, the flags that lower
+    memory, and the checkpoint kept (nothing is saved: a step cut short may have left the weights half-updated)."""
+    where = f"out of {'GPU ' if device.type == 'cuda' else ''}memory on {device}"
+    if run is not None:
+        where += (f" during the validation of iteration {run.iteration}" if run.validating else
+                  f" in step {run.iteration + 1}")
+    lower = [f"--batch-size (now {args.batch_size})", f"--crop-size (now {args.crop_size})"]
+    if args.precision == "fp32":
+        lower.append("--precision bf16" + (" (or fp16)" if device.type == "cuda" else ""))
+    workers = f"; on the CPU also fewer --workers (now {args.workers})" if device.type == "cpu" and args.workers else ""
+    kept = ""
+    if run is not None and run.saved_iteration is not None:
+        kept = f"; {latest_checkpoint(run)}: --resume it with a lower --batch-size (the other flags must stay)"
+    elif run is not None:
+        kept = f"; {latest_checkpoint(run)}"
+    return RunError(f"{where}: lower {', '.join(lower[:-1])} or use {lower[-1]}{workers}{kept}", EXIT_OUT_OF_MEMORY)
 
 
 def stop_at_once(run, interrupts):
@@ -1514,29 +1877,41 @@ def stop_at_once(run, interrupts):
 
 
 def main(argv=None):
-    """Train, or time training steps (--benchmark). Returns the exit code: 0 done, 1 the loss became nan or
-    infinite, 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM; user errors raise UserError (exit code 2)."""
+    """Train, or time training steps (--benchmark). Returns the exit code (0, 1 or 130 / 143); the other exits raise
+    UserError (2) or RunError (3, 4, 5): see the module docstring."""
     args = parse_args(argv)
     device, rank, world_size, autocast = setup_device(args)
     torch.manual_seed(args.seed + rank)
     checkpoint = load_resume_checkpoint(args) if args.resume else None
-    if args.benchmark:
-        args.num_classes = len(VOC_CLASSES)
-        model, _, optimizer, _, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
-        model.train()
-        return benchmark(args, model, optimizer, scaler, device, autocast, rank == 0)
+    run = None
+    try:
+        if args.benchmark:
+            args.num_classes = len(VOC_CLASSES)
+            model, _, optimizer, _, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
+            model.train()
+            return benchmark(args, model, optimizer, scaler, device, autocast, rank == 0)
 
-    check_out_dir(args)
-    run = build_run(args, checkpoint, device, rank, world_size, autocast)
-    start_out_dir(run)
-    together = " and, with the other processes, the steps up to the next log step" if world_size > 1 else ""
-    message = (f"finishing the step in flight{together}, then saving last.pt (a validation in progress is "
-               f"abandoned); send it again to stop at once") if run.master else None
-    with Interrupts(message) as interrupts:
-        try:
-            code = finish(run, train(run, interrupts), interrupts)
-        except KeyboardInterrupt:  # a second signal
-            return stop_at_once(run, interrupts)
+        check_out_dir(args, checkpoint, check_lock=rank == 0)
+        run = build_run(args, checkpoint, device, rank, world_size, autocast)
+        del checkpoint  # its tensors are in the model and optimizer now
+        start_out_dir(run)
+        together = " and, with the other processes, the steps up to the next log step" if world_size > 1 else ""
+        message = (f"finishing the step in flight{together}, then saving last.pt (a validation in progress is "
+                   f"abandoned); send it again to stop at once") if run.master else None
+        with Interrupts(message) as interrupts:
+            try:
+                code = finish(run, train(run, interrupts), interrupts)
+            except KeyboardInterrupt:  # a second signal
+                return stop_at_once(run, interrupts)
+            except UserError as e:  # a bad file, read during training or validation
+                data_error(run, e)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(args, device, run) from None
+        raise
+    finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
     if dist.is_initialized():
         dist.destroy_process_group()
     return code
