@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
-from torchvision.utils import draw_keypoints, draw_segmentation_masks, make_grid
+from torchvision.utils import draw_keypoints, draw_segmentation_masks
 
 import train
 from train import MEAN, STD, UserError, save_atomic
@@ -188,12 +188,15 @@ def save_picture(panels, path, strip=None):
     """Panels [3, H, W] uint8 side by side, enlarged with nearest-neighbour (each pixel a factor x factor block, see
     enlargement), and strip(width) [3, h, width] below if given (the legend, drawn at the enlarged width)."""
     factor = enlargement(*panels[0].shape[1:])
-    panels = [p.repeat_interleave(factor, 1).repeat_interleave(factor, 2) for p in panels]  # [3, fH, fW]
-    picture = make_grid(panels, nrow=len(panels), padding=4, pad_value=255)  # [3, fH + 8, n * (fW + 4) + 4]
+    gap = np.full((panels[0].shape[1] * factor, 4, 3), 255, np.uint8)  # 4 white pixels between panels
+    row = [gap]
+    for panel in panels:  # [3, H, W] -> [H, W, 3] -> [fH, fW, 3]
+        row += [panel.cpu().numpy().transpose(1, 2, 0).repeat(factor, 0).repeat(factor, 1), gap]
+    picture = np.pad(np.concatenate(row, 1), ((4, 4), (0, 0), (0, 0)), constant_values=255)  # [fH + 8, n (fW+4) + 4, 3]
     if strip is not None:
-        picture = torch.cat([picture, strip(picture.shape[2])], dim=1)  # stacked vertically
-    pixels = picture.permute(1, 2, 0).cpu().numpy()  # [3, H, W] -> [H, W, 3]
-    save_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+        legend_rows = strip(picture.shape[1]).permute(1, 2, 0).numpy()  # [3, h, width] -> [h, width, 3]
+        picture = np.concatenate([picture, legend_rows], 0)  # stacked vertically
+    save_atomic(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
 
 
 def save_overlay(image, prediction, path, class_names, target=None, style=VOC_STYLE):
