@@ -808,9 +808,9 @@ def build_model(config):
 def save_atomic(path, write):
     """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a full disk can refuse the folder too
         write(tmp)
         os.replace(tmp, path)
     except BaseException as e:  # disk full, Ctrl-C: keep the previous file, leave no temporary one
