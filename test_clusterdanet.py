@@ -3512,27 +3512,21 @@ class FullDisk:
 
 
 def test_full_disk_while_saving_ends_in_one_line_naming_the_checkpoint_kept(tmp_path, monkeypatch, capsys):
-    """The second last.pt finds the disk full part-way through torch.save's writes (an OSError from file.write, as
-    on a real full disk): exit 3, the previous last.pt kept as it was, no temporary file."""
-    saves = [0]
-
+    """best.pt, written after last.pt, finds the disk full part-way through torch.save's writes (an OSError from
+    file.write, as on a real full disk): exit 3, naming last.pt as kept; no best.pt, no temporary file."""
     def open_(path, mode="r", *args, **kwargs):
         file = open(path, mode, *args, **kwargs)
-        if mode == "wb" and str(path).endswith("last.pt.tmp"):
-            saves[0] += 1
-            if saves[0] == 2:
-                return FullDisk(file, room=4096)
-        return file
+        return FullDisk(file, room=4096) if mode == "wb" and str(path).endswith("best.pt.tmp") else file
 
     monkeypatch.setattr(train, "open", open_, raising=False)
     out = tmp_path / "out"
-    code, _, err = run_code(demo_args(out, "--iters", "2", "--val-every", "1", "--log-every", "100"), capsys)
+    code, _, err = run_code(demo_args(out, "--iters", "1", "--val-every", "1"), capsys)
     last = out / "last.pt"
     assert code == train.EXIT_DISK_FULL == 3
-    assert err == [f"error: no space left on the device while writing {last}: the latest checkpoint is {last} from "
-                   f"iteration 1; free some space, then continue with --resume {last}"]
+    assert err == [f"error: no space left on the device while writing {out / 'best.pt'}: the latest checkpoint is "
+                   f"{last} from iteration 1; free some space, then continue with --resume {last}"]
     assert torch.load(last, weights_only=True)["iteration"] == 1
-    assert not list(tmp_path.rglob("*.tmp")) and not (out / "train.lock").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"]  # no best.pt, no .tmp, no lock
 
 
 def test_out_of_memory_ends_in_one_line_naming_the_flags_and_the_checkpoint(tmp_path, monkeypatch, capsys):
