@@ -3149,7 +3149,8 @@ def test_full_disk_while_writing_a_picture_exits_3(voc_checkpoint, tmp_path, cap
 
 
 def test_scale_below_one_pixel_is_clamped_to_one_pixel(voc_checkpoint, tmp_path, capsys):
-    """--scales 0.01 on a 24x16 image: predicted at 1x1 (not a size-0 error), the scores averaged as for any scale."""
+    """A scale that shrinks a side below one pixel: predicted at one pixel (not a size-0 error), the scores averaged as
+    for any scale; --scales below 0.1 are refused in one line before any work."""
     x = torch.randn(1, 3, 24, 16)
     assert evaluate.rescale(x, 0.01).shape == (1, 3, 1, 1) and evaluate.rescale(x, 0.05).shape == (1, 3, 1, 1)
     assert evaluate.rescale(torch.randn(1, 3, 300, 16), 0.01).shape == (1, 3, 3, 1)
@@ -3162,10 +3163,14 @@ def test_scale_below_one_pixel_is_clamped_to_one_pixel(voc_checkpoint, tmp_path,
                     train.predict_logits(model, x).softmax(1)) / 2
     torch.testing.assert_close(scores, expected)
 
-    random_png(tmp_path / "a.png", 40, 64)
+    random_png(tmp_path / "a.png", 40, 6)  # 6 px high: 0.1x would be 0 px
     evaluate.main([str(a) for a in ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu",
-                                    "--scales", "0.01", "--json", tmp_path / "r.json"]])
-    assert json.loads((tmp_path / "r.json").read_text())["images"][0]["size"] == [40, 64]
+                                    "--scales", "0.1", "1", "--json", tmp_path / "r.json"]])
+    assert json.loads((tmp_path / "r.json").read_text())["images"][0]["size"] == [40, 6]
+    line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu",
+                              "--scales", "0.01", "--json", tmp_path / "r2.json"], main=evaluate.main)
+    assert line == "error: argument --scales: expected a number >= 0.1 and <= 8, got '0.01' (see --help)"
+    assert not (tmp_path / "r2.json").exists()
 
 
 # ----------------------------------------------------------------------------- one run, one folder
