@@ -2746,7 +2746,6 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
     t = torch.zeros(1)
     keys = {f"pretrained.layer{i}.{j}.conv1.weight": t for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)}
     files = {
-        "deep_stem": {"pretrained.conv1.0.weight": t, **keys, "head.conv8.1.weight": t},
         "resnet34_like": {"pretrained.conv1.weight": t, **keys, "pretrained.layer3.9.conv1.weight": t,
                           "head.conv8.1.weight": t},
         "keys_only": {"pretrained.conv1.weight": t, **keys, "head.conv8.1.weight": torch.zeros(19, 512, 1, 1)},
@@ -2758,7 +2757,6 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
         line = cli_error(capsys, argv, main=main)
         assert all(f in line for f in fragments), line
 
-    check(["--checkpoint", tmp_path / "deep_stem.pth.tar"], "deep stem", "--no-deepstem")
     check(["--checkpoint", tmp_path / "resnet34_like.pth.tar"], "blocks per layer (3, 4, 7, 3)")
     check(["--checkpoint", tmp_path / "keys_only.pth.tar"], "is for another model")
     check(tiny(tmp_path / "out", "--iters", "2", "--resume", tmp_path / "keys_only.pth.tar"),
