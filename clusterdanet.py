@@ -391,9 +391,10 @@ class CompactChannelAttention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         f = self.reduce(x)  # [B, C/16, H, W]
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         with torch.autocast(x.device.type, enabled=False):
-            X = x.float().reshape(B, C, H * W)  # [B, C, H, W] -> [B, C, N]
-            Fc = f.float().reshape(B, -1, H * W)  # [B, C/16, H, W] -> [B, C/16, N]
+            X = x.to(dtype).reshape(B, C, H * W)  # [B, C, H, W] -> [B, C, N]
+            Fc = f.to(dtype).reshape(B, -1, H * W)  # [B, C/16, H, W] -> [B, C/16, N]
             energy = torch.bmm(X, Fc.transpose(1, 2))  # [B, C, N] x [B, N, C/16] -> [B, C, C/16]
             attention = torch.softmax(energy.amax(dim=-1, keepdim=True) - energy, dim=-1)  # [B, C, C/16]
             out = torch.bmm(attention, Fc).reshape(B, C, H, W)  # [B, C, C/16] x [B, C/16, N] -> [B, C, H, W]
