@@ -32,6 +32,17 @@ One addition, off by default as in the original: ClusteringLayer can draw its ce
 re-seed centres that stay dead (see its docstring). ClusteringLayer, PositionAttention and
 ChannelAttention each work copied alone into a file that imports torch, torch.nn as nn and
 torch.nn.functional as F.
+
+DRANet (Fu et al., "Scene Segmentation With Dual Relation-Aware Attention Network", TNNLS 2020), the same
+authors' successor, is here too, with the same options: its compact position attention (CPAM) attends to
+50 pooled centres instead of every pixel, its compact channel attention (CCAM) to C/16 compact channels,
+and a cross-level gating decoder (CLGD) joins layer1's features at stride 4 (see DRANet; each of the
+three modules also works copied alone). clustering=True puts the clustering layer before CPAM and CCAM:
+ClusterDRANet. CPAM's 50 centres and the clustering layer's K centres differ in kind: CPAM's are places,
+averages of the feature map over fixed bins of each image (1x1, 2x2, 3x3, 6x6), recomputed per image and
+trained by the gradient through learned projections; the clustering layer's are kinds of features, unit
+vectors shared by all images, moved only by online k-means, and each pixel is described by its
+similarity to them wherever it is. In ClusterDRANet CPAM pools the K similarity maps.
 """
 
 from collections import OrderedDict

@@ -3130,6 +3130,9 @@ def test_original_dranet_is_read_as_plain_dranet_with_the_same_logits(original_d
         expected, got = original(images), model(images)
     for e, key in zip(expected, ("out", "aux")):
         torch.testing.assert_close(got[key] / e.abs().max(), e / e.abs().max(), rtol=0, atol=1e-3)
+    line = cli_error(capsys, ["--checkpoint", path, "--save-dir", path.parent / "pictures", "--show-clusters"],
+                     main=evaluate.main)
+    assert "draws the clustering layer" in line and "is plain DRANet" in line
 
 
 def test_original_dranet_on_cityscapes_and_an_image_end_to_end(original_dranet, tmp_path, monkeypatch, capsys):
