@@ -74,7 +74,11 @@ class ClusteringLayer(nn.Module):
     online k-means): after t calls with similar mass a centre moves 1/t of the way to its pixels, and it
     settles early. The update works in fp32: in an fp32 forward it reuses the forward's unit features and
     similarities (computed once, as ConstellationNet does), under autocast it recomputes them in fp32 from x
-    (in 16 bits a few percent of the hard assignments change); it sums the statistics in fp32. Under
+    (in 16 bits a few percent of the hard assignments change); it sums the statistics in fp32. Measured
+    (ClusterDANet ResNet-50, batch 2 at 192x192, fp32 CPU, one thread timed by CPU time, the variants
+    alternating in one process, best of 6): a training step takes 1.04x that of ConstellationNet's minimal
+    layer (1.02x with the second computation); the run-to-run spread, about 5%, is larger than what computing
+    once saves (about 1%: two K x C products per call of a ~100 GFLOP step). Under
     torch.distributed, mass and sum are all-reduced first, so every rank holds the same centres, equal to
     those of one process that saw the global batch.
 
