@@ -77,8 +77,8 @@ class ClusteringLayer(nn.Module):
     (in 16 bits a few percent of the hard assignments change); it sums the statistics in fp32. Measured
     (ClusterDANet ResNet-50, batch 2 at 192x192, fp32 CPU, one thread timed by CPU time, the variants
     alternating in one process, best of 6): a training step takes 1.04x that of ConstellationNet's minimal
-    layer (1.02x with the second computation); the run-to-run spread, about 5%, is larger than what computing
-    once saves (about 1%: two K x C products per call of a ~100 GFLOP step). Under
+    layer, and 1.02x when the update computes everything a second time: the spread between runs, about 5%,
+    is larger than what computing once saves (about 1%: two K x C products per call of a ~100 GFLOP step). Under
     torch.distributed, mass and sum are all-reduced first, so every rank holds the same centres, equal to
     those of one process that saw the global batch.
 
