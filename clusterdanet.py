@@ -32,6 +32,17 @@ One addition, off by default as in the original: ClusteringLayer can draw its ce
 re-seed centres that stay dead (see its docstring). ClusteringLayer, PositionAttention and
 ChannelAttention each work copied alone into a file that imports torch, torch.nn as nn and
 torch.nn.functional as F.
+
+DRANet (Fu et al., "Scene Segmentation With Dual Relation-Aware Attention Network", TNNLS 2020), the same
+authors' successor, is here too, with the same options: its compact position attention (CPAM) attends to
+50 pooled centres instead of every pixel, its compact channel attention (CCAM) to C/16 compact channels,
+and a cross-level gating decoder (CLGD) joins layer1's features at stride 4 (see DRANet; each of the
+three modules also works copied alone). clustering=True puts the clustering layer before CPAM and CCAM:
+ClusterDRANet. CPAM's 50 centres and the clustering layer's K centres differ in kind: CPAM's are places,
+averages of the feature map over fixed bins of each image (1x1, 2x2, 3x3, 6x6), recomputed per image and
+trained by the gradient through learned projections; the clustering layer's are kinds of features, unit
+vectors shared by all images, moved only by online k-means, and each pixel is described by its
+similarity to them wherever it is. In ClusterDRANet CPAM pools the K similarity maps.
 """
 
 from collections import OrderedDict
@@ -61,8 +72,13 @@ class ClusteringLayer(nn.Module):
     same update without dividing by a mass that can underflow to 0 (a centre with no mass stays put).
     `counts` is 1 plus all the mass a centre ever received, so the step size decays like 1/t (MacQueen's
     online k-means): after t calls with similar mass a centre moves 1/t of the way to its pixels, and it
-    settles early. The update recomputes the similarities in fp32 from x, also under autocast (in 16 bits
-    a few percent of the hard assignments change), and sums the statistics in fp32. Under
+    settles early. The update works in fp32: in an fp32 forward it reuses the forward's unit features and
+    similarities (computed once, as ConstellationNet does), under autocast it recomputes them in fp32 from x
+    (in 16 bits a few percent of the hard assignments change); it sums the statistics in fp32. Measured
+    (ClusterDANet ResNet-50, batch 2 at 192x192, fp32 CPU, one thread timed by CPU time, the variants
+    alternating in one process, best of 6): a training step takes 1.04x that of ConstellationNet's minimal
+    layer, and 1.02x when the update computes everything a second time: the spread between runs, about 5%,
+    is larger than what computing once saves (about 1%: two K x C products per call of a ~100 GFLOP step). Under
     torch.distributed, mass and sum are all-reduced first, so every rank holds the same centres, equal to
     those of one process that saw the global batch.
 
@@ -107,15 +123,20 @@ class ClusteringLayer(nn.Module):
         centers = F.normalize(self.centers.float(), dim=1)  # [K, C]
         s = torch.einsum("bchw,kc->bkhw", u, centers)  # [B, C, H, W] -> [B, K, H, W], under autocast in 16 bits
         if self.training:
-            self.update(x.detach())
+            if s.dtype == torch.float32:  # no autocast: these are the update's fp32 similarities, computed once
+                self.update(x.detach(), u.detach(), s.detach())
+            else:
+                self.update(x.detach())
         return s.to(x.dtype)
 
     @torch.no_grad()
-    def update(self, x):
-        """One k-means step from the features x [B, C, H, W], in fp32 whatever the autocast state."""
+    def update(self, x, u=None, s=None):
+        """One k-means step from the features x [B, C, H, W], in fp32 whatever the autocast state. u and s, the unit
+        features and their similarities, are recomputed in fp32 unless the caller already has them in fp32."""
         with torch.autocast(x.device.type, enabled=False):
-            u = F.normalize(x.float(), dim=1)  # [B, C, H, W]
-            s = torch.einsum("bchw,kc->bkhw", u, F.normalize(self.centers.float(), dim=1))  # [B, K, H, W]
+            if s is None:
+                u = F.normalize(x.float(), dim=1)  # [B, C, H, W]
+                s = torch.einsum("bchw,kc->bkhw", u, F.normalize(self.centers.float(), dim=1))  # [B, K, H, W]
             m = torch.softmax(self.temperature * s, dim=1)  # [B, K, H, W]
             mass = m.sum(dim=(0, 2, 3))  # [K]
             sums = torch.einsum("bkhw,bchw->kc", m, u)  # [K, C]
@@ -256,6 +277,12 @@ class PositionAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, C, H, W)  # [B, N, C] -> [B, C, H, W]
         return (self.gamma * out + x).to(x.dtype)  # the fp32 gamma would promote a bf16 result to fp32
 
+    def attention_rows(self, x, rows):
+        """The rows A_i of the query pixels i in `rows` (flat indices y * W + x): [B, len(rows), N], each summing to 1."""
+        q = self.query(x).flatten(2).transpose(1, 2)[:, rows]  # [B, d, H, W] -> [B, N, d] -> [B, R, d]
+        k = self.key(x).flatten(2)  # [B, d, H, W] -> [B, d, N]
+        return torch.softmax(torch.bmm(q, k).float(), dim=-1)  # [B, R, N]
+
 
 class ChannelAttention(nn.Module):
     """DANet's channel attention module (CAM, Eq. 4): each channel map attends to every channel map.
@@ -289,6 +316,141 @@ class ChannelAttention(nn.Module):
         return (self.gamma * out + x).to(x.dtype)  # out and gamma are fp32: back to the input's dtype
 
 
+class CompactPositionAttention(nn.Module):
+    """DRANet's compact position attention (CPAM, Fu et al., TNNLS 2020): each pixel attends to M = 50 pooled
+    centres instead of all N = H * W pixels.
+
+    Input and output [B, C, H, W] (the output in the input's dtype), any H and W. The centres y [B, M, C] are
+    adaptive average pools of x to 1x1, 2x2, 3x3 and 6x6 bins (1 + 4 + 9 + 36 = 50), each followed by a
+    conv1x1 + BN + ReLU. Then, with q = Wq x per pixel and k = Wk y per centre in d = C / 4 dims, v = Wv y in C:
+        energy_im = q_i . k_m   (no 1/sqrt(d) scaling),   A = softmax_m(energy)   [B, N, 50],
+        out_i = gamma * sum_m A_im v_m + x_i,   gamma a learnable scalar initialised to 0.
+    The attention matrix has N x 50 entries instead of PAM's N x N: memory and time linear in N.
+    """
+
+    BINS = (1, 2, 3, 6)  # the pooled grids: 50 centres
+    REDUCTION = 4  # q and k have C / 4 channels
+
+    def __init__(self, channels):
+        super().__init__()
+        if channels % self.REDUCTION:
+            raise ValueError(f"CompactPositionAttention needs channels divisible by {self.REDUCTION}, got {channels}")
+        self.centres = nn.ModuleList(nn.Sequential(  # one conv1x1 + BN + ReLU per pooled grid
+            nn.Conv2d(channels, channels, kernel_size=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+        ) for _ in self.BINS)
+        self.query = nn.Conv2d(channels, channels // self.REDUCTION, kernel_size=1)
+        self.key = nn.Linear(channels, channels // self.REDUCTION)
+        self.value = nn.Linear(channels, channels)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def pooled_centres(self, x):
+        """y [B, 50, C]: the pooled, projected centres of x [B, C, H, W]."""
+        y = [conv(F.adaptive_avg_pool2d(x, bins)).flatten(2) for conv, bins in zip(self.centres, self.BINS)]
+        return torch.cat(y, dim=2).transpose(1, 2)  # 4 x [B, C, bins^2] -> [B, C, 50] -> [B, 50, C]
+
+    def attention(self, x):
+        """(A [B, N, 50], y [B, 50, C]) for x [B, C, H, W]."""
+        y = self.pooled_centres(x)  # [B, 50, C]
+        q = self.query(x).flatten(2).transpose(1, 2)  # [B, d, H, W] -> [B, N, d]
+        k = self.key(y)  # [B, 50, d]
+        return torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), y  # [B, N, d] x [B, d, 50] -> [B, N, 50]
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        attention, y = self.attention(x)  # [B, N, 50], [B, 50, C]
+        v = self.value(y)  # [B, 50, C]
+        out = torch.bmm(attention.to(v.dtype), v)  # [B, N, 50] x [B, 50, C] -> [B, N, C]
+        out = out.transpose(1, 2).reshape(B, C, H, W)  # [B, N, C] -> [B, C, H, W]
+        return (self.gamma * out + x).to(x.dtype)
+
+    def regions(self, H, W):
+        """R [50, N]: the pooling weights of the centres, R_mj = 1 / (pixels in centre m's bin) when pixel j lies in
+        that bin, else 0 (adaptive pooling's bins: rows floor(i H / n) to ceil((i + 1) H / n), columns alike)."""
+        rows = []
+        for n in self.BINS:
+            area = torch.zeros(n, n, H, W)
+            for i in range(n):
+                top, bottom = i * H // n, -(-(i + 1) * H // n)
+                for j in range(n):
+                    left, right = j * W // n, -(-(j + 1) * W // n)
+                    area[i, j, top:bottom, left:right] = 1 / ((bottom - top) * (right - left))
+            rows.append(area.reshape(n * n, H * W))  # [n, n, H, W] -> [n^2, N]
+        return torch.cat(rows)  # [50, N]
+
+    def attention_rows(self, x, rows):
+        """How much each query pixel i in `rows` (flat indices) draws from each pixel j through the centres:
+        sum_m A_im R_mj, [B, len(rows), N]; each row sums to 1, as the rows of PositionAttention.attention_rows."""
+        attention, _ = self.attention(x)  # [B, N, 50]
+        return attention[:, rows].float() @ self.regions(*x.shape[-2:]).to(x.device)  # [B, R, 50] x [50, N]
+
+
+class CompactChannelAttention(nn.Module):
+    """DRANet's compact channel attention (CCAM): each channel map attends to C / 16 compact channel maps.
+
+    Input and output [B, C, H, W] (the output in the input's dtype). With X the input as [B, C, N] and
+    F = ReLU(BN(Wf x)) [B, C/16, N] (a conv1x1):
+        E = X F^T [B, C, C/16],   A = softmax(rowmax(E) - E),   out = gamma * (A F) + x,   gamma initialised to 0.
+    As in ChannelAttention, E is computed in fp32 even under autocast (sums over all N pixels).
+    """
+
+    REDUCTION = 16
+
+    def __init__(self, channels):
+        super().__init__()
+        if channels % self.REDUCTION:
+            raise ValueError(f"CompactChannelAttention needs channels divisible by {self.REDUCTION}, got {channels}")
+        self.reduce = nn.Sequential(nn.Conv2d(channels, channels // self.REDUCTION, kernel_size=1, bias=False),
+                                    nn.BatchNorm2d(channels // self.REDUCTION), nn.ReLU(inplace=True))
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        f = self.reduce(x)  # [B, C/16, H, W]
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        with torch.autocast(x.device.type, enabled=False):
+            X = x.to(dtype).reshape(B, C, H * W)  # [B, C, H, W] -> [B, C, N]
+            Fc = f.to(dtype).reshape(B, -1, H * W)  # [B, C/16, H, W] -> [B, C/16, N]
+            energy = torch.bmm(X, Fc.transpose(1, 2))  # [B, C, N] x [B, N, C/16] -> [B, C, C/16]
+            attention = torch.softmax(energy.amax(dim=-1, keepdim=True) - energy, dim=-1)  # [B, C, C/16]
+            out = torch.bmm(attention, Fc).reshape(B, C, H, W)  # [B, C, C/16] x [B, C/16, N] -> [B, C, H, W]
+        return (self.gamma * out + x).to(x.dtype)
+
+
+class CrossLevelGatingDecoder(nn.Module):
+    """DRANet's cross-level gating decoder (CLGD): high-level features gate and join low-level ones.
+
+    forward(low [B, C_low, H, W], high [B, C, h, w]) -> [B, C, H, W] in high's dtype, with L = 32 channels:
+        l = conv3x3+BN+ReLU(low) [B, L, H, W],   u = high upsampled bilinearly to H x W,
+        g = sigmoid(conv1x1([l, u])) [B, 1, H, W],   l' = gamma * g * l   (gamma learnable, initialised to 1),
+        out = conv3x3+BN+ReLU(conv3x3+BN+ReLU([l', u]))   ([B, L + C, H, W] -> [B, C, H, W] -> [B, C, H, W]).
+    The original code upsamples with align_corners=True.
+    """
+
+    LOW_WIDTH = 32
+
+    def __init__(self, low_channels, channels, align_corners=True):
+        super().__init__()
+        L = self.LOW_WIDTH
+
+        def conv_bn_relu(c_in, c_out):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                                 nn.ReLU(inplace=True))
+
+        self.low = conv_bn_relu(low_channels, L)
+        self.gate = nn.Sequential(nn.Conv2d(L + channels, 1, kernel_size=1), nn.Sigmoid())
+        self.fuse = conv_bn_relu(L + channels, channels)
+        self.out = conv_bn_relu(channels, channels)
+        self.gamma = nn.Parameter(torch.ones(1))
+        self.align_corners = align_corners
+
+    def forward(self, low, high):
+        low = self.low(low)  # [B, L, H, W]
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners)  # [B, C, H, W]
+        gate = self.gate(torch.cat([low, high.to(low.dtype)], dim=1))  # [B, L + C, H, W] -> [B, 1, H, W]
+        low = (self.gamma * gate * low).to(low.dtype)  # [B, L, H, W]; the fp32 gamma would promote bf16
+        return self.out(self.fuse(torch.cat([low, high.to(low.dtype)], dim=1))).to(high.dtype)  # [B, C, H, W]
+
+
 def conv_bn_relu(in_channels, out_channels):
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
@@ -310,15 +472,24 @@ class DilatedResNet(nn.Module):
     hand for the BasicBlock ResNets (18/34), whose blocks have two 3x3 convolutions at the block's rate.
     With multi_grid (Bottleneck ResNets only) layer4's three blocks are dilated 4, 8, 16 instead, the
     "multi-grid" of DeepLabv3 that the original DANet code offers (--multi-grid --multi-dilation 4 8 16).
+
+    deep_stem=True (Bottleneck ResNets, no ImageNet weights here) replaces the 7x7 stem convolution by three 3x3
+    ones, 3 -> 64 (stride 2) -> 64 -> 128, with BN + ReLU after the first two, as the original code's default
+    ResNet and DRANet's published checkpoint (the "ResNet-C" stem of Bag of Tricks, He et al., CVPR 2019):
+    then BN(128) + ReLU + max-pool, and layer1 takes 128 channels.
     """
 
-    def __init__(self, name="resnet101", pretrained=False, multi_grid=False):
+    def __init__(self, name="resnet101", pretrained=False, multi_grid=False, deep_stem=False):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
         bottleneck = name not in ("resnet18", "resnet34")
         if multi_grid and not bottleneck:
             raise ValueError(f"multi-grid needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not {name}")
+        if deep_stem and not bottleneck:
+            raise ValueError(f"the deep stem needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not {name}")
+        if deep_stem and pretrained:
+            raise ValueError("there are no ImageNet weights for the deep stem here: train it without them")
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
         # torchvision dilates Bottleneck ResNets itself; its BasicBlock refuses, so 18/34 are done below.
         kwargs = {"replace_stride_with_dilation": [False, True, True]} if bottleneck else {}
@@ -342,17 +513,75 @@ class DilatedResNet(nn.Module):
         if multi_grid:
             for block, dilation in zip(resnet.layer4, (4, 8, 16)):  # each Bottleneck's 3x3 conv
                 block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
+        if deep_stem:  # stem.0 becomes a Sequential: its indices 0, 1, 3, 4, 6 are the original's conv1.0 ... conv1.6
+            resnet.conv1 = nn.Sequential(
+                nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                nn.Conv2d(64, 64, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                nn.Conv2d(64, 128, kernel_size=3, padding=1, bias=False),
+            )
+            resnet.bn1 = nn.BatchNorm2d(128)
+            first = resnet.layer1[0]  # its 1x1 convolution and its shortcut now read 128 channels
+            first.conv1 = nn.Conv2d(128, first.conv1.out_channels, kernel_size=1, bias=False)
+            first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, kernel_size=1, bias=False)
+            for module in (*resnet.conv1.modules(), first.conv1, first.downsample[0]):
+                if isinstance(module, nn.Conv2d):  # torchvision's initialisation of ResNet convolutions
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
-        self.out_channels = resnet.fc.in_features
+        self.out_channels = resnet.fc.in_features  # layer4's; layer1 has out_channels / 8, layer3 out_channels / 2
+        self.deep_stem = deep_stem
 
     def forward(self, x):
-        x = self.stem(x)  # [B, 64, H/4, W/4]
-        x = self.layer2(self.layer1(x))  # [B, C_in/4, H/8, W/8]
-        return self.layer4(self.layer3(x))  # [B, C_in, H/8, W/8]
+        return self.levels(x)[-1]  # [B, C_in, H/8, W/8]
+
+    def levels(self, x):
+        """(layer1, layer3, layer4) features: [B, C_in/8, H/4, W/4], [B, C_in/2, H/8, W/8], [B, C_in, H/8, W/8]."""
+        low = self.layer1(self.stem(x))  # [B, 64 or 128, H/4, W/4] -> [B, C_in/8, H/4, W/4]
+        mid = self.layer3(self.layer2(low))  # [B, C_in/4, H/8, W/8] -> [B, C_in/2, H/8, W/8]
+        return low, mid, self.layer4(mid)
 
 
-class ClusterDANet(nn.Module):
+def attention_branch(in_channels, channels, width, attention, clustering):
+    """conv_in -> clustering -> attention -> conv_out, named steps: [B, C_in, h, w] -> [B, C, h, w]. `clustering` is
+    a ClusteringLayer (width = its K) or None (plain: width = C)."""
+    return nn.Sequential(OrderedDict(
+        conv_in=conv_bn_relu(in_channels, channels),  # [B, C, h, w]
+        clustering=clustering if clustering is not None else nn.Identity(),  # [B, K, h, w]; plain: nothing
+        attention=attention,  # [B, width, h, w]
+        conv_out=conv_bn_relu(width, channels),  # [B, C, h, w]
+    ))
+
+
+class SegmentationNet(nn.Module):
+    """What ClusterDANet and DRANet share: padding to multiples of 8, upsampled logits, the head's parameters and
+    the clustering layers' usage."""
+
+    def head_parameters(self):
+        """Everything but the backbone (trained with a 10x learning rate)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+    def cluster_usage(self):
+        """{"position": {"live", "clusters", "perplexity"}, "channel": {...}} of the clustering layers over the training calls
+        since the last call (see ClusteringLayer.usage)."""
+        return {name: branch.clustering.usage() for name, branch in (("position", self.position_branch),
+                                                                      ("channel", self.channel_branch))
+                if isinstance(branch.clustering, ClusteringLayer)}
+
+    @staticmethod
+    def pad(images):
+        """Zeros (the mean colour of normalised images) at the bottom and right up to multiples of 8, so the 8x8
+        cells of the feature grid sit on the image's pixels: [B, 3, H, W] -> [B, 3, H', W']."""
+        H, W = images.shape[-2:]
+        return F.pad(images, (0, -W % OUTPUT_STRIDE, 0, -H % OUTPUT_STRIDE)) if H % OUTPUT_STRIDE or W % OUTPUT_STRIDE \
+            else images
+
+    def logits(self, classifier, x, padded_size, size):
+        """classifier(x) upsampled to the padded image and cropped back: [B, C, h, w] -> [B, num_classes, H, W]."""
+        x = F.interpolate(classifier(x), size=padded_size, mode="bilinear", align_corners=self.align_corners)
+        return x[..., :size[0], :size[1]]
+
+
+class ClusterDANet(SegmentationNet):
     """The full network: dilated ResNet, then clustering + position / channel attention branches.
 
     forward(images [B, 3, H, W]) returns a dict of logits at [B, num_classes, H, W], any H and W:
@@ -363,27 +592,23 @@ class ClusterDANet(nn.Module):
     cluster_init and cluster_reseed are ClusteringLayer's init and reseed_after. Each branch is an
     nn.Sequential of named steps: model.position_branch.clustering, model.channel_branch.attention, ...
     clustering=False builds plain DANet (no clustering layer: the attention runs on the C branch channels);
-    multi_grid=True dilates layer4 4, 8, 16 (Bottleneck backbones). align_corners is how the logits are
-    upsampled: the original DANet code uses True, so its checkpoints are evaluated with True.
+    multi_grid=True dilates layer4 4, 8, 16 (Bottleneck backbones), deep_stem=True gives the backbone the
+    3x3 deep stem. align_corners is how the logits are upsampled: the original DANet code uses True, so its
+    checkpoints are evaluated with True.
     """
 
     def __init__(self, num_classes=21, backbone="resnet101", pretrained_backbone=False, num_clusters=None,
                  temperature=100.0, dense_attention=False, cluster_init="random", cluster_reseed=0, clustering=True,
-                 multi_grid=False, align_corners=False):
+                 multi_grid=False, align_corners=False, deep_stem=False):
         super().__init__()
-        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid)
+        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid, deep_stem)
         in_channels = self.backbone.out_channels
         channels = in_channels // 4
         width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
 
         def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
-            return nn.Sequential(OrderedDict(
-                conv_in=conv_bn_relu(in_channels, channels),  # [B, C, h, w]
-                clustering=ClusteringLayer(channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed)
-                if clustering else nn.Identity(),  # [B, K, h, w]; plain DANet: nothing between conv and attention
-                attention=attention,  # [B, width, h, w]
-                conv_out=conv_bn_relu(width, channels),  # [B, C, h, w]
-            ))
+            return attention_branch(in_channels, channels, width, attention, ClusteringLayer(
+                channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed) if clustering else None)
 
         self.position_branch = branch(PositionAttention(width, dense=dense_attention))
         self.channel_branch = branch(ChannelAttention())
@@ -400,31 +625,69 @@ class ClusterDANet(nn.Module):
     def dense_attention(self, dense):
         self.position_branch.attention.dense = dense
 
-    def head_parameters(self):
-        """Everything but the backbone (trained with a 10x learning rate)."""
-        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
-
-    def cluster_usage(self):
-        """{"position": {"live", "clusters", "perplexity"}, "channel": {...}} of the clustering layers over the training calls
-        since the last call (see ClusteringLayer.usage)."""
-        return {name: branch.clustering.usage() for name, branch in (("position", self.position_branch),
-                                                                      ("channel", self.channel_branch))
-                if isinstance(branch.clustering, ClusteringLayer)}
-
     def forward(self, images):
-        H, W = images.shape[-2:]
-        if H % OUTPUT_STRIDE or W % OUTPUT_STRIDE:
-            images = F.pad(images, (0, -W % OUTPUT_STRIDE, 0, -H % OUTPUT_STRIDE))  # [B, 3, H', W'], multiples of 8
+        size = images.shape[-2:]
+        images = self.pad(images)  # [B, 3, H', W'], multiples of 8
         features = self.backbone(images)  # [B, 3, H', W'] -> [B, C_in, h, w] = H' / 8, W' / 8
         position = self.position_branch(features)  # [B, C, h, w]
         channel = self.channel_branch(features)  # [B, C, h, w]
-
-        def logits(classifier, x):  # [B, C, h, w] -> [B, num_classes, H', W'] -> [B, num_classes, H, W]
-            x = F.interpolate(classifier(x), size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-            return x[..., :H, :W]
-
-        outputs = {"out": logits(self.classifier, position + channel)}
+        padded = images.shape[-2:]
+        outputs = {"out": self.logits(self.classifier, position + channel, padded, size)}  # [B, num_classes, H, W]
         if self.training:
-            outputs["position"] = logits(self.position_classifier, position)
-            outputs["channel"] = logits(self.channel_classifier, channel)
+            outputs["position"] = self.logits(self.position_classifier, position, padded, size)
+            outputs["channel"] = self.logits(self.channel_classifier, channel, padded, size)
+        return outputs
+
+
+class DRANet(SegmentationNet):
+    """DRANet (Fu et al., "Scene Segmentation With Dual Relation-Aware Attention Network", TNNLS 2020), with the
+    clustering layer in front of its compact attention modules as an option (ClusterDRANet).
+
+        images [B, 3, H, W] -> dilated ResNet: layer1 [B, C_in/8, H/4, W/4], layer3 [B, C_in/2, h, w], layer4 [B, C_in, h, w]
+        layer4 -> conv_in -> clustering -> CompactPositionAttention -> conv_out -> p [B, C, h, w]   (C = C_in / 4)
+        layer4 -> conv_in -> clustering -> CompactChannelAttention  -> conv_out -> c [B, C, h, w]
+        fusion: conv3x3+BN+ReLU([p, c]) [B, 2C, h, w] -> [B, C/2, h, w]
+        decoder: CrossLevelGatingDecoder(layer1, fused) -> [B, C/2, H/4, W/4]
+        classifier(decoded) -> "out";  classifier(conv3x3+BN+ReLU(layer3) [B, C/2, h, w]) -> "aux" (training only)
+
+    The same conventions as ClusterDANet: a dict of logits at [B, num_classes, H, W] for any H and W, named branch
+    steps (model.position_branch.attention is the CPAM), clustering=False for the plain model, multi_grid,
+    deep_stem (the published DRANet101 has both) and align_corners (the original code: True, also in the decoder).
+    With clustering, K (num_clusters, default C) must be a multiple of 16 (CCAM reads K / 16 compact channels).
+    """
+
+    def __init__(self, num_classes=21, backbone="resnet101", pretrained_backbone=False, num_clusters=None,
+                 temperature=100.0, cluster_init="random", cluster_reseed=0, clustering=True, multi_grid=False,
+                 align_corners=False, deep_stem=False):
+        super().__init__()
+        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid, deep_stem)
+        in_channels = self.backbone.out_channels
+        channels = in_channels // 4
+        width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
+
+        def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
+            return attention_branch(in_channels, channels, width, attention, ClusteringLayer(
+                channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed) if clustering else None)
+
+        self.position_branch = branch(CompactPositionAttention(width))
+        self.channel_branch = branch(CompactChannelAttention(width))
+        self.fusion = conv_bn_relu(2 * channels, channels // 2)
+        self.decoder = CrossLevelGatingDecoder(in_channels // 8, channels // 2, align_corners)
+        self.classifier = classifier(channels // 2, num_classes)
+        self.aux_conv = conv_bn_relu(in_channels // 2, channels // 2)
+        self.aux_classifier = classifier(channels // 2, num_classes)
+        self.align_corners = align_corners
+
+    def forward(self, images):
+        size = images.shape[-2:]
+        images = self.pad(images)  # [B, 3, H', W'], multiples of 8
+        low, mid, features = self.backbone.levels(images)  # [B, C_in/8, H'/4, W'/4], [B, C_in/2, h, w], [B, C_in, h, w]
+        position = self.position_branch(features)  # [B, C, h, w]
+        channel = self.channel_branch(features)  # [B, C, h, w]
+        fused = self.fusion(torch.cat([position, channel], dim=1))  # [B, 2C, h, w] -> [B, C/2, h, w]
+        decoded = self.decoder(low, fused)  # [B, C/2, H'/4, W'/4]
+        padded = images.shape[-2:]
+        outputs = {"out": self.logits(self.classifier, decoded, padded, size)}  # [B, num_classes, H, W]
+        if self.training:
+            outputs["aux"] = self.logits(self.aux_classifier, self.aux_conv(mid), padded, size)
         return outputs

@@ -212,8 +212,9 @@ def save_overlay(image, prediction, path, class_names, target=None, style=VOC_ST
 def save_clusters(model, image, path, num_queries=3):
     """image | nearest cluster centre of each pixel | position attention of a few query pixels (marked).
 
-    Reads the position branch: its ClusteringLayer's similarities s [1, K, h, w] and, from its
-    PositionAttention, the attention row softmax_j(q_i . k_j) of each query pixel i.
+    Reads the position branch: its ClusteringLayer's similarities s [1, K, h, w] and, from its attention module,
+    the row of each query pixel i over the pixels j: PositionAttention's softmax_j(q_i . k_j), or for DRANet's
+    CompactPositionAttention sum_m A_im R_mj, its attention to the 50 pooled centres spread over their bins.
     """
     clustering, attention = model.position_branch.clustering, model.position_branch.attention
     H, W = image.shape[-2:]
@@ -229,13 +230,12 @@ def save_clusters(model, image, path, num_queries=3):
     cluster_map = colours[nearest.cpu()].permute(2, 0, 1)  # [h, w, 3] -> [3, h, w]
     cluster_map = F.interpolate(cluster_map[None].float(), size=(H, W), mode="nearest")[0].to(torch.uint8)
 
-    q = attention.query(s).flatten(2)[0]  # [1, d, h, w] -> [d, N]
-    k = attention.key(s).flatten(2)[0]  # [1, d, h, w] -> [d, N]
+    queries = [((i + 1) * h // (num_queries + 1), (i + 1) * w // (num_queries + 1)) for i in range(num_queries)]
+    rows = attention.attention_rows(s, [qy * w + qx for qy, qx in queries])[0]  # [num_queries, N]
     picture = denormalise(image)  # [3, H, W] uint8
     panels = [picture, cluster_map]
-    for i in range(num_queries):  # query pixels spread along the diagonal
-        qy, qx = (i + 1) * h // (num_queries + 1), (i + 1) * w // (num_queries + 1)
-        row = torch.softmax(q[:, qy * w + qx] @ k, dim=0).view(1, 1, h, w)  # [N] -> [1, 1, h, w]
+    for (qy, qx), row in zip(queries, rows):  # query pixels spread along the diagonal
+        row = row.view(1, 1, h, w)  # [N] -> [1, 1, h, w]
         row = (row - row.min()) / (row.max() - row.min()).clamp(min=1e-12)  # rescaled to [0, 1] to show its shape
         heat = F.interpolate(row, size=(H, W), mode="bilinear", align_corners=False)[0, 0].cpu()  # [H, W]
         red = torch.stack([torch.full_like(heat, 255), torch.zeros_like(heat), torch.zeros_like(heat)])  # [3, H, W]
@@ -251,7 +251,7 @@ def parse_args(argv=None):
     p = train.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     path = os.path.expanduser  # every path flag accepts ~
     p.add_argument("--checkpoint", type=path, required=True, help="a train.py checkpoint (best.pt or last.pt), "
-                   "or one of the original DANet code (DANet101.pth.tar)")
+                   "or one of the original DANet code (DANet101.pth.tar, dran101.pth.tar)")
     p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"], help="default: the checkpoint's (voc for a "
                    "demo checkpoint given --data-root)")
     p.add_argument("--data-root", type=path, help="the dataset's folder, as for train.py; default: the demo's "
@@ -348,8 +348,9 @@ def save_json(path, summary):
 
 
 def load_model(path, device):
-    """A train.py checkpoint, or one of the original DANet code (DANet101.pth.tar) read as it is; one whose weights
-    are not finite is refused (train.load_checkpoint). Returns (model, its config, its class names)."""
+    """A train.py checkpoint (either model), or one of the original DANet code (DANet101.pth.tar, dran101.pth.tar)
+    read as it is; one whose weights are not finite is refused (train.load_checkpoint). Returns (model, its config,
+    its class names)."""
     checkpoint = train.load_checkpoint(path)
     config = checkpoint["args"]
     if checkpoint.get("original"):
@@ -380,7 +381,8 @@ def main(argv=None):
     device, _, _, autocast = train.setup_device(args)
     model, config, class_names = load_model(args.checkpoint, device)
     if args.show_clusters and not config.get("clustering", True):
-        raise UserError(f"--show-clusters draws the clustering layer, and {args.checkpoint} is plain DANet")
+        raise UserError(f"--show-clusters draws the clustering layer, and {args.checkpoint} is plain "
+                        f"{'DRANet' if config.get('model') == 'dranet' else 'DANet'}")
     dataset_name = args.dataset or config.get("dataset") or ("voc" if config.get("data_root") else "demo")
     if dataset_name == "demo" and args.data_root:
         dataset_name = "voc"  # as in train.py: --data-root without --dataset is VOC

@@ -35,7 +35,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import evaluate
 import train
-from clusterdanet import ChannelAttention, ClusterDANet, ClusteringLayer, DilatedResNet, PositionAttention
+from clusterdanet import (ChannelAttention, ClusterDANet, ClusteringLayer, CompactChannelAttention, CompactPositionAttention,
+                          CrossLevelGatingDecoder, DilatedResNet, DRANet, PositionAttention)
 
 REPO = Path(__file__).resolve().parent
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, written out again
@@ -2755,7 +2756,6 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
     t = torch.zeros(1)
     keys = {f"pretrained.layer{i}.{j}.conv1.weight": t for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)}
     files = {
-        "deep_stem": {"pretrained.conv1.0.weight": t, **keys, "head.conv8.1.weight": t},
         "resnet34_like": {"pretrained.conv1.weight": t, **keys, "pretrained.layer3.9.conv1.weight": t,
                           "head.conv8.1.weight": t},
         "keys_only": {"pretrained.conv1.weight": t, **keys, "head.conv8.1.weight": torch.zeros(19, 512, 1, 1)},
@@ -2767,7 +2767,6 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
         line = cli_error(capsys, argv, main=main)
         assert all(f in line for f in fragments), line
 
-    check(["--checkpoint", tmp_path / "deep_stem.pth.tar"], "deep stem", "--no-deepstem")
     check(["--checkpoint", tmp_path / "resnet34_like.pth.tar"], "blocks per layer (3, 4, 7, 3)")
     check(["--checkpoint", tmp_path / "keys_only.pth.tar"], "is for another model")
     check(tiny(tmp_path / "out", "--iters", "2", "--resume", tmp_path / "keys_only.pth.tar"),
@@ -3551,3 +3550,496 @@ def test_out_of_memory_ends_in_one_line_naming_the_flags_and_the_checkpoint(tmp_
                    f"--precision bf16; the latest checkpoint is {out / 'last.pt'} from iteration 1: --resume it with a "
                    f"lower --batch-size (the other flags must stay)"]
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 1
+
+
+# ----------------------------------------------------------------------------- DRANet, the deep stem and dran101
+# DRANet's modules against dense references written here from the equations (float64, explicit bins, loops and
+# interpolation matrices), and an original-layout DRANet written from the original code's description (module names
+# as its state_dict: pretrained.conv1.0, head.cpam_enc.conv1, head.clgd.conv_att, cls_seg, cls_aux, ...), not from
+# our loader. The published dran101 is a ResNet-101; the stand-in has ResNet-50's blocks to stay small.
+
+
+
+def randomise_bn(module, seed=0):
+    """BatchNorm statistics and affine parameters away from 0 / 1, so an eval-mode BN is not the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=generator) * 0.2 - 0.1)
+    return module
+
+
+def bn_eval(bn, x):
+    """An eval-mode BatchNorm2d by its formula, channels on dim 1 of x (any number of trailing dims)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps) * \
+        bn.weight.view(shape) + bn.bias.view(shape)
+
+
+def bins(size, n):
+    """Adaptive pooling's n bins of `size` rows: [floor(i size / n), ceil((i + 1) size / n))."""
+    return [(i * size // n, math.ceil((i + 1) * size / n)) for i in range(n)]
+
+
+def reference_cpam(m, x):
+    """CPAM written out: centres by explicit bin means, then softmax over the 50 centres by exp / sum."""
+    B, C, H, W = x.shape
+    centres = []
+    for conv, n in zip(m.centres, (1, 2, 3, 6)):
+        for top, bottom in bins(H, n):
+            for left, right in bins(W, n):
+                mean = x[:, :, top:bottom, left:right].mean(dim=(2, 3))  # [B, C]
+                centres.append(torch.relu(bn_eval(conv[1], mean @ conv[0].weight[:, :, 0, 0].T)))
+    y = torch.stack(centres, dim=1)  # [B, 50, C]
+    pixels = x.flatten(2).transpose(1, 2)  # [B, N, C]
+    q = pixels @ m.query.weight[:, :, 0, 0].T + m.query.bias  # [B, N, C/4]
+    k, v = y @ m.key.weight.T + m.key.bias, y @ m.value.weight.T + m.value.bias  # [B, 50, C/4], [B, 50, C]
+    e = torch.exp(q @ k.transpose(1, 2))  # [B, N, 50]
+    out = (e / e.sum(-1, keepdim=True)) @ v  # [B, N, C]
+    return m.gamma * out.transpose(1, 2).reshape(B, C, H, W) + x
+
+
+def reference_ccam(m, x):
+    B, C, H, W = x.shape
+    f = torch.relu(bn_eval(m.reduce[1], torch.einsum("bchw,dc->bdhw", x, m.reduce[0].weight[:, :, 0, 0])))
+    X, Fc = x.reshape(B, C, -1), f.reshape(B, f.shape[1], -1)  # [B, C, N], [B, C/16, N]
+    E = X @ Fc.transpose(1, 2)  # [B, C, C/16]
+    e = torch.exp(E.max(-1, keepdim=True).values - E)
+    return m.gamma * ((e / e.sum(-1, keepdim=True)) @ Fc).reshape(B, C, H, W) + x
+
+
+def interpolation_matrix(out_size, in_size):
+    """[out, in]: bilinear weights with align_corners=True (source position i (in - 1) / (out - 1))."""
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        position = i * (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        lower = min(int(position), in_size - 1)
+        upper, fraction = min(lower + 1, in_size - 1), position - lower
+        matrix[i, lower] += 1 - fraction
+        matrix[i, upper] += fraction
+    return matrix
+
+
+def reference_clgd(m, low, high):
+    def conv_bn_relu(seq, x):
+        return torch.relu(bn_eval(seq[1], F.conv2d(x, seq[0].weight, padding=1)))
+
+    low = conv_bn_relu(m.low, low)  # [B, 32, H, W]
+    H, W = low.shape[-2:]
+    up = torch.einsum("Hh,bchw,Ww->bcHW", interpolation_matrix(H, high.shape[2]), high,
+                      interpolation_matrix(W, high.shape[3]))
+    both = torch.cat([low, up], dim=1)
+    gate = 1 / (1 + torch.exp(-(torch.einsum("bchw,c->bhw", both, m.gate[0].weight[0, :, 0, 0]) + m.gate[0].bias)))
+    low = m.gamma * gate[:, None] * low
+    return conv_bn_relu(m.out, conv_bn_relu(m.fuse, torch.cat([low, up], dim=1)))
+
+
+@pytest.mark.parametrize("name", ["CompactPositionAttention", "CompactChannelAttention", "CrossLevelGatingDecoder"])
+def test_dranet_modules_follow_the_equations(name):
+    """Outputs and gradients (input, gamma, every weight) against the dense references, float64, eval-mode BN, at an
+    odd size where the 6x6 bins overlap (5 x 7 pixels); gammas nonzero."""
+    torch.manual_seed(0)
+    module = {"CompactPositionAttention": lambda: CompactPositionAttention(32),
+              "CompactChannelAttention": lambda: CompactChannelAttention(32),
+              "CrossLevelGatingDecoder": lambda: CrossLevelGatingDecoder(12, 16, align_corners=True)}[name]()
+    module = randomise_bn(module).double().eval()
+    with torch.no_grad():
+        module.gamma.fill_(0.7)
+        if name == "CompactPositionAttention":
+            module.query.weight.mul_(8)  # a peaked attention over the centres, not a uniform one
+    reference = {"CompactPositionAttention": reference_cpam, "CompactChannelAttention": reference_ccam,
+                 "CrossLevelGatingDecoder": reference_clgd}[name]
+    if name == "CrossLevelGatingDecoder":
+        inputs = [torch.randn(2, 12, 10, 14, dtype=torch.float64), torch.randn(2, 16, 5, 7, dtype=torch.float64)]
+    else:
+        inputs = [torch.relu(torch.randn(2, 32, 5, 7, dtype=torch.float64))]
+    weights = torch.randn(2, 16 if name == "CrossLevelGatingDecoder" else 32, *inputs[0].shape[-2:], dtype=torch.float64)
+    results = []
+    for function in (module, lambda *x: reference(module, *x)):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        module.zero_grad()
+        out = function(*xs)
+        (out * weights).sum().backward()
+        results.append((out.detach(), [x.grad for x in xs], {n: p.grad.clone() for n, p in module.named_parameters()}))
+    (out, x_grads, p_grads), (expected, expected_x, expected_p) = results
+    assert relative_error(out, expected) < 1e-12
+    if name != "CrossLevelGatingDecoder":
+        assert relative_error(out, inputs[0]) > 0.01  # the attention adds something
+    for got, want in zip(x_grads, expected_x):
+        assert relative_error(got, want) < 1e-10
+    assert p_grads.keys() == expected_p.keys() and len(p_grads) >= 3
+    for key in p_grads:
+        if key == "key.bias":  # q . (k_m + b) - q . k_m is the same for every centre: softmax cancels it, gradient 0
+            assert p_grads[key].abs().max() < 1e-12 and expected_p[key].abs().max() < 1e-12
+        else:
+            assert relative_error(p_grads[key], expected_p[key]) < 1e-10, key
+    if name == "CompactPositionAttention":  # the attention is peaked enough to mean something
+        attention, _ = module.attention(inputs[0])
+        assert attention.max() > 2 / 50
+
+
+def test_cpam_regions_are_the_pooling_weights():
+    """R [50, N] applied to x gives the adaptive pools (overlapping bins at 5 x 7); attention_rows sum to 1."""
+    module = CompactPositionAttention(8).eval()
+    x = torch.randn(1, 8, 5, 7)
+    R = module.regions(5, 7)  # [50, N]
+    pooled = torch.cat([F.adaptive_avg_pool2d(x, n).flatten(2) for n in (1, 2, 3, 6)], dim=2)  # [1, 8, 50]
+    torch.testing.assert_close(x.flatten(2) @ R.T, pooled, rtol=0, atol=1e-6)
+    rows = module.attention_rows(x, [0, 12, 34])
+    assert rows.shape == (1, 3, 35)
+    torch.testing.assert_close(rows.sum(-1), torch.ones(1, 3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["CompactPositionAttention", "CompactChannelAttention", "CrossLevelGatingDecoder"])
+def test_dranet_modules_work_copied_alone_at_any_size_and_keep_bf16(name):
+    """Each class's source alone (torch / nn / F) trains like the module's class at 33 x 47; bf16 autocast keeps bf16."""
+    namespace = {"torch": torch, "nn": nn, "F": F}
+    exec(inspect.getsource(getattr(__import__("clusterdanet"), name)), namespace)
+    build = {"CrossLevelGatingDecoder": lambda cls: cls(8, 16)}.get(name, lambda cls: cls(32))
+    torch.manual_seed(0)
+    copied = build(namespace[name])
+    torch.manual_seed(0)
+    original = build(getattr(__import__("clusterdanet"), name))
+    for m in (copied, original):
+        with torch.no_grad():
+            m.gamma.fill_(0.5)
+    inputs = [torch.randn(2, 8, 66, 94), torch.randn(2, 16, 33, 47)] if name == "CrossLevelGatingDecoder" else \
+        [torch.relu(torch.randn(2, 32, 33, 47))]
+    y = copied(*[x.requires_grad_() for x in inputs])
+    torch.testing.assert_close(y, original(*inputs))
+    assert y.shape == (2, 16 if name == "CrossLevelGatingDecoder" else 32, *inputs[0].shape[-2:])
+    y.sum().backward()
+    torch.testing.assert_close(copied.state_dict(), original.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert original(*[x.detach().bfloat16() for x in inputs]).dtype == torch.bfloat16
+
+
+def test_dranet_any_size_outputs_and_deep_stem():
+    """DRANet at 33 x 47: "out" (and "aux" in training), both with and without clustering; the deep stem's shapes."""
+    for clustering in (True, False):
+        model = DRANet(num_classes=5, backbone="resnet18", clustering=clustering)
+        outputs = model(torch.randn(2, 3, 33, 47))
+        assert {k: tuple(v.shape) for k, v in outputs.items()} == {"out": (2, 5, 33, 47), "aux": (2, 5, 33, 47)}
+        assert list(model.eval()(torch.randn(1, 3, 33, 47))) == ["out"]
+        assert any(isinstance(m, ClusteringLayer) for m in model.modules()) == clustering
+    backbone = DilatedResNet("resnet50", deep_stem=True)
+    convs = [m for m in backbone.stem[0] if isinstance(m, nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [(64, 3, 3, 3), (64, 64, 3, 3), (128, 64, 3, 3)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1), (1, 1)] and backbone.stem[1].num_features == 128
+    low, mid, high = backbone.levels(torch.randn(1, 3, 40, 56))
+    assert (low.shape, mid.shape, high.shape) == ((1, 256, 10, 14), (1, 1024, 5, 7), (1, 2048, 5, 7))
+    for kwargs, fragment in (({"name": "resnet18", "deep_stem": True}, "needs a Bottleneck ResNet"),
+                             ({"name": "resnet50", "deep_stem": True, "pretrained": True}, "no ImageNet weights")):
+        with pytest.raises(ValueError, match=fragment):
+            DilatedResNet(**kwargs)
+
+
+def test_clustering_computes_its_similarities_once_in_fp32(monkeypatch):
+    """A training call in fp32 computes the similarities once (forward and update share them) and moves the centres
+    exactly as the update from x alone; under bf16 autocast the update recomputes them in fp32 (twice)."""
+    calls = []
+    einsum = torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda equation, *a: calls.append(equation) or einsum(equation, *a))
+    x = torch.relu(torch.randn(2, 16, 5, 7))
+    layer, alone = ClusteringLayer(16, 8, temperature=10.0), ClusteringLayer(16, 8, temperature=10.0)
+    layer(x)
+    alone.update(x)
+    assert calls.count("bchw,kc->bkhw") == 2  # once in the forward, once in update(x) alone
+    torch.testing.assert_close(layer.state_dict(), alone.state_dict(), rtol=0, atol=0)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert calls.count("bchw,kc->bkhw") == 2
+
+
+# The original code's DRANet, written from its description: the default ResNet of the original code (deep stem),
+# dilated, multi-grid 4 8 16, returning layer1, layer3 and layer4; CPAMEnc / CPAMDec / CCAMDec / CLGD; cls_seg, cls_aux.
+
+class OriginalDeepStemResNet(torch.nn.Module):
+    def __init__(self, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 64, 3, 2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                   nn.Conv2d(64, 64, 3, 1, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                                   nn.Conv2d(64, 128, 3, 1, padding=1, bias=False))
+        self.bn1, self.maxpool = nn.BatchNorm2d(128), nn.MaxPool2d(3, 2, padding=1)
+        inplanes = 128
+        dilations = ([1] * blocks[0], [1] * blocks[1], [1] + [2] * (blocks[2] - 1), [4, 8, 16])
+        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 1), (512, 1))):
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
+            layer = [OriginalBottleneck(inplanes, planes, stride, dilations[i][0], downsample)]
+            layer += [OriginalBottleneck(planes * 4, planes, 1, d) for d in dilations[i][1:]]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            inplanes = planes * 4
+
+    def forward(self, x):
+        c1 = self.layer1(self.maxpool(F.relu(self.bn1(self.conv1(x)))))
+        c3 = self.layer3(self.layer2(c1))
+        return c1, c3, self.layer4(c3)
+
+
+def original_conv_bn_relu(c_in, c_out, kernel=3):
+    return torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+                               torch.nn.BatchNorm2d(c_out), torch.nn.ReLU())
+
+
+class OriginalCPAMEnc(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        for i in range(1, 5):
+            setattr(self, f"conv{i}", original_conv_bn_relu(channels, channels, kernel=1))
+
+    def forward(self, x):  # [B, C, 50]
+        B, C = x.shape[:2]
+        return torch.cat([getattr(self, f"conv{i}")(F.adaptive_avg_pool2d(x, n)).view(B, C, -1)
+                          for i, n in zip(range(1, 5), (1, 2, 3, 6))], dim=2)
+
+
+class OriginalCPAMDec(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(1))
+        self.conv_query = torch.nn.Conv2d(channels, channels // 4, 1)
+        self.conv_key, self.conv_value = torch.nn.Linear(channels, channels // 4), torch.nn.Linear(channels, channels)
+
+    def forward(self, x, y):  # x [B, C, H, W], y [B, 50, C]
+        B, C, H, W = x.shape
+        query = self.conv_query(x).view(B, -1, H * W).permute(0, 2, 1)  # [B, N, C/4]
+        attention = torch.softmax(torch.bmm(query, self.conv_key(y).permute(0, 2, 1)), dim=-1)  # [B, N, 50]
+        out = torch.bmm(self.conv_value(y).permute(0, 2, 1), attention.permute(0, 2, 1))  # [B, C, N]
+        return self.scale * out.view(B, C, H, W) + x
+
+
+class OriginalCCAMDec(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, y):  # x [B, C, H, W], y [B, C/16, H, W]
+        B, C, H, W = x.shape
+        energy = torch.bmm(x.view(B, C, -1), y.view(B, y.shape[1], -1).permute(0, 2, 1))  # [B, C, C/16]
+        attention = torch.softmax(energy.max(-1, keepdim=True)[0].expand_as(energy) - energy, dim=-1)
+        return x + self.scale * torch.bmm(attention, y.view(B, y.shape[1], -1)).view(B, C, H, W)
+
+
+class OriginalCLGD(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv_low = original_conv_bn_relu(channels, 32)
+        self.conv_cat = original_conv_bn_relu(channels + 32, channels)
+        self.conv_att = torch.nn.Sequential(torch.nn.Conv2d(channels + 32, 1, 1), torch.nn.Sigmoid())
+        self.conv_out = original_conv_bn_relu(channels, channels)
+        self.gamma = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x, y):
+        low = self.conv_low(x)
+        high = F.interpolate(y, low.shape[2:], mode="bilinear", align_corners=True)
+        refined = self.gamma * self.conv_att(torch.cat([low, high], 1)) * low
+        return self.conv_out(self.conv_cat(torch.cat([refined, high], 1)))
+
+
+class OriginalDranHead(torch.nn.Module):
+    def __init__(self, in_channels=2048):
+        super().__init__()
+        inter = in_channels // 4
+        self.conv_cpam_b, self.cpam_enc = original_conv_bn_relu(in_channels, inter), OriginalCPAMEnc(inter)
+        self.cpam_dec, self.conv_cpam_e = OriginalCPAMDec(inter), original_conv_bn_relu(inter, inter)
+        self.conv_ccam_b, self.ccam_enc = original_conv_bn_relu(in_channels, inter), \
+            original_conv_bn_relu(inter, inter // 16, kernel=1)
+        self.ccam_dec, self.conv_ccam_e = OriginalCCAMDec(), original_conv_bn_relu(inter, inter)
+        self.conv_cat, self.clgd = original_conv_bn_relu(2 * inter, inter // 2), OriginalCLGD(inter // 2)
+
+    def forward(self, c1, c4):
+        ccam_b = self.conv_ccam_b(c4)
+        ccam = self.conv_ccam_e(self.ccam_dec(ccam_b, self.ccam_enc(ccam_b)))
+        cpam_b = self.conv_cpam_b(c4)
+        cpam = self.conv_cpam_e(self.cpam_dec(cpam_b, self.cpam_enc(cpam_b).permute(0, 2, 1)))
+        return self.clgd(c1, self.conv_cat(torch.cat([cpam, ccam], 1)))
+
+
+class OriginalDRANet(torch.nn.Module):
+    def __init__(self, num_classes=19, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        nn = torch.nn
+        self.pretrained, self.head = OriginalDeepStemResNet(blocks), OriginalDranHead()
+        self.cls_aux = nn.Sequential(nn.Conv2d(1024, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+                                     nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+        self.cls_seg = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+
+    def forward(self, x):  # (output, auxiliary) logits, upsampled with align_corners=True
+        c1, c3, c4 = self.pretrained(x)
+        up = lambda y: F.interpolate(y, x.shape[-2:], mode="bilinear", align_corners=True)  # noqa: E731
+        return up(self.cls_seg(self.head(c1, c4))), up(self.cls_aux(c3))
+
+
+@pytest.fixture(scope="module")
+def original_dranet(tmp_path_factory):
+    """(path, model): a random 19-class original-layout DRANet saved as the original code saves dran101.pth.tar."""
+    torch.manual_seed(0)
+    model = randomise_bn(OriginalDRANet()).eval()
+    with torch.no_grad():
+        model.head.cpam_dec.scale.fill_(0.7)
+        model.head.ccam_dec.scale.fill_(0.5)
+        model.head.clgd.gamma.fill_(0.8)
+        model.head.cpam_dec.conv_query.weight.mul_(8)  # a peaked attention over the centres, not a uniform one
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path_factory.mktemp("original") / "dran50.pth.tar"
+    torch.save({"epoch": 180, "state_dict": state, "best_pred": 0.81}, path, _use_new_zipfile_serialization=False)
+    return path, model
+
+
+def test_original_dranet_is_read_as_plain_dranet_with_the_same_logits(original_dranet, capsys):
+    path, original = original_dranet
+    model, config, class_names = evaluate.load_model(path, torch.device("cpu"))
+    assert f"{path}: a checkpoint of the original DANet code (epoch 180), read as plain DRANet, resnet50, deep stem, " \
+           "multi-grid 4 8 16, 19 classes" in capsys.readouterr().out.splitlines()
+    assert isinstance(model, DRANet) and class_names == CITYSCAPES_NAMES and config["model"] == "dranet"
+    assert not any(isinstance(m, ClusteringLayer) for m in model.modules()) and model.backbone.deep_stem
+    assert [block.conv2.dilation for block in model.backbone.layer4] == [(4, 4), (8, 8), (16, 16)]
+    images = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        expected = original(images)[0]
+        got = train.predict_logits(model.float(), images)
+    scale = expected.abs().max()
+    assert expected.std() > 0.1 * scale  # not a flat output: the comparison means something
+    torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=1e-4)
+
+    original = copy.deepcopy(original)  # the auxiliary output too, in training mode without dropout
+    for module in (*model.modules(), *original.modules()):
+        if isinstance(module, torch.nn.Dropout2d):
+            module.p = 0.0
+    model.train(), original.train()
+    with torch.no_grad():
+        expected, got = original(images), model(images)
+    for e, key in zip(expected, ("out", "aux")):
+        torch.testing.assert_close(got[key] / e.abs().max(), e / e.abs().max(), rtol=0, atol=1e-3)
+    line = cli_error(capsys, ["--checkpoint", path, "--save-dir", path.parent / "pictures", "--show-clusters"],
+                     main=evaluate.main)
+    assert "draws the clustering layer" in line and "is plain DRANet" in line
+
+
+def test_original_dranet_on_cityscapes_and_an_image_end_to_end(original_dranet, tmp_path, monkeypatch, capsys):
+    """The README's dran101 command on a tiny Cityscapes tree whose val labels are the stand-in's own predictions:
+    evaluate.py's mIoU is that of the stand-in's flip-averaged predictions against them; then --image."""
+    path, original = original_dranet
+    monkeypatch.setitem(globals(), "CITYSCAPES_SIZE", (24, 40))
+    samples = make_cityscapes(tmp_path / "data", cities=(("val", "lindau", 2),))
+    to_label_id = {train_id: label_id for label_id, train_id in CITYSCAPES_TRAIN_IDS.items()}
+    matrix = np.zeros((19, 19), np.int64)
+    for name, (image, _) in samples.items():
+        x = ((torch.from_numpy(image).permute(2, 0, 1) / 255 - MEAN[:, None, None]) / STD[:, None, None])[None]
+        with torch.no_grad():
+            truth = original(x)[0][0].argmax(0).numpy()  # [24, 40], the label of this tree
+            scores = original(x)[0].softmax(1) + original(x.flip(-1))[0].flip(-1).softmax(1)
+        label_ids = np.vectorize(to_label_id.get)(truth).astype(np.uint8)
+        Image.fromarray(label_ids).save(tmp_path / "data" / "gtFine" / "val" / "lindau" / f"{name}_gtFine_labelIds.png")
+        np.add.at(matrix, (truth.ravel(), scores[0].argmax(0).numpy().ravel()), 1)
+    assert len(np.unique(truth)) > 1  # the stand-in does not predict one class everywhere
+    evaluate.main(["--checkpoint", str(path), "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"),
+                   "--mode", "slide", "--crop-size", "768", "--flip", "--json", str(tmp_path / "r.json"),
+                   "--workers", "0", "--device", "cpu"])
+    summary = json.loads((tmp_path / "r.json").read_text())
+    tp, union = np.diag(matrix), matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    assert summary["images"] == 2
+    assert summary["miou"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]), abs=1e-9)
+    assert summary["pixel_accuracy"] == pytest.approx(tp.sum() / matrix.sum(), abs=1e-9)
+
+    pixels = samples["lindau_000000_000019"][0]
+    Image.fromarray(pixels).save(tmp_path / "street.png")
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(path), "--image", str(tmp_path / "street.png"), "--device", "cpu",
+                   "--save-dir", str(tmp_path / "out")])
+    with Image.open(tmp_path / "out" / "street.png") as png:  # the label ids of the stand-in's own prediction
+        with Image.open(tmp_path / "data" / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png") \
+                as label:
+            assert (np.array(png) == np.array(label)).mean() > 0.999
+    assert "street.png: " in capsys.readouterr().out
+
+
+def test_init_from_original_dranet_loads_backbone_and_head(original_dranet, capsys):
+    """Into a 4-class ClusterDRANet with the deep stem: every backbone and head tensor, not the classifiers, not the
+    clustering (whose K = C keeps every attention shape)."""
+    path, original = original_dranet
+    model = DRANet(num_classes=4, backbone="resnet50", multi_grid=True, deep_stem=True)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    train.init_from(model, path)
+    ours, theirs = model.state_dict(), original.state_dict()
+    pairs = {"pretrained.conv1": "backbone.stem.0", "pretrained.bn1": "backbone.stem.1",
+             "head.conv_cpam_b": "position_branch.conv_in", "head.conv_cpam_e": "position_branch.conv_out",
+             "head.cpam_dec.conv_query": "position_branch.attention.query",
+             "head.cpam_dec.conv_key": "position_branch.attention.key",
+             "head.cpam_dec.conv_value": "position_branch.attention.value",
+             **{f"head.cpam_enc.conv{i + 1}": f"position_branch.attention.centres.{i}" for i in range(4)},
+             "head.conv_ccam_b": "channel_branch.conv_in", "head.ccam_enc": "channel_branch.attention.reduce",
+             "head.conv_ccam_e": "channel_branch.conv_out", "head.conv_cat": "fusion", "head.clgd.conv_low": "decoder.low",
+             "head.clgd.conv_att": "decoder.gate", "head.clgd.conv_cat": "decoder.fuse", "head.clgd.conv_out": "decoder.out",
+             "cls_aux.0": "aux_conv.0", "cls_aux.1": "aux_conv.1"}
+    expected = {"position_branch.attention.gamma": "head.cpam_dec.scale",
+                "channel_branch.attention.gamma": "head.ccam_dec.scale", "decoder.gamma": "head.clgd.gamma"}
+    for name in theirs:
+        if name.startswith("pretrained.layer"):
+            expected["backbone." + name.split(".", 1)[1]] = name
+        for theirs_prefix, ours_prefix in pairs.items():
+            if name.startswith(theirs_prefix + "."):
+                expected[ours_prefix + name[len(theirs_prefix):]] = name
+    assert len(expected) == len([n for n in theirs if not n.startswith(("cls_seg.", "cls_aux.4."))])
+    for name, original_name in expected.items():
+        if not name.endswith("num_batches_tracked"):  # not in the file
+            assert torch.equal(ours[name], theirs[original_name]), name
+    clustering = [name for name in ours if ".clustering." in name]
+    assert len(clustering) >= 4
+    for name in ours:
+        if name.startswith(("classifier.", "aux_classifier.")) or name in clustering:
+            assert torch.equal(ours[name], fresh[name]), name
+    out = capsys.readouterr().out
+    assert "(the original DANet code's checkpoint): loaded " in out
+    assert "skipped, other shape (file -> model) 4: " in out and "[19, 256, 1, 1] -> [4, 256, 1, 1]" in out
+    assert len(out.splitlines()) <= 5  # a summary, not a list
+
+
+def test_dranet_trains_resumes_and_draws_its_clusters(tmp_path, capsys):
+    """train.py --model dranet: the loss is out + 0.2 aux (DRANet's default), the checkpoint stores model and
+    deep_stem, --resume continues it, evaluate.py rebuilds it and --show-clusters draws ClusterDRANet."""
+    out = tmp_path / "run"
+    train.main(tiny(out, "--model", "dranet", "--iters", "2", "--demo-images", "4", "--log-every", "1"))
+    steps = [r for r in read_log(out) if "loss" in r]
+    assert len(steps) == 2 and set(steps[0]) >= {"out", "aux"} and "position" not in steps[0]
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["out"] + 0.2 * r["aux"], rel=1e-5)
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["args"]["model"] == "dranet" and checkpoint["args"]["deep_stem"] is False
+    assert checkpoint["args"]["aux_weight"] == 0.2
+    capsys.readouterr()
+    train.main(tiny(out, "--model", "dranet", "--iters", "2", "--demo-images", "4", "--resume", str(out / "last.pt")))
+    assert "2 iterations from 2" in capsys.readouterr().out  # rebuilt as DRANet, its weights and optimizer loaded
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    evaluate.main(["--checkpoint", str(out / "last.pt"), "--device", "cpu", "--save-dir", str(tmp_path / "pictures"),
+                   "--show-clusters", "--image", str(tmp_path / "a.png")])
+    with Image.open(tmp_path / "pictures" / "clusters" / "a.png") as picture:  # image, nearest centre, 3 query maps
+        assert picture.size == (5 * (56 + 4) + 4, 40 + 8)
+
+
+def test_dranet_flags(tmp_path, capsys, monkeypatch):
+    """--aux-weight follows --model; the DRANet flag mistakes are one line, exit 2; the benchmark line."""
+    assert train.parse_args(["--model", "dranet"]).aux_weight == 0.2
+    assert train.parse_args([]).aux_weight == 1.0
+    assert train.parse_args(["--model", "dranet", "--aux-weight", "0.5"]).aux_weight == 0.5
+    assert train.parse_args(["--deep-stem", "--data-root", str(tmp_path)]).pretrained is False  # VOC's recipe: True
+    for flags, fragment in ((["--model", "dranet", "--dense-attention"], "DRANet's attends to 50 pooled centres"),
+                            (["--deep-stem", "--pretrained"], "--deep-stem has no ImageNet weights here"),
+                            (["--model", "dranet", "--batch-size", "1"], "needs a batch of 2 or more"),
+                            (["--model", "dranet", "--num-clusters", "24"], "divisible by 16, got 24"),
+                            (["--deep-stem"], "the deep stem needs a Bottleneck ResNet")):
+        argv = [a for a in tiny(tmp_path / "out", "--iters", "1", "--demo-images", "2") if a != "--no-pretrained"]
+        line = cli_error(capsys, [*argv, *flags])
+        assert fragment in line, line
+    monkeypatch.chdir(tmp_path)
+    train.main(["--benchmark", "--model", "dranet", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+                "--benchmark-steps", "1", "--device", "cpu"])
+    assert re.fullmatch(r"benchmark dranet resnet18 crop 32 batch 2 fp32 cpu compact attention: [\d.]+ ms/step, "
+                        r"[\d.]+ images/s, peak memory [\d.]+ GiB", capsys.readouterr().out.strip())

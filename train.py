@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer
+from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer, DRANet
 
 try:
     import resource  # Unix only: the peak memory of a CPU run
@@ -786,17 +786,23 @@ def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=p
 
 # ----------------------------------------------------------------------------- model and checkpoints
 
+MODELS = {"danet": ClusterDANet, "dranet": DRANet}  # --model: each with or without clustering
+
+
 def build_model(config):
-    """ClusterDANet from a train.py args dict (as stored in every checkpoint; older ones lack the last keys)."""
+    """ClusterDANet or DRANet from a train.py args dict (as stored in every checkpoint; older ones lack the last
+    keys: they are ClusterDANets)."""
     pretrained = config.get("pretrained", False)
+    kwargs = dict(num_classes=config["num_classes"], backbone=config["backbone"], pretrained_backbone=pretrained,
+                  num_clusters=config["num_clusters"], temperature=config["temperature"],
+                  cluster_init=config.get("cluster_init", "random"), cluster_reseed=config.get("cluster_reseed", 0),
+                  clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
+                  align_corners=config.get("align_corners", False), deep_stem=config.get("deep_stem", False))
+    name = config.get("model", "danet")
+    if name == "danet":
+        kwargs["dense_attention"] = config["dense_attention"]
     try:
-        return ClusterDANet(num_classes=config["num_classes"], backbone=config["backbone"],
-                            pretrained_backbone=pretrained, num_clusters=config["num_clusters"],
-                            temperature=config["temperature"], dense_attention=config["dense_attention"],
-                            cluster_init=config.get("cluster_init", "random"),
-                            cluster_reseed=config.get("cluster_reseed", 0),
-                            clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
-                            align_corners=config.get("align_corners", False))
+        return MODELS[name](**kwargs)
     except ValueError as e:  # a configuration the model refuses (multi-grid on resnet18, K not divisible by 8)
         raise UserError(str(e)) from None
     except RuntimeError as e:  # the ImageNet weights could not be downloaded: the message says what to do
@@ -881,63 +887,96 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-# The original DANet code (PyTorch-Encoding; its published DANet101.pth.tar) saves {"state_dict": ..., "epoch": ...,
-# "best_pred": ...}. Its names -> ours, by prefix; what follows the prefix is the same on both sides: torchvision's
-# ResNet names, nn.Sequential indices (conv5a.0 conv, .1 BN; conv6.1 the conv after the dropout), BN's tensors.
-ORIGINAL_NAMES = (
-    ("pretrained.conv1.", "backbone.stem.0."),  # the plain 7x7 stem (a deep stem, conv1.0..., has no counterpart)
+# The original DANet code (PyTorch-Encoding) publishes DANet101.pth.tar and dran101.pth.tar (DRANet), both saved as
+# {"state_dict": ..., "epoch": ..., "best_pred": ...}. Their names -> ours, by prefix; what follows the prefix is the same
+# on both sides: torchvision's ResNet names, nn.Sequential indices (conv5a.0 conv, .1 BN; conv6.1 the conv after the
+# dropout), BN's tensors. The deep stem's pretrained.conv1.0 ... conv1.6 become backbone.stem.0.0 ... stem.0.6.
+ORIGINAL_BACKBONE_NAMES = (
+    ("pretrained.conv1.", "backbone.stem.0."),  # the 7x7 stem convolution, or the deep stem's three 3x3 (conv1.0/3/6)
     ("pretrained.bn1.", "backbone.stem.1."),
     ("pretrained.layer", "backbone.layer"),
-    ("head.conv5a.", "position_branch.conv_in."),  # conv3x3 + BN before position attention
-    ("head.sa.query_conv.", "position_branch.attention.query."),
-    ("head.sa.key_conv.", "position_branch.attention.key."),
-    ("head.sa.value_conv.", "position_branch.attention.value."),
-    ("head.sa.gamma", "position_branch.attention.gamma"),
-    ("head.conv51.", "position_branch.conv_out."),
-    ("head.conv5c.", "channel_branch.conv_in."),  # conv3x3 + BN before channel attention
-    ("head.sc.gamma", "channel_branch.attention.gamma"),
-    ("head.conv52.", "channel_branch.conv_out."),
-    ("head.conv6.", "position_classifier."),  # Dropout2d + conv1x1 on the position branch: an auxiliary output
-    ("head.conv7.", "channel_classifier."),
-    ("head.conv8.", "classifier."),  # on the sum of both branches: the output
 )
+ORIGINAL_NAMES = {
+    "danet": ORIGINAL_BACKBONE_NAMES + (
+        ("head.conv5a.", "position_branch.conv_in."),  # conv3x3 + BN before position attention
+        ("head.sa.query_conv.", "position_branch.attention.query."),
+        ("head.sa.key_conv.", "position_branch.attention.key."),
+        ("head.sa.value_conv.", "position_branch.attention.value."),
+        ("head.sa.gamma", "position_branch.attention.gamma"),
+        ("head.conv51.", "position_branch.conv_out."),
+        ("head.conv5c.", "channel_branch.conv_in."),  # conv3x3 + BN before channel attention
+        ("head.sc.gamma", "channel_branch.attention.gamma"),
+        ("head.conv52.", "channel_branch.conv_out."),
+        ("head.conv6.", "position_classifier."),  # Dropout2d + conv1x1 on the position branch: an auxiliary output
+        ("head.conv7.", "channel_classifier."),
+        ("head.conv8.", "classifier."),  # on the sum of both branches: the output
+    ),
+    "dranet": ORIGINAL_BACKBONE_NAMES + (
+        ("head.conv_cpam_b.", "position_branch.conv_in."),  # conv3x3 + BN before CPAM
+        ("head.cpam_enc.conv1.", "position_branch.attention.centres.0."),  # conv1x1 + BN after the 1x1 pool
+        ("head.cpam_enc.conv2.", "position_branch.attention.centres.1."),  # ... after the 2x2 pool
+        ("head.cpam_enc.conv3.", "position_branch.attention.centres.2."),
+        ("head.cpam_enc.conv4.", "position_branch.attention.centres.3."),  # ... after the 6x6 pool
+        ("head.cpam_dec.scale", "position_branch.attention.gamma"),
+        ("head.cpam_dec.conv_query.", "position_branch.attention.query."),  # conv1x1 per pixel
+        ("head.cpam_dec.conv_key.", "position_branch.attention.key."),  # Linear per centre
+        ("head.cpam_dec.conv_value.", "position_branch.attention.value."),
+        ("head.conv_cpam_e.", "position_branch.conv_out."),
+        ("head.conv_ccam_b.", "channel_branch.conv_in."),  # conv3x3 + BN before CCAM
+        ("head.ccam_enc.", "channel_branch.attention.reduce."),  # conv1x1 + BN to C / 16
+        ("head.ccam_dec.scale", "channel_branch.attention.gamma"),
+        ("head.conv_ccam_e.", "channel_branch.conv_out."),
+        ("head.conv_cat.", "fusion."),  # conv3x3 + BN on [CPAM, CCAM]
+        ("head.clgd.conv_low.", "decoder.low."),
+        ("head.clgd.conv_att.", "decoder.gate."),
+        ("head.clgd.conv_cat.", "decoder.fuse."),
+        ("head.clgd.conv_out.", "decoder.out."),
+        ("head.clgd.gamma", "decoder.gamma"),
+        ("cls_seg.", "classifier."),  # Dropout2d + conv1x1 on the decoder: the output
+        ("cls_aux.0.", "aux_conv.0."),  # conv3x3 + BN + ReLU + Dropout2d + conv1x1 on layer3: the auxiliary output
+        ("cls_aux.1.", "aux_conv.1."),
+        ("cls_aux.4.", "aux_classifier.1."),
+    ),
+}
+ORIGINAL_CLASSIFIERS = {"danet": "head.conv8.1.weight", "dranet": "cls_seg.1.weight"}
 ORIGINAL_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101", (3, 8, 36, 3): "resnet152"}  # blocks per layer
 
 
 def is_original_checkpoint(checkpoint):
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     return isinstance(state, dict) and any(str(k).startswith("pretrained.") for k in state) and \
-        any(str(k).startswith("head.") for k in state)
+        any(str(k).startswith(("head.", "cls_seg.")) for k in state)
 
 
 def from_original(checkpoint, path):
-    """An original DANet checkpoint as one of ours: its tensors renamed, and the args of the model it holds.
+    """An original DANet or DRANet checkpoint as one of ours: its tensors renamed, and the args of the model it holds.
 
-    That model is plain DANet with multi-grid (4, 8, 16) and align_corners=True upsampling, as the published
-    DANet101 (--multi-grid --multi-dilation 4 8 16 --os 8 --no-deepstem); the depth is read off its blocks.
+    That model is plain DANet or DRANet (DRANet's file has cls_seg and head.clgd) with multi-grid (4, 8, 16) and
+    align_corners=True upsampling, as the published DANet101 (--multi-grid --multi-dilation 4 8 16 --os 8
+    --no-deepstem) and dran101; the depth is read off its blocks, the deep stem off pretrained.conv1.0.
     """
     state = checkpoint["state_dict"]
     blocks = tuple(len({k.split(".")[2] for k in state if k.startswith(f"pretrained.layer{i}.") and k.count(".") > 2})
                    for i in range(1, 5))  # pretrained.layer3.22.conv1.weight: block 22 of layer3
-    if "pretrained.conv1.weight" not in state:
-        raise UserError(f"{path} is an original DANet checkpoint with a deep stem (pretrained.conv1.0.*): only the "
-                        f"plain 7x7 stem (--no-deepstem, as in DANet101) has a counterpart here")
-    if blocks not in ORIGINAL_DEPTHS or "head.conv8.1.weight" not in state:
-        raise UserError(f"{path} is not an original DANet checkpoint this loader knows (blocks per layer {blocks}, "
-                        f"known: ResNet-50/101/152 Bottlenecks; and a head.conv8 classifier)")
+    name = "dranet" if any(k.startswith(("cls_seg.", "head.clgd.")) for k in state) else "danet"
+    if blocks not in ORIGINAL_DEPTHS or ORIGINAL_CLASSIFIERS[name] not in state:
+        raise UserError(f"{path} is not an original DANet or DRANet checkpoint this loader knows (blocks per layer "
+                        f"{blocks}, known: ResNet-50/101/152 Bottlenecks; and a head.conv8 classifier for DANet, "
+                        f"cls_seg for DRANet)")
     model, unused = {}, []
     for key, tensor in state.items():
-        ours = next((o + key[len(t):] for t, o in ORIGINAL_NAMES if key.startswith(t)), None)
+        ours = next((o + key[len(t):] for t, o in ORIGINAL_NAMES[name] if key.startswith(t)), None)
         if ours is None:
             unused.append(key)
         else:
             model[ours] = tensor
     for key in [k for k in model if k.endswith(".running_mean")]:  # files of PyTorch < 0.4.1 have no BN counters
         model.setdefault(key.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
-    num_classes = state["head.conv8.1.weight"].shape[0]
+    num_classes = state[ORIGINAL_CLASSIFIERS[name]].shape[0]
     dataset = {len(Cityscapes.class_names): "cityscapes", len(VOC_CLASSES): "voc"}.get(num_classes, "folder")
-    config = dict(num_classes=num_classes, backbone=ORIGINAL_DEPTHS[blocks], num_clusters=None, temperature=100.0,
-                  dense_attention=False, clustering=False, multi_grid=True, align_corners=True, dataset=dataset)
+    config = dict(model=name, num_classes=num_classes, backbone=ORIGINAL_DEPTHS[blocks], num_clusters=None,
+                  temperature=100.0, dense_attention=False, clustering=False, multi_grid=True, align_corners=True,
+                  deep_stem="pretrained.conv1.0.weight" in state, dataset=dataset)
     class_names = {"cityscapes": list(Cityscapes.class_names), "voc": list(VOC_CLASSES)}.get(dataset)
     return {"model": model, "args": config, "iteration": checkpoint.get("epoch", 0), "class_names": class_names,
             "original": True, "unused": unused}
@@ -946,8 +985,9 @@ def from_original(checkpoint, path):
 def describe(checkpoint, path):
     """One line on an original checkpoint: what it is evaluated as, and the tensors that have no place here."""
     config, unused = checkpoint["args"], checkpoint["unused"]
-    text = (f"{path}: a checkpoint of the original DANet code (epoch {checkpoint['iteration']}), read as plain DANet, "
-            f"{config['backbone']}, multi-grid 4 8 16, {config['num_classes']} classes")
+    text = (f"{path}: a checkpoint of the original DANet code (epoch {checkpoint['iteration']}), read as plain "
+            f"{'DRANet' if config['model'] == 'dranet' else 'DANet'}, {config['backbone']}"
+            f"{', deep stem' if config['deep_stem'] else ''}, multi-grid 4 8 16, {config['num_classes']} classes")
     return text + (f"; {len(unused)} tensors unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})"
                    if unused else "")
 
@@ -1107,6 +1147,8 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="download VOC 2012 into --data-root first")
     p.add_argument("--train-split", choices=["train", "trainval", "train_aug"], help=d("train_split"))
     p.add_argument("--val-split", default="val", choices=["val", "train", "trainval"])
+    p.add_argument("--model", choices=list(MODELS), default="danet", help="danet: (Cluster)DANet; dranet: "
+                   "(Cluster)DRANet, compact attention and the cross-level gating decoder (see README)")
     p.add_argument("--backbone", choices=BACKBONES, help=d("backbone"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("pretrained"))
     p.add_argument("--num-clusters", type=whole_number(8, 4096), help="K, a multiple of 8 up to 4096; default: the "
@@ -1123,6 +1165,8 @@ def parse_args(argv=None):
                    help="clustering layers before the attention; --no-clustering: plain DANet, the baseline")
     p.add_argument("--multi-grid", action="store_true", help="dilate layer4's blocks 4, 8, 16 (not 2, 4, 4), as the "
                    "original DANet101; resnet50/101/152 only")
+    p.add_argument("--deep-stem", action="store_true", help="three 3x3 convolutions instead of the 7x7 stem, as the "
+                   "original DRANet101 (resnet50/101/152; no ImageNet weights for it here)")
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
                    "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; "
                    "a new run, not --resume")
@@ -1137,8 +1181,9 @@ def parse_args(argv=None):
                    help="SGD momentum, 0 <= m < 1")
     p.add_argument("--weight-decay", type=real_number(0, 1, low_open=False, high_open=True), default=1e-4,
                    help="0 <= wd < 1")
-    p.add_argument("--aux-weight", type=real_number(0, 1e3, low_open=False), help="weight of the position and "
-                   "channel losses, >= 0; default: 1.0, the original DANet code's equal weights")
+    p.add_argument("--aux-weight", type=real_number(0, 1e3, low_open=False), help="weight of the auxiliary losses "
+                   "(DANet: position and channel; DRANet: layer3's), >= 0; default: the original code's, danet 1.0, "
+                   "dranet 0.2")
     p.add_argument("--workers", type=whole_number(0, 256), help="data loading processes; " + d("workers"))
     p.add_argument("--demo-images", type=whole_number(1, 10**6), default=1000,
                    help="size of the synthetic training set")
@@ -1174,16 +1219,25 @@ def parse_args(argv=None):
                 "leaves out")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
+    if args.model == "dranet" and args.dense_attention:
+        p.error("--dense-attention is DANet's position attention; DRANet's attends to 50 pooled centres")
+    if args.aux_weight is None:
+        args.aux_weight = {"danet": 1.0, "dranet": 0.2}[args.model]
     if args.dataset and not args.data_root and not args.benchmark:
         raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
     args.dataset = args.dataset or ("voc" if args.data_root else "demo")
     if args.download and args.dataset != "voc":
         raise UserError(f"--download fetches VOC only; put the {args.dataset} data in place by hand (see README)")
+    if args.deep_stem and args.pretrained:
+        p.error("--deep-stem has no ImageNet weights here: leave out --pretrained (or start from a file: --init-from)")
+    if args.deep_stem:
+        args.pretrained = False  # not the recipe's ImageNet weights: there are none for the deep stem
     for key, value in DATASETS[args.dataset][1].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.aux_weight is None:
-        args.aux_weight = 1.0
+    if args.model == "dranet" and args.batch_size * int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        p.error("--model dranet needs a batch of 2 or more: CPAM's 1x1 pooled centre gives BatchNorm one value per "
+                "channel")
     if args.batch_size * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
         p.error(f"--crop-size {args.crop_size} with --batch-size {args.batch_size} leaves BatchNorm one value per "
                 f"channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop or batch")
@@ -1241,7 +1295,7 @@ def train_step(model, images, masks, optimizer, scaler, autocast, aux_weight):
     with autocast():
         outputs = model(images)
     losses = {k: F.cross_entropy(v.float(), masks, ignore_index=IGNORE_INDEX) for k, v in outputs.items()}
-    loss = losses["out"] + aux_weight * (losses["position"] + losses["channel"])
+    loss = losses["out"] + aux_weight * sum(v for k, v in losses.items() if k != "out")  # DANet: 2 terms, DRANet: 1
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -1263,9 +1317,10 @@ def benchmark(args, model, optimizer, scaler, device, autocast, master=True):
         train_step(model, images, masks, optimizer, scaler, autocast, args.aux_weight)
     sync()
     ms = (time.perf_counter() - start) / args.benchmark_steps * 1000
-    attention = "dense" if args.dense_attention else "efficient"
+    attention = "compact" if args.model == "dranet" else "dense" if args.dense_attention else "efficient"
+    model_name = "dranet " if args.model == "dranet" else ""  # the DANet line as it always was
     if master:
-        print(f"benchmark {args.backbone} crop {args.crop_size} batch {args.batch_size} {args.precision} {device.type} "
+        print(f"benchmark {model_name}{args.backbone} crop {args.crop_size} batch {args.batch_size} {args.precision} {device.type} "
               f"{attention} attention: {ms:.1f} ms/step, {args.batch_size * 1000 / ms:.2f} images/s, "
               f"peak memory {peak_memory_gib(device):.2f} GiB")
 
@@ -1669,8 +1724,8 @@ def log_progress(run, sums, steps, lr, start, start_iteration):
               "images_per_s": done * args.batch_size * run.world_size / elapsed,
               "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
               "peak_memory_gib": peak_memory_gib(run.device)}
-    log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} (out {record['out']:.4f} "
-                     f"position {record['position']:.4f} channel {record['channel']:.4f}) lr {record['lr']:.5f} "
+    terms = " ".join(f"{k} {record[k]:.4f}" for k in sums if k != "loss")  # out, then position channel or aux
+    log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} "
                      f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
                      f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB")
     return record
