@@ -3954,7 +3954,7 @@ def test_original_dranet_on_cityscapes_and_an_image_end_to_end(original_dranet, 
     capsys.readouterr()
     evaluate.main(["--checkpoint", str(path), "--image", str(tmp_path / "street.png"), "--device", "cpu",
                    "--save-dir", str(tmp_path / "out")])
-    with Image.open(tmp_path / "out" / "street.png") as png:  # the label ids of the stand-in's own prediction
+    with Image.open(tmp_path / "out" / "labels" / "street.png") as png:  # the stand-in's own prediction, label ids
         with Image.open(tmp_path / "data" / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png") \
                 as label:
             assert (np.array(png) == np.array(label)).mean() > 0.999
@@ -4021,7 +4021,8 @@ def test_dranet_trains_resumes_and_draws_its_clusters(tmp_path, capsys):
     evaluate.main(["--checkpoint", str(out / "last.pt"), "--device", "cpu", "--save-dir", str(tmp_path / "pictures"),
                    "--show-clusters", "--image", str(tmp_path / "a.png")])
     with Image.open(tmp_path / "pictures" / "clusters" / "a.png") as picture:  # image, nearest centre, 3 query maps
-        assert picture.size == (5 * (56 + 4) + 4, 40 + 8)
+        f = evaluate.enlargement(40, 56)  # small pictures are enlarged (nearest) to panels at least 256 px high
+        assert f == 7 and picture.size == (5 * (56 * f + 4) + 4, 40 * f + 8)
 
 
 def test_dranet_flags(tmp_path, capsys, monkeypatch):
