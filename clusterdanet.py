@@ -556,6 +556,25 @@ class SegmentationNet(nn.Module):
     """What ClusterDANet and DRANet share: padding to multiples of 8, upsampled logits, the head's parameters and
     the clustering layers' usage."""
 
+    def build_backbone_and_branches(self, backbone, pretrained_backbone, multi_grid, deep_stem, clustering,
+                                    num_clusters, temperature, cluster_init, cluster_reseed, position_attention,
+                                    channel_attention):
+        """self.backbone, self.position_branch and self.channel_branch (each conv_in -> clustering -> attention ->
+        conv_out, [B, C_in, h, w] -> [B, C, h, w]); the attention modules are position_attention(width) and
+        channel_attention(width), width = K with clustering, else C. Returns (C_in, C)."""
+        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid, deep_stem)
+        in_channels = self.backbone.out_channels
+        channels = in_channels // 4
+        width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
+
+        def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
+            return attention_branch(in_channels, channels, width, attention, ClusteringLayer(
+                channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed) if clustering else None)
+
+        self.position_branch = branch(position_attention(width))
+        self.channel_branch = branch(channel_attention(width))
+        return in_channels, channels
+
     def head_parameters(self):
         """Everything but the backbone (trained with a 10x learning rate)."""
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
@@ -601,17 +620,9 @@ class ClusterDANet(SegmentationNet):
                  temperature=100.0, dense_attention=False, cluster_init="random", cluster_reseed=0, clustering=True,
                  multi_grid=False, align_corners=False, deep_stem=False):
         super().__init__()
-        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid, deep_stem)
-        in_channels = self.backbone.out_channels
-        channels = in_channels // 4
-        width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
-
-        def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
-            return attention_branch(in_channels, channels, width, attention, ClusteringLayer(
-                channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed) if clustering else None)
-
-        self.position_branch = branch(PositionAttention(width, dense=dense_attention))
-        self.channel_branch = branch(ChannelAttention())
+        in_channels, channels = self.build_backbone_and_branches(
+            backbone, pretrained_backbone, multi_grid, deep_stem, clustering, num_clusters, temperature, cluster_init,
+            cluster_reseed, lambda width: PositionAttention(width, dense=dense_attention), lambda width: ChannelAttention())
         self.position_classifier = classifier(channels, num_classes)
         self.channel_classifier = classifier(channels, num_classes)
         self.classifier = classifier(channels, num_classes)
@@ -660,17 +671,9 @@ class DRANet(SegmentationNet):
                  temperature=100.0, cluster_init="random", cluster_reseed=0, clustering=True, multi_grid=False,
                  align_corners=False, deep_stem=False):
         super().__init__()
-        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid, deep_stem)
-        in_channels = self.backbone.out_channels
-        channels = in_channels // 4
-        width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
-
-        def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
-            return attention_branch(in_channels, channels, width, attention, ClusteringLayer(
-                channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed) if clustering else None)
-
-        self.position_branch = branch(CompactPositionAttention(width))
-        self.channel_branch = branch(CompactChannelAttention(width))
+        in_channels, channels = self.build_backbone_and_branches(
+            backbone, pretrained_backbone, multi_grid, deep_stem, clustering, num_clusters, temperature, cluster_init,
+            cluster_reseed, CompactPositionAttention, CompactChannelAttention)
         self.fusion = conv_bn_relu(2 * channels, channels // 2)
         self.decoder = CrossLevelGatingDecoder(in_channels // 8, channels // 2, align_corners)
         self.classifier = classifier(channels // 2, num_classes)

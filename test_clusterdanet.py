@@ -2517,6 +2517,18 @@ class OriginalBottleneck(torch.nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
+def add_original_layers(resnet, inplanes, blocks):
+    """layer1..4 of the original code's dilated ResNet (output stride 8, multi-grid 4, 8, 16) on `resnet`."""
+    nn = torch.nn
+    dilations = ([1] * blocks[0], [1] * blocks[1], [1] + [2] * (blocks[2] - 1), [4, 8, 16])
+    for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 1), (512, 1))):
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+        layer = [OriginalBottleneck(inplanes, planes, stride, dilations[i][0], downsample)]
+        layer += [OriginalBottleneck(planes * 4, planes, 1, d) for d in dilations[i][1:]]
+        setattr(resnet, f"layer{i + 1}", nn.Sequential(*layer))
+        inplanes = planes * 4
+
+
 class OriginalResNet(torch.nn.Module):
     """The plain-stem, dilated (output stride 8), multi-grid ResNet of --multi-grid --multi-dilation 4 8 16 --os 8."""
 
@@ -2525,15 +2537,7 @@ class OriginalResNet(torch.nn.Module):
         nn = torch.nn
         self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False), nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        inplanes = 64
-        dilations = ([1] * blocks[0], [1] * blocks[1], [1] + [2] * (blocks[2] - 1), [4, 8, 16])
-        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 1), (512, 1))):
-            downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * 4))
-            layer = [OriginalBottleneck(inplanes, planes, stride, dilations[i][0], downsample)]
-            layer += [OriginalBottleneck(planes * 4, planes, 1, d) for d in dilations[i][1:]]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
-            inplanes = planes * 4
+        add_original_layers(self, 64, blocks)
 
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
@@ -3767,15 +3771,7 @@ class OriginalDeepStemResNet(torch.nn.Module):
                                    nn.Conv2d(64, 64, 3, 1, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                                    nn.Conv2d(64, 128, 3, 1, padding=1, bias=False))
         self.bn1, self.maxpool = nn.BatchNorm2d(128), nn.MaxPool2d(3, 2, padding=1)
-        inplanes = 128
-        dilations = ([1] * blocks[0], [1] * blocks[1], [1] + [2] * (blocks[2] - 1), [4, 8, 16])
-        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 1), (512, 1))):
-            downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * 4))
-            layer = [OriginalBottleneck(inplanes, planes, stride, dilations[i][0], downsample)]
-            layer += [OriginalBottleneck(planes * 4, planes, 1, d) for d in dilations[i][1:]]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
-            inplanes = planes * 4
+        add_original_layers(self, 128, blocks)
 
     def forward(self, x):
         c1 = self.layer1(self.maxpool(F.relu(self.bn1(self.conv1(x)))))
