@@ -7,6 +7,7 @@
     torchrun --standalone --nproc_per_node=8 train.py --data-root data --train-split train_aug --batch-size 2
     python train.py --benchmark --backbone resnet50 --crop-size 256 --batch-size 2 --device cpu
     python train.py --out-dir runs/demo_danet --no-clustering          # plain DANet, the same recipe
+    python train.py --out-dir runs/demo_dranet --model dranet          # ClusterDRANet: DRANet's compact attention
     python train.py --data-root data --multi-grid --init-from DANet101.pth.tar  # from the original's weights
 
 This file also holds what evaluate.py builds on: the datasets, the one mIoU metric (a confusion matrix),
@@ -1168,7 +1169,8 @@ def parse_args(argv=None):
     p.add_argument("--deep-stem", action="store_true", help="three 3x3 convolutions instead of the 7x7 stem, as the "
                    "original DRANet101 (resnet50/101/152; no ImageNet weights for it here)")
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
-                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar) where names and shapes match; "
+                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) where names and shapes "
+                   "match; "
                    "a new run, not --resume")
     p.add_argument("--crop-size", type=whole_number(1, 8192), help=d("crop_size"))
     p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x "
@@ -1663,7 +1665,8 @@ def start_out_dir(run):
                                  "iteration": last[1]}
         run.held = True
     log(run, record, defer=True)
-    print(f"training {run.args.backbone} on {type(run.train_set).__name__} {len(run.train_set)} images, "
+    model = ("Cluster" if run.args.clustering else "") + {"danet": "DANet", "dranet": "DRANet"}[run.args.model]
+    print(f"training {model} ({run.args.backbone}) on {type(run.train_set).__name__} {len(run.train_set)} images, "
           f"{run.world_size} process(es) on {run.device.type}, {run.args.precision}, {run.args.iters} iterations "
           f"from {run.iteration}, run {run.run_id} in {run.out_dir}", flush=True)
 
