@@ -89,6 +89,11 @@ class RunError(Exception):
         self.code = code
 
 
+def error_line(error):
+    """The one line of a UserError, also of one that a DataLoader worker re-raised with its traceback."""
+    return str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+
+
 def run_main(main):
     """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
     worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
@@ -101,10 +106,9 @@ def run_main(main):
     try:
         code = main()
     except UserError as e:
-        message = str(e).strip().splitlines()[-1]  # a DataLoader worker re-raises it with its traceback
         this_rank = getattr(e, "this_rank", False) or "DataLoader worker" in str(e)  # a file of this rank's share
         if rank == 0 or this_rank:  # said once, by rank 0, unless only this rank found it
-            print(f"error: {message.split('UserError: ', 1)[-1]}", file=sys.stderr)
+            print(f"error: {error_line(e)}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1865,11 +1869,6 @@ def finish(run, status, interrupts):
         best = "no validation has run" if run.best_miou is None else f"best val mIoU {run.best_miou:.4f}"
         print(f"done: {best}; checkpoints in {run.out_dir}")
     return 0
-
-
-def error_line(error):
-    """The one line of a UserError, also of one that a DataLoader worker re-raised with its traceback."""
-    return str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
 
 
 def data_error(run, error):
