@@ -2517,6 +2517,14 @@ class OriginalBottleneck(torch.nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
+def save_as_original(model, path, epoch, best_pred):
+    """Save `model` as the original code saved its published checkpoints; returns path. PyTorch < 0.4.1 had no
+    num_batches_tracked, and < 1.6 wrote the pickle format, not zip."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"epoch": epoch, "state_dict": state, "best_pred": best_pred}, path, _use_new_zipfile_serialization=False)
+    return path
+
+
 def add_original_layers(resnet, inplanes, blocks):
     """layer1..4 of the original code's dilated ResNet (output stride 8, multi-grid 4, 8, 16) on `resnet`."""
     nn = torch.nn
@@ -2619,11 +2627,7 @@ def original_checkpoint(tmp_path_factory):
         model.head.sa.gamma.fill_(0.7)
         model.head.sc.gamma.fill_(0.5)
         model.head.sa.query_conv.weight.mul_(8)  # a peaked position attention, not a uniform one
-    # PyTorch < 0.4.1 had no num_batches_tracked, and < 1.6 wrote the pickle format, not zip
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    path = tmp_path_factory.mktemp("original") / "DANet50.pth.tar"
-    torch.save({"epoch": 240, "state_dict": state, "best_pred": 0.87}, path, _use_new_zipfile_serialization=False)
-    return path, model
+    return save_as_original(model, tmp_path_factory.mktemp("original") / "DANet50.pth.tar", 240, 0.87), model
 
 
 def test_original_checkpoint_is_read_as_plain_danet_with_the_same_logits(original_checkpoint, capsys):
@@ -3883,10 +3887,7 @@ def original_dranet(tmp_path_factory):
         model.head.ccam_dec.scale.fill_(0.5)
         model.head.clgd.gamma.fill_(0.8)
         model.head.cpam_dec.conv_query.weight.mul_(8)  # a peaked attention over the centres, not a uniform one
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    path = tmp_path_factory.mktemp("original") / "dran50.pth.tar"
-    torch.save({"epoch": 180, "state_dict": state, "best_pred": 0.81}, path, _use_new_zipfile_serialization=False)
-    return path, model
+    return save_as_original(model, tmp_path_factory.mktemp("original") / "dran50.pth.tar", 180, 0.81), model
 
 
 def test_original_dranet_is_read_as_plain_dranet_with_the_same_logits(original_dranet, capsys):
