@@ -210,10 +210,29 @@ def download_voc(data_root):
                         f"by hand and extract it there") from None
 
 
+class RandomScale:
+    """DANet's random scale of an (image, mask) pair: the longer side to base_size x U(0.5, 2), aspect ratio kept
+    (v2.ScaleJitter's draw and sizes), the mask with nearest neighbours. No side falls below one pixel: a 4000x40
+    image at base size 64 becomes 64x1 at the 1x scale, not 64x0 (the crop's padding then fills the rest with
+    void, ignored by the loss)."""
+
+    def __init__(self, base_size, scale_range=(0.5, 2.0)):
+        self.base_size, self.scale_range = base_size, scale_range
+
+    def __call__(self, image, mask):
+        H, W = image.shape[-2:]
+        low, high = self.scale_range
+        scale = low + torch.rand(1) * (high - low)  # torch's generator: seeded per DataLoader worker
+        r = min(self.base_size / H, self.base_size / W) * scale  # [1], float32 as ScaleJitter's
+        size = [max(1, int(H * r)), max(1, int(W * r))]  # ScaleJitter's int(): a side below 1 pixel would be 0
+        return v2.functional.resize(image, size, antialias=True), v2.functional.resize(mask, size)
+
+
 def train_transform(crop_size, base_size):
-    """DANet's augmentation: longer side scaled to base_size x U(0.5, 2), pad, random crop, flip, normalise."""
+    """DANet's augmentation: longer side scaled to base_size x U(0.5, 2) (RandomScale), pad, random crop, flip,
+    normalise."""
     return v2.Compose([
-        v2.ScaleJitter((base_size, base_size), scale_range=(0.5, 2.0)),  # masks are resized with nearest
+        RandomScale(base_size),  # masks are resized with nearest
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(),
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
