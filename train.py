@@ -22,6 +22,7 @@ Exit codes (the README lists the same):
   3    the disk is full: a write failed for lack of space; the message names the checkpoint kept
   4    out of memory: the message names the flags that lower memory and the checkpoint kept
   5    a bad data file found after training started: last.pt was saved first, and the message says so
+  70   an unexpected error, a bug: its traceback, then one line asking to report it
   130  stopped by Ctrl-C (SIGINT), after saving last.pt (unless a second signal came in the middle of a step)
   143  stopped by SIGTERM, the same way
 """
@@ -38,6 +39,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,6 +80,7 @@ class UserError(Exception):
 
 # Exit codes of train.py and evaluate.py (the README and --help list them the same way).
 EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_DISK_FULL, EXIT_OUT_OF_MEMORY, EXIT_DATA_ERROR = 1, 2, 3, 4, 5
+EXIT_BUG = 70  # an unexpected exception (sysexits' EX_SOFTWARE): Python's own exit code for it, 1, means diverged
 
 
 class RunError(Exception):
@@ -97,7 +100,8 @@ def error_line(error):
 def run_main(main):
     """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
     worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
-    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143."""
+    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143. Any other exception is a
+    bug: its traceback and EXIT_BUG."""
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt(signum)
 
@@ -117,6 +121,11 @@ def run_main(main):
         signum = e.args[0] if e.args else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         code = 128 + signum
+    except Exception as e:  # a bug: its traceback, to report, and an exit code of its own (1 means diverged)
+        traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__} (a bug: please report it with the traceback above)",
+              file=sys.stderr)
+        code = EXIT_BUG
     finally:
         signal.signal(signal.SIGTERM, previous)
     if code:
@@ -1659,16 +1668,45 @@ def build_run(args, checkpoint, device, rank, world_size, autocast):
         validating=False, lock=None, pending=[], held=False)  # log lines not written yet; held until the first save
 
 
+def create_folders(path):
+    """Create the folder `path` and the missing folders above it; returns those this call created, deepest first
+    (one another process created meanwhile is not among them)."""
+    path, missing = Path(path), []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+            created.insert(0, folder)
+        except FileExistsError:
+            pass
+    return created
+
+
+def remove_created(folders):
+    """Remove `folders` (create_folders' list, deepest first) as long as they are empty: what a run that stopped
+    before its first save created. A folder holding anything (its log, another run's files) stays, and so does every
+    folder above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
+
+
 def start_out_dir(run):
     """Take the run folder (rank 0): create and lock it, check it again under the lock (another training may have
     written it since check_out_dir), and begin the log with what this run is; say what is about to run.
 
     --overwrite replaces nothing yet: the earlier run's files go at this run's first save (save), and until then
     its log lines are held back. The first record waits for the next one, so that a run that stops before its
-    first step (a bad file in the first batch: exit 2) leaves the folder as it was."""
-    refused = None
+    first step (a bad file in the first batch: exit 2) leaves the folder as it was; a folder it created (and the
+    folders above it), still empty then, main removes."""
+    refused, run.created = None, []
     if run.master:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        run.created = create_folders(run.out_dir)
         try:
             run.lock = FolderLock(run.out_dir, run.run_id)
             earlier = check_out_dir(run.args, run.resumed if run.args.resume else None, check_lock=False)
@@ -1988,6 +2026,8 @@ def main(argv=None):
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()
+        if run is not None and run.saved_iteration is None:  # stopped before its first save: an empty folder goes
+            remove_created(getattr(run, "created", []))
     if dist.is_initialized():
         dist.destroy_process_group()
     return code
