@@ -1465,6 +1465,20 @@ def check_same_run(args, checkpoint):
             raise UserError(f"checkpoint {args.resume} was trained {text}: resume {text} (a resumed run {what})")
 
 
+def check_classes(path, num_classes, stored_names, class_names, hint=""):
+    """A UserError unless the model of checkpoint `path`, which predicts `num_classes` classes named `stored_names`,
+    predicts the dataset's `class_names`: as many, and the same names in the same order. A checkpoint that names no
+    classes (stored_names None: the original DANet code's for another dataset) is checked by their number only;
+    `hint` ends both messages (what to do instead)."""
+    if num_classes is not None and num_classes != len(class_names):
+        raise UserError(f"checkpoint {path} predicts {num_classes} classes, the dataset has {len(class_names)}{hint}")
+    differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
+              for i, (ours, theirs) in enumerate(zip(stored_names or (), class_names)) if ours != theirs]
+    if differ:
+        raise UserError(f"checkpoint {path} was trained on other classes than the dataset's: "
+                        f"{differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''}{hint}")
+
+
 def new_run_id():
     """A run's id: when it started (UTC) and 6 random hex digits, e.g. 20261202-004012-3fa9c1."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
@@ -1638,6 +1652,10 @@ def build_run(args, checkpoint, device, rank, world_size, autocast):
     """Everything the training loop works with, in one namespace: data, model, optimizer, and where the run stands
     (iteration, data position, best mIoU), restored from `checkpoint` when resuming."""
     train_set, val_set = build_datasets(args)
+    if checkpoint is not None:  # a resumed run is the same run: on the classes it was trained on
+        check_classes(args.resume, checkpoint["args"].get("num_classes"), checkpoint.get("class_names"),
+                      train_set.class_names, f" (a resumed run keeps its classes; to train its weights on these, "
+                      f"start a new run with --init-from {args.resume})")
     check_masks(val_set, train_set, args.workers, print if rank == 0 else None)  # before any work
     args.num_classes = len(train_set.class_names)
     if len(train_set) < world_size * args.batch_size:
