@@ -1325,10 +1325,13 @@ def peak_memory_gib(device):
 # ----------------------------------------------------------------------------- training
 
 def train_step(model, images, masks, optimizer, scaler, autocast, aux_weight):
-    """One optimizer step; returns the loss terms as tensors (reading them would sync with the GPU)."""
+    """One optimizer step; returns the loss terms as tensors (reading them would sync with the GPU). Each term is
+    the cross-entropy averaged over the labelled pixels; 0 for a batch with none (all void), not the nan of 0 / 0."""
     with autocast():
         outputs = model(images)
-    losses = {k: F.cross_entropy(v.float(), masks, ignore_index=IGNORE_INDEX) for k, v in outputs.items()}
+    labelled = (masks != IGNORE_INDEX).sum().clamp(min=1)
+    losses = {k: F.cross_entropy(v.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+              for k, v in outputs.items()}
     loss = losses["out"] + aux_weight * sum(v for k, v in losses.items() if k != "out")  # DANet: 2 terms, DRANet: 1
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -1758,11 +1761,23 @@ def train_batches(run):
         run.epoch, run.epoch_images = run.epoch + 1, 0
 
 
+# A run has diverged when, at a log step, its weights are not finite, or its last DIVERGED_STEPS steps all failed:
+# a loss that was not finite, or gradients that overflowed so that fp16's GradScaler skipped the step. One such
+# step is normal in fp16 (the scaler skips it, leaving the weights as they were, and lowers its scale); a loss that
+# stays non-finite that long does not come back. In fp32 and bf16 a non-finite loss makes the weights non-finite at
+# once, which the check of the weights (at a log step after such a step) finds.
+DIVERGED_STEPS = 20
+
+
 def train(run, interrupts):
-    """The training loop, from run.iteration to --iters. Returns "done", "interrupted" or "diverged"."""
+    """The training loop, from run.iteration to --iters. Returns "done", "interrupted" or "diverged" (see
+    DIVERGED_STEPS)."""
     args, batches = run.args, train_batches(run)
     start, start_iteration = time.perf_counter(), run.iteration
-    sums, logged_steps = {}, 0  # the loss terms since the last log step, on the device
+    # since the last log step, on the device: the sums of the finite loss terms, the steps they come from, the
+    # steps whose loss was not finite; the fp16 steps skipped; the steps in a row that failed (not reset at logs)
+    sums, finite_steps, nonfinite, skipped = {}, 0, 0, 0
+    failing = torch.zeros((), dtype=torch.int64, device=run.device)
     run.model.train()
     while run.iteration < args.iters:
         images, masks = next(batches)
@@ -1770,18 +1785,23 @@ def train(run, interrupts):
         masks = masks.to(run.device, non_blocking=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the backbone LR of this step (the head's is 10x)
         run.busy = "in the middle of a step"
+        scale = run.scaler.get_scale()  # 1.0 without the fp16 scaler (fp32, bf16): no sync
         losses = train_step(run.model, images, masks, run.optimizer, run.scaler, run.autocast, args.aux_weight)
+        was_skipped = run.scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips a step
         run.scheduler.step()
         run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
         run.busy = None
-        sums = {k: sums.get(k, 0) + v for k, v in losses.items()}  # stays on the device: no sync
-        logged_steps += 1
+        finite = losses["loss"].isfinite()  # [] bool: stays on the device, no sync
+        sums = {k: sums.get(k, 0) + torch.where(finite, v, 0) for k, v in losses.items()}
+        finite_steps, nonfinite, skipped = finite_steps + finite, nonfinite + ~finite, skipped + was_skipped
+        failing = torch.where(~finite | was_skipped, failing + 1, 0)
 
         log_step = run.iteration % args.log_every == 0 or run.iteration == args.iters
         if log_step:
-            record = log_progress(run, sums, logged_steps, lr, start, start_iteration)
-            sums, logged_steps = {}, 0
-            if not math.isfinite(record["loss"]):
+            record = log_progress(run, sums, finite_steps, lr, start, start_iteration, nonfinite, skipped)
+            sums, finite_steps, nonfinite, skipped = {}, 0, 0, 0
+            if (record.get("nonfinite_losses") or record.get("skipped_steps")) and (
+                    any_rank(failing.item() >= DIVERGED_STEPS, run.device) or not weights_finite(run)):
                 return "diverged"
         if (run.world_size == 1 or log_step) and any_rank(interrupts.requested, run.device):  # DDP: at log steps
             return "interrupted"
@@ -1793,23 +1813,33 @@ def train(run, interrupts):
     return "done"
 
 
-def log_progress(run, sums, steps, lr, start, start_iteration):
-    """Log the loss terms averaged over the last `steps` steps and over the processes (an all_reduce, at log steps
-    only), the LR of the last step, speed, ETA and peak memory. Returns the record."""
+def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
+    """Log the loss terms averaged over the processes and the `steps` steps since the last log step whose loss was
+    finite (`sums` holds their sums; an all_reduce, at log steps only), the LR of the last step, speed, ETA and peak
+    memory. Losses that were not finite (`nonfinite`, one per step and process) are left out of the means and
+    counted in the record as nonfinite_losses, the steps fp16's GradScaler skipped (`skipped`, the same on every
+    process) as skipped_steps; either only when there were some. Returns the record."""
     args = run.args
-    totals = torch.stack(list(sums.values()))  # [n_terms]
+    counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
+    totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
     if run.world_size > 1:
         dist.all_reduce(totals)  # summed over the processes
-    means = (totals / (steps * run.world_size)).tolist()
+    *term_sums, steps, nonfinite, skipped = totals.tolist()
+    means = [total / steps if steps else math.nan for total in term_sums]
     done, elapsed = run.iteration - start_iteration, time.perf_counter() - start
     record = {"iteration": run.iteration, **dict(zip(sums, means)), "lr": lr,
               "images_per_s": done * args.batch_size * run.world_size / elapsed,
               "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
               "peak_memory_gib": peak_memory_gib(run.device)}
+    unusual = {"nonfinite_losses": round(nonfinite), "skipped_steps": round(skipped / run.world_size)}
+    record.update({k: n for k, n in unusual.items() if n})
     terms = " ".join(f"{k} {record[k]:.4f}" for k in sums if k != "loss")  # out, then position channel or aux
+    notes = [f"{n} non-finite loss{'es' if n > 1 else ''} left out" for n in [unusual["nonfinite_losses"]] if n] + \
+        [f"{n} step{'s' if n > 1 else ''} skipped by the fp16 scaler" for n in [unusual["skipped_steps"]] if n]
     log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} "
                      f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
-                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB")
+                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB"
+                     + "".join(f", {note}" for note in notes))
     return record
 
 
