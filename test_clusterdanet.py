@@ -4180,7 +4180,8 @@ def test_remove_created_never_removes_a_folder_that_holds_something(tmp_path):
 
 def test_resume_on_other_classes_exits_2_touching_nothing(tmp_path, capsys):
     """A folder dataset whose classes.txt names other classes (a real process), or one class more, than the
-    checkpoint's: one line naming the first difference (or both counts), exit 2, the run folder byte for byte."""
+    checkpoint's: one line naming the first difference (or both counts), exit 2, the run folder byte for byte.
+    evaluate.py refuses it through the same check, and evaluates a checkpoint that names no classes."""
     make_folder(tmp_path / "data")
     out = tmp_path / "out"
     args = tiny(out, "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--iters", "1")
@@ -4195,6 +4196,15 @@ def test_resume_on_other_classes_exits_2_touching_nothing(tmp_path, capsys):
     assert line == (f"error: checkpoint {last} was trained on other classes than the dataset's: class 1 is 'grass' in "
                     f"the checkpoint, 'meadow' in the dataset (and 1 more){hint}")
     assert folder_bytes(out) == before
+    evaluate_args = ["--data-root", tmp_path / "data", "--dataset", "folder", "--device", "cpu", "--workers", "0"]
+    line = cli_error(capsys, ["--checkpoint", last, *evaluate_args], main=evaluate.main)  # the same check, no hint
+    assert line == (f"error: checkpoint {last} was trained on other classes than the dataset's: class 1 is 'grass' in "
+                    f"the checkpoint, 'meadow' in the dataset (and 1 more)")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    del checkpoint["class_names"]  # as the original code's checkpoints for other datasets: not checked by name
+    torch.save(checkpoint, tmp_path / "unnamed.pt")
+    evaluate.main(["--checkpoint", str(tmp_path / "unnamed.pt"), *map(str, evaluate_args)])
+    assert "on folder val (2 images" in capsys.readouterr().out
     (tmp_path / "data" / "classes.txt").write_text("sky\ngrass\ncow\nsheep\n")
     line = cli_error(capsys, [*args, "--resume", last])
     assert line == f"error: checkpoint {last} predicts 3 classes, the dataset has 4{hint}"
