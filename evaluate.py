@@ -437,14 +437,8 @@ def main(argv=None):
         dataset = train.SyntheticShapes(64, config["base_size"], seed=1)
     else:
         raise UserError(f"evaluating {args.checkpoint} on {dataset_name} needs --data-root (or --image)")
-    if len(dataset.class_names) != config["num_classes"]:
-        raise UserError(f"checkpoint {args.checkpoint} predicts {config['num_classes']} classes, the dataset has "
-                        f"{len(dataset.class_names)}")
-    differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
-              for i, (ours, theirs) in enumerate(zip(class_names, dataset.class_names)) if ours != theirs]
-    if differ and class_names != unnamed(len(class_names)):  # a checkpoint that names no classes is not checked
-        raise UserError(f"checkpoint {args.checkpoint} was trained on other classes than the dataset's: "
-                        f"{differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''}")
+    named = class_names != unnamed(len(class_names))  # a checkpoint that names no classes is not checked by name
+    train.check_classes(args.checkpoint, config["num_classes"], class_names if named else None, dataset.class_names)
     class_names, ids = dataset.class_names, dataset.ids
     train.check_masks(dataset, workers=args.workers)  # every mask, before the first prediction
 

@@ -1519,7 +1519,7 @@ def test_truncated_image_exits_2_naming_it(voc_root, tmp_path):
     args = tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train", "--iters", "2")
     result = run_script([*args, "--workers", "1"], cwd=tmp_path)
     assert_script_error(result, f"cannot read image {image}")
-    assert_nothing_half_written(tmp_path, tmp_path / "out", created=True)
+    assert_nothing_half_written(tmp_path, tmp_path / "out")  # the folder the run created is gone
 
 
 def test_garbage_image_exits_2_naming_it(voc_root, tmp_path, capsys):
@@ -1528,7 +1528,7 @@ def test_garbage_image_exits_2_naming_it(voc_root, tmp_path, capsys):
     line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train",
                                   "--iters", "2"))
     assert f"cannot read image {image}" in line
-    assert_nothing_half_written(tmp_path, tmp_path / "out", created=True)
+    assert_nothing_half_written(tmp_path, tmp_path / "out")  # the folder the run created is gone
 
 
 @pytest.mark.parametrize("case", ["label_42", "wrong_size"])
@@ -1545,7 +1545,7 @@ def test_bad_mask_exits_2_naming_it(case, voc_root, tmp_path, capsys):
     line = cli_error(capsys, tiny(tmp_path / "out", "--data-root", str(voc_root), "--train-split", "train",
                                   "--iters", "2"))
     assert line == f"error: {expected}"
-    assert_nothing_half_written(tmp_path, tmp_path / "out", created=True)
+    assert_nothing_half_written(tmp_path, tmp_path / "out")  # the folder the run created is gone
 
 
 def test_more_processes_than_images_exits_2(tmp_path, capsys, monkeypatch):
@@ -1587,7 +1587,8 @@ def bad_checkpoint(case, real, tmp_path):
     checkpoint = torch.load(real, map_location="cpu", weights_only=True)
     if case == "other_num_classes":  # a VOC model (21 classes), resumed on the demo (4)
         checkpoint["model"] = ClusterDANet(num_classes=21, backbone="resnet18").state_dict()
-        message = f"checkpoint {path} is for another model (size mismatch for"
+        checkpoint["args"]["num_classes"], checkpoint["class_names"] = 21, list(train.VOC_CLASSES)
+        message = f"checkpoint {path} predicts 21 classes, the dataset has 4 (a resumed run keeps its classes"
     elif case == "other_backbone":
         checkpoint["args"]["backbone"] = "resnet34"
         checkpoint["model"] = ClusterDANet(num_classes=4, backbone="resnet34").state_dict()
@@ -2363,7 +2364,7 @@ def test_bad_dataset_exits_2_naming_the_file(case, tmp_path, capsys):
     flags, fragments = break_dataset(case, tmp_path / "data")
     line = cli_error(capsys, tiny(tmp_path / "out", *flags, "--iters", "2", "--train-split", "train"))
     assert all(str(f) in line for f in fragments), line
-    assert_nothing_half_written(tmp_path, tmp_path / "out", created="bad" in case)  # masks are read in training
+    assert_nothing_half_written(tmp_path, tmp_path / "out")  # also where masks are read in training
 
 
 def test_bad_mask_value_exits_2_from_a_data_loading_worker(tmp_path):
@@ -4041,3 +4042,278 @@ def test_dranet_flags(tmp_path, capsys, monkeypatch):
                 "--benchmark-steps", "1", "--device", "cpu"])
     assert re.fullmatch(r"benchmark dranet resnet18 crop 32 batch 2 fp32 cpu compact attention: [\d.]+ ms/step, "
                         r"[\d.]+ images/s, peak memory [\d.]+ GiB", capsys.readouterr().out.strip())
+
+
+# ----------------------------------------------------------------------------- images of any shape, early stops
+
+def make_strips(root):
+    """A folder dataset of extreme shapes (W x H): training images 4000x40 and 2x600, validation images 4000x3 and
+    1x300; the first half of each mask along its longer side is class 0, the rest class 1, a void pixel at the start.
+    Returns {relative image path: (W, H)}."""
+    sizes = {"train/wide": (4000, 40), "train/tall": (2, 600), "val/wide": (4000, 3), "val/tall": (1, 300)}
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("left\nright\n")
+    rng = np.random.RandomState(0)
+    for name, (W, H) in sizes.items():
+        for folder in ("images", "masks"):
+            (root / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        mask = np.zeros((H, W), np.uint8)
+        if W >= H:
+            mask[:, W // 2:] = 1
+        else:
+            mask[H // 2:] = 1
+        mask[0, 0] = 255
+        Image.fromarray(rng.randint(0, 256, (H, W, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+        save_mask(mask, root / "masks" / f"{name}.png", mode="L")
+    return sizes
+
+
+def test_random_scale_keeps_danets_sizes_and_never_a_side_of_0():
+    """Ordinary images: exactly v2.ScaleJitter's output (the same draw, sizes, resampling). Extreme ones: the longer
+    side still base x scale, the shorter one at least one pixel, where ScaleJitter's would be 0."""
+    image = lambda H, W: train.tv_tensors.Image(torch.randint(0, 256, (3, H, W), dtype=torch.uint8))  # noqa: E731
+    mask = lambda H, W: train.tv_tensors.Mask(torch.randint(0, 3, (H, W), dtype=torch.uint8))  # noqa: E731
+    for H, W in ((40, 52), (375, 500), (1, 1), (30, 300)):
+        for seed in range(3):
+            pair = image(H, W), mask(H, W)
+            torch.manual_seed(seed)
+            expected = train.v2.ScaleJitter((64, 64), scale_range=(0.5, 2.0))(*pair)
+            torch.manual_seed(seed)
+            scaled = train.RandomScale(64)(*pair)
+            assert all(torch.equal(a, b) and type(a) is type(b) for a, b in zip(scaled, expected))
+    for H, W in ((40, 4000), (4000, 3), (1, 5000)):
+        for seed in range(5):
+            pair = image(H, W), mask(H, W)
+            torch.manual_seed(seed)
+            scale = 0.5 + 1.5 * torch.rand(1).item()
+            torch.manual_seed(seed)
+            scaled_image, scaled_mask = train.RandomScale(64)(*pair)
+            longer, shorter = max(scaled_image.shape[1:]), min(scaled_image.shape[1:])
+            assert abs(longer - 64 * scale) <= 1 and shorter == 1  # ScaleJitter's int(): 0
+            assert scaled_mask.shape == scaled_image.shape[1:]
+        image_, mask_ = train.train_transform(32, 64)(image(H, W), mask(H, W))
+        assert image_.shape == (3, 32, 32) and mask_.shape == (32, 32)
+
+
+def test_images_of_any_shape_train_and_evaluate(tmp_path):
+    """Real processes: training on 4000x40 and 2x600 images at --base-size 64 (the short side would scale to 0
+    pixels), validating and evaluating 4000x3 and 1x300 images whole, at several scales with flips: exit 0, no
+    traceback, checkpoints, and one prediction per pixel of every image."""
+    sizes = make_strips(tmp_path / "data")
+    out = tmp_path / "out"
+    args = tiny(out, "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--base-size", "64",
+                "--batch-size", "1", "--iters", "2", "--val-every", "2", "--log-every", "1")
+    result = run_script(args, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    records = read_log(out)
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert 0 <= [r for r in records if "val_miou" in r][0]["val_miou"] <= 1
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(out / "last.pt"),
+                             "--data-root", str(tmp_path / "data"), "--device", "cpu", "--workers", "0", "--scales",
+                             "0.1", "1.0", "--flip", "--save-dir", str(tmp_path / "pictures")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(r"on folder val \(2 images, whole, scales 0.1 1.0, flip\): mIoU [\d.]+", result.stdout)
+    for name in ("wide", "tall"):
+        with Image.open(tmp_path / "pictures" / "labels" / f"{name}.png") as labels:
+            assert labels.size == sizes[f"val/{name}"]
+
+
+def run_patched(patch, args, cwd):
+    """python -c: import train, run `patch` (Python source), then train.py's command line with `args`."""
+    code = f"import sys, train\n{patch}\ntrain.run_main(train.main)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_an_unexpected_error_is_a_bug_not_divergence(tmp_path):
+    """A real process whose step raises an exception no one expects: its traceback, one last line saying it is a
+    bug, exit code 70 (Python's own 1 would read as "diverged"); the folders the run created are gone."""
+    out = tmp_path / "runs" / "a" / "out"
+    patch = "def broken(*args, **kwargs):\n    raise ZeroDivisionError('boom')\ntrain.train_step = broken"
+    result = run_patched(patch, tiny(out, "--iters", "2", "--demo-images", "4"), tmp_path)
+    assert result.returncode == train.EXIT_BUG == 70
+    assert "Traceback (most recent call last)" in result.stderr and "ZeroDivisionError: boom" in result.stderr
+    assert result.stderr.splitlines()[-1] == ("error: unexpected ZeroDivisionError (a bug: please report it with the "
+                                              "traceback above)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_refused_before_its_first_step_removes_only_the_folders_it_created(voc_root, tmp_path, capsys):
+    """A training image that cannot be read in the first batch (exit 2, a real process): the --out-dir and the
+    folders above it that the run created are removed; the folder above them, which existed, stays with its file.
+    An --out-dir that existed before, empty, stays."""
+    image = voc_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000000.jpg"  # read in the first batch
+    image.write_bytes(image.read_bytes()[:600])  # its header is whole: the check of the masks before passes
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("another run's notes")
+    flags = ["--data-root", str(voc_root), "--train-split", "train", "--iters", "2"]
+    result = run_script(tiny(keep / "new" / "deeper" / "out", *flags), cwd=tmp_path)
+    assert_script_error(result, f"cannot read image {image}")
+    assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
+    assert (keep / "notes.txt").read_text() == "another run's notes"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"cannot read image {image}" in cli_error(capsys, tiny(empty, *flags))
+    assert empty.is_dir() and not list(empty.iterdir())
+
+
+def test_remove_created_never_removes_a_folder_that_holds_something(tmp_path):
+    """create_folders names only the folders it made; remove_created stops at the first one that is not empty."""
+    assert train.create_folders(tmp_path) == []
+    created = train.create_folders(tmp_path / "a" / "b" / "c")
+    assert created == [tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "a" / "other.txt").write_text("x")
+    train.remove_created(created)
+    assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "other.txt").read_text() == "x"
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "log.jsonl").write_text("{}\n")
+    train.remove_created(created)
+    assert (tmp_path / "a" / "b" / "c" / "log.jsonl").is_file()
+
+
+# ----------------------------------------------------------------------------- a resumed run is the same run
+
+def test_resume_on_other_classes_exits_2_touching_nothing(tmp_path, capsys):
+    """A folder dataset whose classes.txt names other classes (a real process), or one class more, than the
+    checkpoint's: one line naming the first difference (or both counts), exit 2, the run folder byte for byte.
+    evaluate.py refuses it through the same check, and evaluates a checkpoint that names no classes."""
+    make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = tiny(out, "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--iters", "1")
+    assert train.main(args) == 0
+    before = folder_bytes(out)
+    assert sorted(before) == ["best.pt", "last.pt", "log.jsonl"]
+    last = out / "last.pt"
+    hint = f" (a resumed run keeps its classes; to train its weights on these, start a new run with --init-from {last})"
+    (tmp_path / "data" / "classes.txt").write_text("sky\nmeadow\nbull\n")
+    result = run_script([*args, "--resume", str(last)], cwd=tmp_path)
+    line = assert_script_error(result)
+    assert line == (f"error: checkpoint {last} was trained on other classes than the dataset's: class 1 is 'grass' in "
+                    f"the checkpoint, 'meadow' in the dataset (and 1 more){hint}")
+    assert folder_bytes(out) == before
+    evaluate_args = ["--data-root", tmp_path / "data", "--dataset", "folder", "--device", "cpu", "--workers", "0"]
+    line = cli_error(capsys, ["--checkpoint", last, *evaluate_args], main=evaluate.main)  # the same check, no hint
+    assert line == (f"error: checkpoint {last} was trained on other classes than the dataset's: class 1 is 'grass' in "
+                    f"the checkpoint, 'meadow' in the dataset (and 1 more)")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    del checkpoint["class_names"]  # as the original code's checkpoints for other datasets: not checked by name
+    torch.save(checkpoint, tmp_path / "unnamed.pt")
+    evaluate.main(["--checkpoint", str(tmp_path / "unnamed.pt"), *map(str, evaluate_args)])
+    assert "on folder val (2 images" in capsys.readouterr().out
+    (tmp_path / "data" / "classes.txt").write_text("sky\ngrass\ncow\nsheep\n")
+    line = cli_error(capsys, [*args, "--resume", last])
+    assert line == f"error: checkpoint {last} predicts 3 classes, the dataset has 4{hint}"
+    assert folder_bytes(out) == before
+
+
+def test_check_classes_compares_the_count_then_the_names():
+    """The one class check of train.py's --resume and evaluate.py: a checkpoint without names (None) is checked by
+    their number only; `hint` ends the message."""
+    train.check_classes("x.pt", 2, None, ["a", "b"])
+    train.check_classes("x.pt", 2, ["a", "b"], ("a", "b"))
+    with pytest.raises(train.UserError, match=r"^checkpoint x.pt predicts 2 classes, the dataset has 3$"):
+        train.check_classes("x.pt", 2, None, ["a", "b", "c"])
+    with pytest.raises(train.UserError, match=r"^checkpoint x.pt was trained on other classes than the dataset's: "
+                                              r"class 1 is 'b' in the checkpoint, 'c' in the dataset!$"):
+        train.check_classes("x.pt", 2, ["a", "b"], ["a", "c"], "!")
+
+
+# ----------------------------------------------------------------------------- fp16: skipped steps are no divergence
+
+class OverflowingGradient(torch.autograd.Function):
+    """The identity, whose gradient is infinite: gradients that overflow, as fp16's do, under a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def break_steps(monkeypatch, inf_loss=(), inf_gradient=(), from_step=None):
+    """Make the losses of train_step's steps `inf_loss` (1-based; all from `from_step` on) infinite and the
+    gradients of the steps `inf_gradient` infinite under a finite loss. Returns the losses train_step returned."""
+    original_step, original_loss, step, returned = train.train_step, F.cross_entropy, [0], []
+
+    def cross_entropy(logits, *args, **kwargs):
+        if step[0] in inf_gradient:
+            logits = OverflowingGradient.apply(logits)
+        loss = original_loss(logits, *args, **kwargs)
+        broken = step[0] in inf_loss or (from_step is not None and step[0] >= from_step)
+        return loss * math.inf if broken else loss
+
+    def train_step(*args, **kwargs):
+        step[0] += 1
+        returned.append(original_step(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(train.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(train, "train_step", train_step)
+    return returned
+
+
+def test_fp16_steps_the_scaler_skips_do_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    """fp16 with the real GradScaler on the CPU: step 2's loss is infinite, step 3's gradients overflow under a finite
+    loss. The scaler skips both (its scale halves twice, the weights stay as they were), the run goes on to the end:
+    exit 0, its checkpoints, and log records that average the finite losses and count what was left out."""
+    returned = break_steps(monkeypatch, inf_loss={2}, inf_gradient={3})
+    out = tmp_path / "out"
+    code, stdout, err = run_code(demo_args(out, "--precision", "fp16", "--iters", "4", "--log-every", "2",
+                                           "--val-every", "4"), capsys)
+    assert code == 0, err
+    losses = [float(r["loss"]) for r in returned]
+    assert [math.isfinite(loss) for loss in losses] == [True, False, True, True]
+    records = {r["iteration"]: r for r in read_log(out) if "loss" in r}
+    assert records[2]["loss"] == pytest.approx(losses[0]) and records[2]["nonfinite_losses"] == 1
+    assert records[2]["skipped_steps"] == 1
+    assert records[4]["loss"] == pytest.approx((losses[2] + losses[3]) / 2) and records[4]["skipped_steps"] == 1
+    assert "nonfinite_losses" not in records[4]
+    assert "iter 2/4 loss " in stdout and stdout.count("1 step skipped by the fp16 scaler") == 2
+    assert "1 non-finite loss left out" in stdout
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["iteration"] == 4 and checkpoint["scaler"]["scale"] == 2.0**10 / 4  # two skips, two halvings
+    assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert (out / "best.pt").is_file() and read_log(out)[-1]["iteration"] == 4
+
+
+def test_fp16_loss_that_stays_infinite_ends_as_diverged(tmp_path, monkeypatch, capsys):
+    """The loss infinite from step 2 on: every step is skipped (the weights stay finite), and at the first log step
+    with DIVERGED_STEPS failed steps in a row the run stops as diverged, exit 1, having saved nothing after."""
+    monkeypatch.setattr(train, "DIVERGED_STEPS", 3)
+    break_steps(monkeypatch, from_step=2)
+    out = tmp_path / "out"
+    code, _, err = run_code(demo_args(out, "--precision", "fp16", "--iters", "20", "--log-every", "2",
+                                      "--val-every", "100"), capsys)
+    stopped = next(t for t in range(2, 21, 2) if t - 1 >= train.DIVERGED_STEPS)  # steps 2..t failed
+    assert code == 1 and err[0].startswith(f"error: training diverged (the loss or the weights became nan or "
+                                           f"infinite by iteration {stopped}): stopped without saving")
+    records = read_log(out)
+    assert records[-1] == {"iteration": stopped, "diverged": True}
+    assert [r["skipped_steps"] for r in records if "loss" in r] == [1, 2]  # iteration 2, then 4
+    assert not list(out.glob("*.pt"))
+
+
+def test_a_batch_without_labelled_pixels_has_loss_0_not_nan():
+    """All void: the loss is 0 and so are the gradients; otherwise the mean over the labelled pixels, as
+    F.cross_entropy's."""
+    torch.manual_seed(0)
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, masks = torch.randn(2, 3, 16, 16), torch.full((2, 16, 16), train.IGNORE_INDEX)
+    losses = train.train_step(model, images, masks, optimizer, scaler, nullcontext, 1.0)
+    assert all(v.item() == 0 for v in losses.values())
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    masks[0, :4] = 1
+    model.eval()  # no dropout: the same logits twice
+    losses = train.train_step(model, images, masks, optimizer, scaler, nullcontext, 1.0)
+    with torch.no_grad():
+        logits = model(images)["out"]
+    assert losses["out"].item() == pytest.approx(F.cross_entropy(logits, masks, ignore_index=255).item(), rel=1e-5)

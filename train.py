@@ -22,6 +22,7 @@ Exit codes (the README lists the same):
   3    the disk is full: a write failed for lack of space; the message names the checkpoint kept
   4    out of memory: the message names the flags that lower memory and the checkpoint kept
   5    a bad data file found after training started: last.pt was saved first, and the message says so
+  70   an unexpected error, a bug: its traceback, then one line asking to report it
   130  stopped by Ctrl-C (SIGINT), after saving last.pt (unless a second signal came in the middle of a step)
   143  stopped by SIGTERM, the same way
 """
@@ -38,6 +39,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,6 +80,7 @@ class UserError(Exception):
 
 # Exit codes of train.py and evaluate.py (the README and --help list them the same way).
 EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_DISK_FULL, EXIT_OUT_OF_MEMORY, EXIT_DATA_ERROR = 1, 2, 3, 4, 5
+EXIT_BUG = 70  # an unexpected exception (sysexits' EX_SOFTWARE): Python's own exit code for it, 1, means diverged
 
 
 class RunError(Exception):
@@ -97,7 +100,8 @@ def error_line(error):
 def run_main(main):
     """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
     worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
-    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143."""
+    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143. Any other exception is a
+    bug: its traceback and EXIT_BUG."""
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt(signum)
 
@@ -117,6 +121,11 @@ def run_main(main):
         signum = e.args[0] if e.args else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         code = 128 + signum
+    except Exception as e:  # a bug: its traceback, to report, and an exit code of its own (1 means diverged)
+        traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__} (a bug: please report it with the traceback above)",
+              file=sys.stderr)
+        code = EXIT_BUG
     finally:
         signal.signal(signal.SIGTERM, previous)
     if code:
@@ -210,10 +219,29 @@ def download_voc(data_root):
                         f"by hand and extract it there") from None
 
 
+class RandomScale:
+    """DANet's random scale of an (image, mask) pair: the longer side to base_size x U(0.5, 2), aspect ratio kept
+    (v2.ScaleJitter's draw and sizes), the mask with nearest neighbours. No side falls below one pixel: a 4000x40
+    image at base size 64 becomes 64x1 at the 1x scale, not 64x0 (the crop's padding then fills the rest with
+    void, ignored by the loss)."""
+
+    def __init__(self, base_size, scale_range=(0.5, 2.0)):
+        self.base_size, self.scale_range = base_size, scale_range
+
+    def __call__(self, image, mask):
+        H, W = image.shape[-2:]
+        low, high = self.scale_range
+        scale = low + torch.rand(1) * (high - low)  # torch's generator: seeded per DataLoader worker
+        r = min(self.base_size / H, self.base_size / W) * scale  # [1], float32 as ScaleJitter's
+        size = [max(1, int(H * r)), max(1, int(W * r))]  # ScaleJitter's int(): a side below 1 pixel would be 0
+        return v2.functional.resize(image, size, antialias=True), v2.functional.resize(mask, size)
+
+
 def train_transform(crop_size, base_size):
-    """DANet's augmentation: longer side scaled to base_size x U(0.5, 2), pad, random crop, flip, normalise."""
+    """DANet's augmentation: longer side scaled to base_size x U(0.5, 2) (RandomScale), pad, random crop, flip,
+    normalise."""
     return v2.Compose([
-        v2.ScaleJitter((base_size, base_size), scale_range=(0.5, 2.0)),  # masks are resized with nearest
+        RandomScale(base_size),  # masks are resized with nearest
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(),
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
@@ -1297,10 +1325,13 @@ def peak_memory_gib(device):
 # ----------------------------------------------------------------------------- training
 
 def train_step(model, images, masks, optimizer, scaler, autocast, aux_weight):
-    """One optimizer step; returns the loss terms as tensors (reading them would sync with the GPU)."""
+    """One optimizer step; returns the loss terms as tensors (reading them would sync with the GPU). Each term is
+    the cross-entropy averaged over the labelled pixels; 0 for a batch with none (all void), not the nan of 0 / 0."""
     with autocast():
         outputs = model(images)
-    losses = {k: F.cross_entropy(v.float(), masks, ignore_index=IGNORE_INDEX) for k, v in outputs.items()}
+    labelled = (masks != IGNORE_INDEX).sum().clamp(min=1)
+    losses = {k: F.cross_entropy(v.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+              for k, v in outputs.items()}
     loss = losses["out"] + aux_weight * sum(v for k, v in losses.items() if k != "out")  # DANet: 2 terms, DRANet: 1
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -1435,6 +1466,20 @@ def check_same_run(args, checkpoint):
             text = flag_text(key, value)
             what = "continues its schedule" if kept == "schedule" else f"keeps its {kept}"
             raise UserError(f"checkpoint {args.resume} was trained {text}: resume {text} (a resumed run {what})")
+
+
+def check_classes(path, num_classes, stored_names, class_names, hint=""):
+    """A UserError unless the model of checkpoint `path`, which predicts `num_classes` classes named `stored_names`,
+    predicts the dataset's `class_names`: as many, and the same names in the same order. A checkpoint that names no
+    classes (stored_names None: the original DANet code's for another dataset) is checked by their number only;
+    `hint` ends both messages (what to do instead)."""
+    if num_classes is not None and num_classes != len(class_names):
+        raise UserError(f"checkpoint {path} predicts {num_classes} classes, the dataset has {len(class_names)}{hint}")
+    differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
+              for i, (ours, theirs) in enumerate(zip(stored_names or (), class_names)) if ours != theirs]
+    if differ:
+        raise UserError(f"checkpoint {path} was trained on other classes than the dataset's: "
+                        f"{differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''}{hint}")
 
 
 def new_run_id():
@@ -1610,6 +1655,10 @@ def build_run(args, checkpoint, device, rank, world_size, autocast):
     """Everything the training loop works with, in one namespace: data, model, optimizer, and where the run stands
     (iteration, data position, best mIoU), restored from `checkpoint` when resuming."""
     train_set, val_set = build_datasets(args)
+    if checkpoint is not None:  # a resumed run is the same run: on the classes it was trained on
+        check_classes(args.resume, checkpoint["args"].get("num_classes"), checkpoint.get("class_names"),
+                      train_set.class_names, f" (a resumed run keeps its classes; to train its weights on these, "
+                      f"start a new run with --init-from {args.resume})")
     check_masks(val_set, train_set, args.workers, print if rank == 0 else None)  # before any work
     args.num_classes = len(train_set.class_names)
     if len(train_set) < world_size * args.batch_size:
@@ -1640,16 +1689,45 @@ def build_run(args, checkpoint, device, rank, world_size, autocast):
         validating=False, lock=None, pending=[], held=False)  # log lines not written yet; held until the first save
 
 
+def create_folders(path):
+    """Create the folder `path` and the missing folders above it; returns those this call created, deepest first
+    (one another process created meanwhile is not among them)."""
+    path, missing = Path(path), []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+            created.insert(0, folder)
+        except FileExistsError:
+            pass
+    return created
+
+
+def remove_created(folders):
+    """Remove `folders` (create_folders' list, deepest first) as long as they are empty: what a run that stopped
+    before its first save created. A folder holding anything (its log, another run's files) stays, and so does every
+    folder above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
+
+
 def start_out_dir(run):
     """Take the run folder (rank 0): create and lock it, check it again under the lock (another training may have
     written it since check_out_dir), and begin the log with what this run is; say what is about to run.
 
     --overwrite replaces nothing yet: the earlier run's files go at this run's first save (save), and until then
     its log lines are held back. The first record waits for the next one, so that a run that stops before its
-    first step (a bad file in the first batch: exit 2) leaves the folder as it was."""
-    refused = None
+    first step (a bad file in the first batch: exit 2) leaves the folder as it was; a folder it created (and the
+    folders above it), still empty then, main removes."""
+    refused, run.created = None, []
     if run.master:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
+        run.created = create_folders(run.out_dir)
         try:
             run.lock = FolderLock(run.out_dir, run.run_id)
             earlier = check_out_dir(run.args, run.resumed if run.args.resume else None, check_lock=False)
@@ -1683,11 +1761,23 @@ def train_batches(run):
         run.epoch, run.epoch_images = run.epoch + 1, 0
 
 
+# A run has diverged when, at a log step, its weights are not finite, or its last DIVERGED_STEPS steps all failed:
+# a loss that was not finite, or gradients that overflowed so that fp16's GradScaler skipped the step. One such
+# step is normal in fp16 (the scaler skips it, leaving the weights as they were, and lowers its scale); a loss that
+# stays non-finite that long does not come back. In fp32 and bf16 a non-finite loss makes the weights non-finite at
+# once, which the check of the weights (at a log step after such a step) finds.
+DIVERGED_STEPS = 20
+
+
 def train(run, interrupts):
-    """The training loop, from run.iteration to --iters. Returns "done", "interrupted" or "diverged"."""
+    """The training loop, from run.iteration to --iters. Returns "done", "interrupted" or "diverged" (see
+    DIVERGED_STEPS)."""
     args, batches = run.args, train_batches(run)
     start, start_iteration = time.perf_counter(), run.iteration
-    sums, logged_steps = {}, 0  # the loss terms since the last log step, on the device
+    # since the last log step, on the device: the sums of the finite loss terms, the steps they come from, the
+    # steps whose loss was not finite; the fp16 steps skipped; the steps in a row that failed (not reset at logs)
+    sums, finite_steps, nonfinite, skipped = {}, 0, 0, 0
+    failing = torch.zeros((), dtype=torch.int64, device=run.device)
     run.model.train()
     while run.iteration < args.iters:
         images, masks = next(batches)
@@ -1695,18 +1785,23 @@ def train(run, interrupts):
         masks = masks.to(run.device, non_blocking=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the backbone LR of this step (the head's is 10x)
         run.busy = "in the middle of a step"
+        scale = run.scaler.get_scale()  # 1.0 without the fp16 scaler (fp32, bf16): no sync
         losses = train_step(run.model, images, masks, run.optimizer, run.scaler, run.autocast, args.aux_weight)
+        was_skipped = run.scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips a step
         run.scheduler.step()
         run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
         run.busy = None
-        sums = {k: sums.get(k, 0) + v for k, v in losses.items()}  # stays on the device: no sync
-        logged_steps += 1
+        finite = losses["loss"].isfinite()  # [] bool: stays on the device, no sync
+        sums = {k: sums.get(k, 0) + torch.where(finite, v, 0) for k, v in losses.items()}
+        finite_steps, nonfinite, skipped = finite_steps + finite, nonfinite + ~finite, skipped + was_skipped
+        failing = torch.where(~finite | was_skipped, failing + 1, 0)
 
         log_step = run.iteration % args.log_every == 0 or run.iteration == args.iters
         if log_step:
-            record = log_progress(run, sums, logged_steps, lr, start, start_iteration)
-            sums, logged_steps = {}, 0
-            if not math.isfinite(record["loss"]):
+            record = log_progress(run, sums, finite_steps, lr, start, start_iteration, nonfinite, skipped)
+            sums, finite_steps, nonfinite, skipped = {}, 0, 0, 0
+            if (record.get("nonfinite_losses") or record.get("skipped_steps")) and (
+                    any_rank(failing.item() >= DIVERGED_STEPS, run.device) or not weights_finite(run)):
                 return "diverged"
         if (run.world_size == 1 or log_step) and any_rank(interrupts.requested, run.device):  # DDP: at log steps
             return "interrupted"
@@ -1718,23 +1813,33 @@ def train(run, interrupts):
     return "done"
 
 
-def log_progress(run, sums, steps, lr, start, start_iteration):
-    """Log the loss terms averaged over the last `steps` steps and over the processes (an all_reduce, at log steps
-    only), the LR of the last step, speed, ETA and peak memory. Returns the record."""
+def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
+    """Log the loss terms averaged over the processes and the `steps` steps since the last log step whose loss was
+    finite (`sums` holds their sums; an all_reduce, at log steps only), the LR of the last step, speed, ETA and peak
+    memory. Losses that were not finite (`nonfinite`, one per step and process) are left out of the means and
+    counted in the record as nonfinite_losses, the steps fp16's GradScaler skipped (`skipped`, the same on every
+    process) as skipped_steps; either only when there were some. Returns the record."""
     args = run.args
-    totals = torch.stack(list(sums.values()))  # [n_terms]
+    counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
+    totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
     if run.world_size > 1:
         dist.all_reduce(totals)  # summed over the processes
-    means = (totals / (steps * run.world_size)).tolist()
+    *term_sums, steps, nonfinite, skipped = totals.tolist()
+    means = [total / steps if steps else math.nan for total in term_sums]
     done, elapsed = run.iteration - start_iteration, time.perf_counter() - start
     record = {"iteration": run.iteration, **dict(zip(sums, means)), "lr": lr,
               "images_per_s": done * args.batch_size * run.world_size / elapsed,
               "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
               "peak_memory_gib": peak_memory_gib(run.device)}
+    unusual = {"nonfinite_losses": round(nonfinite), "skipped_steps": round(skipped / run.world_size)}
+    record.update({k: n for k, n in unusual.items() if n})
     terms = " ".join(f"{k} {record[k]:.4f}" for k in sums if k != "loss")  # out, then position channel or aux
+    notes = [f"{n} non-finite loss{'es' if n > 1 else ''} left out" for n in [unusual["nonfinite_losses"]] if n] + \
+        [f"{n} step{'s' if n > 1 else ''} skipped by the fp16 scaler" for n in [unusual["skipped_steps"]] if n]
     log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} "
                      f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
-                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB")
+                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB"
+                     + "".join(f", {note}" for note in notes))
     return record
 
 
@@ -1969,6 +2074,8 @@ def main(argv=None):
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()
+        if run is not None and run.saved_iteration is None:  # stopped before its first save: an empty folder goes
+            remove_created(getattr(run, "created", []))
     if dist.is_initialized():
         dist.destroy_process_group()
     return code
