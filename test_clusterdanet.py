@@ -3528,7 +3528,8 @@ def test_full_disk_while_saving_ends_in_one_line_naming_the_checkpoint_kept(tmp_
     file.write, as on a real full disk): exit 3, naming last.pt as kept; no best.pt, no temporary file."""
     def open_(path, mode="r", *args, **kwargs):
         file = open(path, mode, *args, **kwargs)
-        return FullDisk(file, room=4096) if mode == "wb" and str(path).endswith("best.pt.tmp") else file
+        best = fnmatch.fnmatch(Path(path).name, ".best.pt.*.tmp")  # best.pt's temporary file (train.temporary_path)
+        return FullDisk(file, room=4096) if mode == "wb" and best else file
 
     monkeypatch.setattr(train, "open", open_, raising=False)
     out = tmp_path / "out"

@@ -37,6 +37,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -150,6 +151,14 @@ def check_files_exist(paths, what):
         raise UserError(f"{what} {problem}: {first}" + (f" (and {more} more)" if more else ""))
 
 
+def temporary_path(path):
+    """A temporary name beside `path` that belongs to this process and thread: .NAME.PID.THREAD.RANDOM.tmp (hidden,
+    and the random part keeps processes of two machines apart in a shared folder). Two writers of one file (two
+    evaluate.py into one --save-dir) never write into, rename or remove each other's temporary file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.{os.urandom(3).hex()}.tmp")
+
+
 def check_writable(path, what, folder=True):
     """A UserError unless `path` (a folder, or a file if not `folder`) can be written, before any work is done.
     Checked by creating and removing a file in the nearest existing folder at or above it (os.access says yes to
@@ -163,7 +172,7 @@ def check_writable(path, what, folder=True):
     if not parent.is_dir():
         kind = "a broken link" if parent.is_symlink() and not parent.exists() else "a file"
         raise UserError(f"{what} {path} cannot be created: {parent} is {kind}")
-    probe = parent / f".write-check-{os.getpid()}"
+    probe = temporary_path(parent / "write-check")  # never another process's probe, nor one a killed process left
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # as save_atomic: a new file, then renamed
         probe.unlink()
@@ -817,9 +826,11 @@ def build_model(config):
 
 
 def save_atomic(path, write):
-    """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file."""
+    """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file. The
+    temporary name is this process's and thread's (temporary_path): writers of one path never meet half-way, the
+    last rename wins, and every version is whole."""
     path = Path(path)
-    tmp = Path(f"{path}.tmp")
+    tmp = temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # a full disk can refuse the folder too
         write(tmp)
