@@ -2328,8 +2328,8 @@ def break_dataset(case, root):
         (root / "classes.txt").unlink()
         return flags, [f"{root / 'classes.txt'} not found"]
     if case == "folder_empty_classes_txt":
-        (root / "classes.txt").write_text("sky\n\ncow\n")
-        return flags, [f"{root / 'classes.txt'} must name 1 to 255 different classes"]
+        (root / "classes.txt").write_text("# no class yet\n\n  \n")
+        return flags, [f"{root / 'classes.txt'} must name 1 to 255 different classes", "it names 0"]
     if case == "folder_image_without_mask":
         Image.new("RGB", (8, 8)).save(root / "images" / "train" / "extra.jpg")
         return flags, [f"image {root}/images/train/extra.jpg has no mask {root}/masks/train/extra.png"]
@@ -2785,8 +2785,8 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
 
 def test_folder_dataset_is_what_is_listed(tmp_path, capsys):
     """Subfolders are read (the mask at the same relative path); resource forks, hidden files and folders named like
-    images are not images; classes.txt in Latin-1, UTF-16 or UTF-8 with comments; a broken link or a split a folder
-    dataset has not is one line before anything runs."""
+    images are not images; classes.txt in UTF-16 or UTF-8 with comments (Latin-1 is one line, not a guess); a broken
+    link or a split a folder dataset has not is one line before anything runs."""
     root = tmp_path / "data"
     samples = make_folder(root)
     for folder in ("images", "masks"):
@@ -2801,7 +2801,12 @@ def test_folder_dataset_is_what_is_listed(tmp_path, capsys):
     Image.new("RGB", (4, 4)).save(root / "images" / "train" / ".thumbnails" / "train_1.jpg")
     (root / "images" / "train" / "album.jpg").mkdir()  # a folder named like an image
     classes = "# classes of the farm photos\nsky\n# the ground\ngrass\ncow café\n\n"
-    for encoding in ("latin-1", "utf-16", "utf-8-sig", "utf-8"):
+    (root / "classes.txt").write_bytes(classes.encode("latin-1"))
+    with pytest.raises(train.UserError) as error:
+        train.FolderDataset(root, "train")
+    assert str(error.value) == (f"{root / 'classes.txt'} is not UTF-8 text (byte 0xe9 on line 5: saved in another "
+                                f"encoding, such as Latin-1 or Windows-1252?): save it as UTF-8")
+    for encoding in ("utf-16", "utf-8-sig", "utf-8"):
         (root / "classes.txt").write_bytes(classes.encode(encoding))
         dataset = train.FolderDataset(root, "train")
         assert dataset.class_names == ("sky", "grass", "cow café"), encoding

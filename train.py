@@ -240,6 +240,33 @@ def eval_transform():
 
 
 # EXIF orientation (tag 0x0112) -> the PIL transposition that shows the image upright (as ImageOps.exif_transpose)
+def read_lines(path):
+    """The lines of a text file the project reads (VOC split lists, classes.txt), as editors save it: UTF-8 with or
+    without a byte-order mark (also marks left in the middle by joining such files), or UTF-16 with its mark
+    (Windows Notepad's "Unicode", PowerShell's `>`); LF, CRLF or CR line ends; each line stripped of blanks at both
+    ends, blank lines left out. A file that is not such text is a UserError naming it: no code page is
+    guessed, since a wrong guess turns names into other names."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        text = data.decode("utf-16" if utf16 else "utf-8")
+    except UnicodeDecodeError as e:
+        if utf16:
+            raise UserError(f"{path} starts with a UTF-16 byte-order mark but is not UTF-16 text: save it as "
+                            f"UTF-8") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}: saved in another "
+                        f"encoding, such as Latin-1 or Windows-1252?): save it as UTF-8") from None
+    if "\0" in text:
+        raise UserError(f"{path} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark, or not a text "
+                        f"file): save it as UTF-8")
+    lines = (line.strip() for line in text.replace("\ufeff", "").splitlines())
+    return [line for line in lines if line]
+
+
 EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                   5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                   8: Image.Transpose.ROTATE_90}
@@ -367,7 +394,7 @@ class VOCSegmentation(Dataset):
             raise UserError(f"split file {split_file} not found{hint}")
         if not mask_dir.is_dir():
             raise UserError(f"mask folder {mask_dir} not found")
-        self.ids = split_file.read_text().split()
+        self.ids, self.text_files = read_lines(split_file), (split_file,)  # one id per line
         if not self.ids:
             raise UserError(f"split file {split_file} lists no images")
         self.images = [self.root / "JPEGImages" / f"{i}.jpg" for i in self.ids]
@@ -447,25 +474,12 @@ class Cityscapes(Dataset):
 
 
 def read_class_names(path):
-    """The class names of a folder dataset's classes.txt, one per line; lines starting with # are comments.
-    UTF-8 (with or without a BOM) or UTF-16 with its BOM, else Latin-1 (what "ANSI" editors save)."""
-    data = path.read_bytes()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text = data.decode("utf-16")
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = data.decode("latin-1")
-    if "\0" in text:
-        raise UserError(f"{path} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark?): save it as UTF-8")
-    names = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
-    while names and not names[-1]:
-        names.pop()  # blank lines at the end
-    if not names or "" in names or len(names) > IGNORE_INDEX:
-        empty = " and has empty lines" if "" in names else ""
-        raise UserError(f"{path} must name 1 to 255 different classes, one per line, no empty lines (# starts a "
-                        f"comment); it names {len([n for n in names if n])}{empty}")
+    """The class names of a folder dataset's classes.txt, one per line, read by read_lines (UTF-8 or UTF-16 with its
+    byte-order mark; blank lines are left out); lines starting with # are comments."""
+    names = [line for line in read_lines(path) if not line.startswith("#")]
+    if not names or len(names) > IGNORE_INDEX:
+        raise UserError(f"{path} must name 1 to 255 different classes, one per line (# starts a comment, blank lines "
+                        f"are left out); it names {len(names)}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise UserError(f"{path} must name 1 to 255 different classes, one per line: {repeated[0]!r} is named "
@@ -512,7 +526,7 @@ class FolderDataset(Dataset):
         if not classes_file.is_file():
             raise UserError(f"{classes_file} not found: it names the classes, one per line (see README)"
                             f"{looks_like(root)}")
-        self.class_names = read_class_names(classes_file)
+        self.class_names, self.text_files = read_class_names(classes_file), (classes_file,)
         if split not in ("train", "val", "trainval"):
             raise UserError(f"a folder dataset has no split {split} (train, val or trainval: images/train/ and "
                             f"images/val/)")
