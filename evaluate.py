@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torch.utils.data import DataLoader
 from torchvision.utils import draw_keypoints, draw_segmentation_masks
 
 import train
 from train import MEAN, STD, UserError, save_atomic
 
+PICTURE_MARK = ("Software", "ClusterDANet evaluate.py")  # a PNG text chunk in each picture: what --save-dir replaces
+RESULTS_KEYS = {"checkpoint", "dataset", "mode", "scales", "flip"}  # in every --json summary: what --json replaces
 LARGE_IMAGE = 2048 * 1024  # pixels: above this, --image in whole mode suggests --mode slide
 MIN_PANEL, MAX_PANEL = 256, 2048  # pixels: the height pictures of small images are enlarged to, the largest side
 
@@ -132,7 +134,14 @@ def save_label_png(labels, path, style=VOC_STYLE):
     values = torch.tensor(style["png_values"], dtype=torch.uint8)[labels.long().cpu()]  # [H, W]
     image = Image.fromarray(values.numpy(), mode="P")
     image.putpalette([v for rgb in style["png_palette"] for v in rgb])
-    save_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    save_png(image, path)
+
+
+def save_png(image, path):
+    """A PIL image as the PNG `path`, written atomically, with PICTURE_MARK: a later run may replace it."""
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text(*PICTURE_MARK)
+    save_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=mark))
 
 
 def denormalise(image):
@@ -196,7 +205,7 @@ def save_picture(panels, path, strip=None):
     if strip is not None:
         legend_rows = strip(picture.shape[1]).permute(1, 2, 0).numpy()  # [3, h, width] -> [h, width, 3]
         picture = np.concatenate([picture, legend_rows], 0)  # stacked vertically
-    save_atomic(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
+    save_png(Image.fromarray(picture), path)
 
 
 def save_overlay(image, prediction, path, class_names, target=None, style=VOC_STYLE):
@@ -282,7 +291,68 @@ def parse_args(argv=None):
         train.check_writable(args.save_dir, "--save-dir")
     if args.json:
         train.check_writable(args.json, "--json", folder=False)
+    check_outputs(args)  # against the files the command line names; main checks the dataset's too
     return args
+
+
+def check_outputs(args, dataset=None):
+    """Before any work: what this command writes (--json, and in --save-dir the pictures of the --image files or of
+    `dataset`) is none of what it reads (the checkpoint, the --image files, the dataset's files), no picture folder
+    is a dataset folder or inside one, --json is no picture and in no picture folder (train.check_apart); and no
+    existing file is replaced that this script did not write: a --json results file (is_results) or a picture
+    (is_picture). Anything else is a UserError naming the file."""
+    names = picture_names(args.image) if args.image else dataset.ids if dataset is not None else []
+    pictures = [path for name in names for path in picture_paths(args.save_dir, name, args.show_clusters).values()] \
+        if args.save_dir else []
+    outputs = [(path, f"--save-dir {args.save_dir}: its picture {path}", "--save-dir") for path in pictures]
+    if args.json:
+        outputs.insert(0, (args.json, f"--json {args.json}", "--json"))
+    inputs = [(args.checkpoint, "the --checkpoint file"), *((path, "the --image file") for path in args.image or ())]
+    files, folders = train.dataset_inputs([dataset] if dataset is not None else [])
+    written_folders = sorted({path.parent for path in pictures})  # labels/, overlays/, and subfolders of ids
+    train.check_apart(outputs, inputs + files, folders,
+                      [(folder, f"--save-dir {args.save_dir}: its picture folder {folder}", "--save-dir")
+                       for folder in written_folders])
+    if args.json and args.save_dir:  # the predictions have folders of their own
+        train.check_apart([], [], [(folder, "the picture folder of --save-dir")
+                                   for folder in picture_folders(args.save_dir, args.show_clusters).values()],
+                          [(Path(args.json).parent, f"--json {args.json}: its folder", "--json")])
+    if args.json and os.path.lexists(args.json) and not is_results(args.json):
+        raise UserError(f"--json {args.json} exists and is not a results file of evaluate.py: it is not replaced; "
+                        f"remove it or choose another --json")
+    for folder in written_folders:  # a file where a folder of pictures goes
+        for above in (folder, *folder.parents):
+            if above == Path(args.save_dir):
+                break
+            if os.path.lexists(above) and not above.is_dir():
+                raise UserError(f"--save-dir {args.save_dir}: {above} is a file, and pictures go into a folder there: "
+                                f"move it away or choose another --save-dir")
+    foreign = [path for path in pictures if os.path.lexists(path) and not is_picture(path)]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserError(f"--save-dir {args.save_dir} holds {foreign[0]}{more}, which is not a picture of evaluate.py: "
+                        f"it is not replaced; choose another --save-dir, or move the file away")
+
+
+def is_picture(path):
+    """Whether `path` is a PNG file with PICTURE_MARK (a picture that evaluate.py wrote); only the header is read."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get(PICTURE_MARK[0]) == PICTURE_MARK[1]
+    except (OSError, ValueError):  # not an image, a folder, unreadable
+        return False
+
+
+def is_results(path):
+    """Whether `path` is a --json results file: a JSON object with the keys of every summary (RESULTS_KEYS)."""
+    try:
+        with open(path, "rb") as file:
+            if file.read(1) != b"{":  # a checkpoint (a zip), a picture, ...: not read on
+                return False
+            summary = json.loads(b"{" + file.read())
+    except (OSError, ValueError):  # a folder, unreadable, not UTF-8 JSON
+        return False
+    return isinstance(summary, dict) and RESULTS_KEYS <= summary.keys()
 
 
 def picture_names(paths):
@@ -301,8 +371,12 @@ def picture_names(paths):
 def picture_paths(save_dir, name, clusters=False):
     """Where the pictures of image `name` go: {folder: DIR/folder/<name>.png} for labels, overlays (and clusters).
     The predictions have a folder of their own, so that benchmark scripts that walk it find one file per image."""
-    folders = ("labels", "overlays") + (("clusters",) if clusters else ())
-    return {folder: Path(save_dir) / folder / f"{name}.png" for folder in folders}
+    return {folder: path / f"{name}.png" for folder, path in picture_folders(save_dir, clusters).items()}
+
+
+def picture_folders(save_dir, clusters=False):
+    """{folder: DIR/folder} for labels, overlays (and clusters)."""
+    return {folder: Path(save_dir) / folder for folder in ("labels", "overlays") + (("clusters",) if clusters else ())}
 
 
 def read_all(paths):
@@ -437,6 +511,7 @@ def main(argv=None):
         dataset = train.SyntheticShapes(64, config["base_size"], seed=1)
     else:
         raise UserError(f"evaluating {args.checkpoint} on {dataset_name} needs --data-root (or --image)")
+    check_outputs(args, dataset)  # its files, before the first picture
     named = class_names != unnamed(len(class_names))  # a checkpoint that names no classes is not checked by name
     train.check_classes(args.checkpoint, config["num_classes"], class_names if named else None, dataset.class_names)
     class_names, ids = dataset.class_names, dataset.ids

@@ -4,6 +4,7 @@ Nothing is downloaded: the data are a tiny VOC tree the tests write and the synt
 Run: python -m pytest -q
 """
 
+import codecs
 import copy
 import errno
 import fnmatch
@@ -2329,8 +2330,8 @@ def break_dataset(case, root):
         (root / "classes.txt").unlink()
         return flags, [f"{root / 'classes.txt'} not found"]
     if case == "folder_empty_classes_txt":
-        (root / "classes.txt").write_text("sky\n\ncow\n")
-        return flags, [f"{root / 'classes.txt'} must name 1 to 255 different classes"]
+        (root / "classes.txt").write_text("# no class yet\n\n  \n")
+        return flags, [f"{root / 'classes.txt'} must name 1 to 255 different classes", "it names 0"]
     if case == "folder_image_without_mask":
         Image.new("RGB", (8, 8)).save(root / "images" / "train" / "extra.jpg")
         return flags, [f"image {root}/images/train/extra.jpg has no mask {root}/masks/train/extra.png"]
@@ -2786,8 +2787,8 @@ def test_original_checkpoint_bad_inputs(tmp_path, capsys):
 
 def test_folder_dataset_is_what_is_listed(tmp_path, capsys):
     """Subfolders are read (the mask at the same relative path); resource forks, hidden files and folders named like
-    images are not images; classes.txt in Latin-1, UTF-16 or UTF-8 with comments; a broken link or a split a folder
-    dataset has not is one line before anything runs."""
+    images are not images; classes.txt in UTF-16 or UTF-8 with comments (Latin-1 is one line, not a guess); a broken
+    link or a split a folder dataset has not is one line before anything runs."""
     root = tmp_path / "data"
     samples = make_folder(root)
     for folder in ("images", "masks"):
@@ -2802,7 +2803,12 @@ def test_folder_dataset_is_what_is_listed(tmp_path, capsys):
     Image.new("RGB", (4, 4)).save(root / "images" / "train" / ".thumbnails" / "train_1.jpg")
     (root / "images" / "train" / "album.jpg").mkdir()  # a folder named like an image
     classes = "# classes of the farm photos\nsky\n# the ground\ngrass\ncow café\n\n"
-    for encoding in ("latin-1", "utf-16", "utf-8-sig", "utf-8"):
+    (root / "classes.txt").write_bytes(classes.encode("latin-1"))
+    with pytest.raises(train.UserError) as error:
+        train.FolderDataset(root, "train")
+    assert str(error.value) == (f"{root / 'classes.txt'} is not UTF-8 text (byte 0xe9 on line 5: saved in another "
+                                f"encoding, such as Latin-1 or Windows-1252?): save it as UTF-8")
+    for encoding in ("utf-16", "utf-8-sig", "utf-8"):
         (root / "classes.txt").write_bytes(classes.encode(encoding))
         dataset = train.FolderDataset(root, "train")
         assert dataset.class_names == ("sky", "grass", "cow café"), encoding
@@ -3529,7 +3535,8 @@ def test_full_disk_while_saving_ends_in_one_line_naming_the_checkpoint_kept(tmp_
     file.write, as on a real full disk): exit 3, naming last.pt as kept; no best.pt, no temporary file."""
     def open_(path, mode="r", *args, **kwargs):
         file = open(path, mode, *args, **kwargs)
-        return FullDisk(file, room=4096) if mode == "wb" and str(path).endswith("best.pt.tmp") else file
+        best = fnmatch.fnmatch(Path(path).name, ".best.pt.*.tmp")  # best.pt's temporary file (train.temporary_path)
+        return FullDisk(file, room=4096) if mode == "wb" and best else file
 
     monkeypatch.setattr(train, "open", open_, raising=False)
     out = tmp_path / "out"
@@ -4317,3 +4324,314 @@ def test_a_batch_without_labelled_pixels_has_loss_0_not_nan():
     with torch.no_grad():
         logits = model(images)["out"]
     assert losses["out"].item() == pytest.approx(F.cross_entropy(logits, masks, ignore_index=255).item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- outputs apart from inputs, text files
+
+def tree_bytes(folder):
+    """{relative path: bytes} of every file under folder, through symbolic links to folders."""
+    files = {}
+    for parent, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            path = Path(parent, name)
+            files[path.relative_to(folder).as_posix()] = path.read_bytes()
+    return files
+
+
+def untrained_checkpoint(path, class_names, *flags):
+    """An untrained resnet18 checkpoint in train.py's format, of a run with these flags and class names."""
+    args = train.parse_args([*flags, "--backbone", "resnet18", "--no-pretrained"])
+    config = {**vars(args), "num_classes": len(class_names)}
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train.save_checkpoint({"model": train.build_model(config).state_dict(), "args": config, "iteration": 0,
+                           "class_names": list(class_names)}, path)
+    return path
+
+
+def test_evaluate_never_writes_over_what_it_reads(voc_checkpoint, tmp_path, capsys):
+    """--json naming the checkpoint (itself, through `..`, through a link), a picture that would land on an --image
+    file, --json in a picture folder: one line, exit 2 (also from a real process), every file as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    best = run / "best.pt"
+    best.write_bytes(voc_checkpoint.read_bytes())
+    (tmp_path / "link.json").symlink_to(best)
+    pictures = tmp_path / "pictures"
+    (pictures / "labels").mkdir(parents=True)
+    random_png(pictures / "labels" / "a.png", 20, 14)
+    before = tree_bytes(tmp_path)
+    result = run_evaluate("--checkpoint", best, "--json", best, "--device", "cpu")
+    assert_script_error(result, f"error: --json {best} would overwrite the --checkpoint file {best}: nothing was "
+                                f"written; choose another --json")
+    for json_path in (run / ".." / "run" / "best.pt", tmp_path / "link.json"):
+        code, line = cli_exit(capsys, ["--checkpoint", best, "--json", json_path, "--device", "cpu"])
+        assert code == 2 and line == (f"error: --json {json_path} would overwrite the --checkpoint file {best}: "
+                                      f"nothing was written; choose another --json")
+    code, line = cli_exit(capsys, ["--checkpoint", best, "--image", pictures / "labels" / "a.png", "--save-dir",
+                                   pictures, "--device", "cpu"])
+    assert code == 2 and line == (f"error: --save-dir {pictures}: its picture {pictures / 'labels' / 'a.png'} would "
+                                  f"overwrite the --image file {pictures / 'labels' / 'a.png'}: nothing was written; "
+                                  f"choose another --save-dir")
+    random_png(tmp_path / "b.png", 20, 14)
+    code, line = cli_exit(capsys, ["--checkpoint", best, "--image", tmp_path / "b.png", "--save-dir", pictures,
+                                   "--json", pictures / "overlays" / "b.png", "--device", "cpu"])
+    assert code == 2 and line == (f"error: --json {pictures / 'overlays' / 'b.png'}: its folder is the picture folder "
+                                  f"of --save-dir {pictures / 'overlays'}: nothing was written; choose another --json")
+    assert {k: v for k, v in tree_bytes(tmp_path).items() if k != "b.png"} == before
+    code, _, err = run_code(["--checkpoint", best, "--image", tmp_path / "b.png", "--save-dir", run, "--device", "cpu"],
+                            capsys, main=evaluate.main)  # pictures in the run's folder: fine, its checkpoint stays
+    assert code == 0, err
+    assert best.read_bytes() == before["run/best.pt"] and (run / "labels" / "b.png").is_file()
+
+
+def test_save_dir_in_a_dataset_is_refused_and_its_masks_stay(tmp_path, capsys):
+    """A folder dataset whose masks live in DATA/labels (masks/val is a link to it) and --save-dir DATA: the labels
+    pictures would be its masks; --save-dir inside the mask folder; train.py's --out-dir there; a labels/ folder of
+    the user's own beside the dataset: each one line, exit 2, the dataset byte for byte as it was. A --save-dir inside
+    the data root but in none of its folders is fine, and so is writing it again (the pictures are evaluate.py's)."""
+    root = tmp_path / "data"
+    make_folder(root)
+    (root / "masks" / "val").rename(root / "labels")
+    (root / "masks" / "val").symlink_to(Path("..") / "labels")
+    checkpoint = untrained_checkpoint(tmp_path / "run" / "best.pt", FOLDER_CLASSES, "--dataset", "folder",
+                                      "--data-root", "unused")
+    before = tree_bytes(root)
+    argv = ["--checkpoint", checkpoint, "--data-root", root, "--device", "cpu", "--workers", "0"]
+    code, line = cli_exit(capsys, argv + ["--save-dir", root])
+    assert code == 2 and line == (f"error: --save-dir {root}: its picture {root / 'labels' / 'val_0.png'} would "
+                                  f"overwrite a mask of the dataset {root / 'masks' / 'val' / 'val_0.png'}: nothing "
+                                  f"was written; choose another --save-dir")
+    inside = root / "masks" / "val" / "pictures"
+    code, line = cli_exit(capsys, argv + ["--save-dir", inside])
+    assert code == 2 and line == (f"error: --save-dir {inside}: its picture folder {inside / 'labels'} is inside the "
+                                  f"dataset's mask folder {root / 'masks' / 'val'}: nothing was written; choose "
+                                  f"another --save-dir")
+    out = root / "masks" / "train"
+    line = cli_error(capsys, tiny(out, "--dataset", "folder", "--data-root", root, "--iters", "1"))
+    assert line == (f"error: --out-dir {out} is the dataset's mask folder {out}: nothing was written; choose another "
+                    f"--out-dir")
+    assert tree_bytes(root) == before
+
+    plain = tmp_path / "plain"
+    make_folder(plain)
+    (plain / "labels").mkdir()  # the user's own label pictures, named as the val images
+    for name in ("val_0", "val_1"):
+        (plain / "labels" / f"{name}.png").write_bytes((plain / "masks" / "val" / f"{name}.png").read_bytes())
+    before = tree_bytes(plain)
+    argv = ["--checkpoint", checkpoint, "--data-root", plain, "--device", "cpu", "--workers", "0"]
+    code, line = cli_exit(capsys, argv + ["--save-dir", plain])
+    assert code == 2 and line == (f"error: --save-dir {plain} holds {plain / 'labels' / 'val_0.png'} (and 1 more), "
+                                  f"which is not a picture of evaluate.py: it is not replaced; choose another "
+                                  f"--save-dir, or move the file away")
+    assert tree_bytes(plain) == before
+    for _ in range(2):  # the second run replaces the first one's pictures
+        code, _, err = run_code(argv + ["--save-dir", plain / "predictions"], capsys, main=evaluate.main)
+        assert code == 0, err
+    assert sorted(p.name for p in (plain / "predictions" / "labels").iterdir()) == ["val_0.png", "val_1.png"]
+    assert {k: v for k, v in tree_bytes(plain).items() if not k.startswith("predictions/")} == before
+
+
+def test_existing_files_that_evaluate_did_not_write_are_kept(voc_checkpoint, tmp_path, capsys):
+    """--json replaces only a results file of evaluate.py, --save-dir only its pictures (a PNG text chunk says so):
+    anything else, or a file where a picture folder goes, is one line, exit 2, and stays as it was."""
+    random_png(tmp_path / "a.png", 20, 14)
+    out, results = tmp_path / "out", tmp_path / "r.json"
+    argv = ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu", "--save-dir", out,
+            "--json", results]
+    assert run_code(argv, capsys, main=evaluate.main)[0] == 0
+    written = tree_bytes(tmp_path)
+    with Image.open(out / "labels" / "a.png") as picture:
+        assert picture.info["Software"] == "ClusterDANet evaluate.py" and evaluate.is_picture(out / "labels" / "a.png")
+    assert run_code(argv, capsys, main=evaluate.main)[0] == 0  # its own files: replaced, the same again
+    assert tree_bytes(tmp_path) == written
+
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"todo": "evaluate the model"}\n')
+    code, line = cli_exit(capsys, argv[:-1] + [notes])
+    assert code == 2 and line == (f"error: --json {notes} exists and is not a results file of evaluate.py: it is not "
+                                  f"replaced; remove it or choose another --json")
+    random_png(out / "overlays" / "a.png", 20, 14)  # a PNG evaluate.py did not write
+    foreign = (out / "overlays" / "a.png").read_bytes()
+    code, line = cli_exit(capsys, argv)
+    assert code == 2 and line == (f"error: --save-dir {out} holds {out / 'overlays' / 'a.png'}, which is not a picture "
+                                  f"of evaluate.py: it is not replaced; choose another --save-dir, or move the file "
+                                  f"away")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "labels").write_text("")
+    code, line = cli_exit(capsys, argv[:-4] + ["--save-dir", tmp_path / "other"])
+    assert code == 2 and line == (f"error: --save-dir {tmp_path / 'other'}: {tmp_path / 'other' / 'labels'} is a "
+                                  f"file, and pictures go into a folder there: move it away or choose another "
+                                  f"--save-dir")
+    assert notes.read_text() == '{"todo": "evaluate the model"}\n' and (tmp_path / "other" / "labels").read_text() == ""
+    assert (out / "overlays" / "a.png").read_bytes() == foreign and results.read_bytes() == written["r.json"]
+
+
+def test_out_dir_never_writes_over_what_the_run_reads(voc_root, tmp_path, capsys):
+    """--init-from a checkpoint of --out-dir with --overwrite (directly or through a link), --out-dir inside the
+    dataset's image folder, a folder where last.pt goes: one line, exit 2, nothing touched. --resume of the folder's
+    own last.pt or best.pt goes on writing them."""
+    out = tmp_path / "run"
+    for name in ("last.pt", "best.pt"):  # an earlier run's checkpoints
+        untrained_checkpoint(out / name, train.SHAPE_CLASSES)
+    before = tree_bytes(out)
+    (tmp_path / "weights.pt").symlink_to(out / "best.pt")
+    for source, name in ((out / "last.pt", "last.pt"), (tmp_path / "weights.pt", "best.pt")):
+        line = cli_error(capsys, demo_args(out, "--iters", "2", "--overwrite", "--init-from", source))
+        assert line == (f"error: --out-dir {out}: writing {out / name} would overwrite the --init-from file {source}: "
+                        f"nothing was written; choose another --out-dir")
+    assert tree_bytes(out) == before
+    images = voc_root / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    data = tree_bytes(voc_root)
+    line = cli_error(capsys, tiny(images / "run", "--data-root", voc_root, "--train-split", "train", "--iters", "1"))
+    assert line == (f"error: --out-dir {images / 'run'} is inside the dataset's image folder {images}: nothing was "
+                    f"written; choose another --out-dir")
+    assert tree_bytes(voc_root) == data
+    (tmp_path / "new" / "last.pt").mkdir(parents=True)
+    line = cli_error(capsys, demo_args(tmp_path / "new", "--iters", "1"))
+    assert line == (f"error: --out-dir {tmp_path / 'new'} holds {tmp_path / 'new' / 'last.pt'}, which is a folder, "
+                    f"not a file: the run writes its last.pt there; move it away or choose another --out-dir")
+    for name in ("last.pt", "best.pt"):  # a resumed run goes on writing its own checkpoints
+        train.check_run_outputs(train.parse_args(demo_args(out, "--iters", "1", "--resume", str(out / name))))
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "weights.pt").write_bytes(before["best.pt"])  # --init-from a file of the new run's folder
+    train.check_run_outputs(train.parse_args(demo_args(tmp_path / "fresh", "--init-from",
+                                                       str(tmp_path / "fresh" / "weights.pt"))))
+    assert tree_bytes(out) == before and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_temporary_files_belong_to_one_thread(tmp_path):
+    """Two threads writing one file at once: each writes its own temporary file (.NAME.PID.THREAD.RANDOM.tmp beside
+    it), neither dies, the file is whole (the last rename wins) and no temporary file is left."""
+    path = tmp_path / "pictures" / "a.png"
+    first_started, second_done, names = threading.Event(), threading.Event(), {}
+
+    def write(tag, before_end=None):
+        def write_to(tmp):
+            names[tag] = Path(tmp).name
+            with open(tmp, "wb") as file:
+                file.write(tag.encode() * 1000)
+                if before_end is not None:
+                    before_end()
+                file.write(b"end")
+        return write_to
+
+    def slow():  # writes half, waits while the other thread writes and renames, then finishes
+        first_started.set()
+        assert second_done.wait(30)
+
+    errors = []
+
+    def save(tag, before_end=None):
+        try:
+            train.save_atomic(path, write(tag, before_end))
+        except Exception as e:  # reported below, for either thread
+            errors.append(e)
+
+    first = threading.Thread(target=save, args=("A", slow))
+    first.start()
+    assert first_started.wait(30)
+    save("B")
+    second_done.set()
+    first.join(30)
+    assert not errors and not first.is_alive()
+    assert path.read_bytes() == b"A" * 1000 + b"end"  # the later rename, whole
+    pid = os.getpid()
+    assert names["A"] != names["B"]
+    for name in names.values():
+        assert re.fullmatch(rf"\.a\.png\.{pid}\.\d+\.[0-9a-f]{{6}}\.tmp", name), name
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.png"]
+
+
+def test_two_evaluate_processes_write_one_save_dir(voc_checkpoint, tmp_path):
+    """Two evaluate.py into one --save-dir and one --json, meeting half-way through a write: the first is stopped
+    (SIGSTOP) while its overlay is a temporary file, the second writes the same pictures meanwhile, then the first
+    goes on. Both exit 0 without a traceback, every picture is whole and readable, no temporary file is left."""
+    random_png(tmp_path / "a.png", 640, 480)  # random pixels: its overlay takes a while to compress
+    random_png(tmp_path / "b.png", 24, 16, seed=1)
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(voc_checkpoint), "--device", "cpu",
+            "--save-dir", str(out), "--json", str(tmp_path / "r.json"), "--image", str(tmp_path / "a.png"),
+            str(tmp_path / "b.png")]
+    first = subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while first.poll() is None and time.monotonic() < deadline:
+        if (out / "overlays").is_dir() and any(p.name.endswith(".tmp") for p in (out / "overlays").iterdir()):
+            first.send_signal(signal.SIGSTOP)  # half-way through writing overlays/a.png
+            break
+        time.sleep(0.001)
+    assert first.poll() is None, "the first process ended before its overlay was caught half-written"
+    try:
+        second = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    for code, stderr in ((first.returncode, err), (second.returncode, second.stderr)):
+        assert code == 0 and "Traceback" not in stderr, stderr
+    for folder in ("labels", "overlays"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["a.png", "b.png"]  # no temporary file left
+        for name, size in (("a.png", (640, 480)), ("b.png", (24, 16))):
+            with Image.open(out / folder / name) as picture:
+                picture.load()  # every byte decodes
+                assert evaluate.is_picture(out / folder / name)
+                assert folder == "overlays" or picture.size == size
+    assert len(json.loads((tmp_path / "r.json").read_text())["images"]) == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def windows_text(lines, bom=True):
+    """`lines` as a Windows editor saves them: UTF-8 with a byte-order mark, CRLF line ends, trailing blanks, blank
+    lines at the end."""
+    return (codecs.BOM_UTF8 if bom else b"") + "".join(f"{line}  \r\n" for line in lines).encode() + b"\r\n \r\n"
+
+
+def test_voc_split_files_saved_on_windows_train_and_evaluate(tmp_path, capsys):
+    """VOC split lists in UTF-8 with a BOM, CRLF, trailing blanks and blank lines (train.txt also joined from two such
+    files: a BOM in the middle), or in UTF-16 (PowerShell's `>`): the same ids; a run trains and evaluate.py
+    evaluates on them. A split file in Latin-1 is one line naming it, in both scripts."""
+    voc = make_voc(tmp_path / "data")
+    splits = voc / "ImageSets" / "Segmentation"
+    ids = {split: (splits / f"{split}.txt").read_text().split() for split in ("train", "val")}
+    (splits / "train.txt").write_bytes(windows_text(ids["train"][:2]) + windows_text(ids["train"][2:]))
+    (splits / "val.txt").write_bytes(windows_text(ids["val"]))
+    assert train.VOCSegmentation(tmp_path / "data", "train").ids == ids["train"]
+    (splits / "trainval.txt").write_bytes("\r\n".join(ids["train"] + ids["val"]).encode("utf-16"))
+    assert train.VOCSegmentation(tmp_path / "data", "trainval").ids == ids["train"] + ids["val"]
+    out = tmp_path / "out"
+    assert run_code(tiny(out, "--data-root", tmp_path / "data", "--train-split", "train", "--iters", "1",
+                         "--val-every", "1"), capsys)[0] == 0
+    argv = ["--checkpoint", out / "last.pt", "--data-root", tmp_path / "data", "--device", "cpu", "--workers", "0",
+            "--json", tmp_path / "r.json"]
+    code, _, err = run_code(argv, capsys, main=evaluate.main)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == len(ids["val"]) == 2
+
+    (splits / "val.txt").write_bytes(f"{ids['val'][0]}\n{ids['val'][1]}\n# é\n".encode("latin-1"))
+    expected = (f"error: {splits / 'val.txt'} is not UTF-8 text (byte 0xe9 on line 3: saved in another encoding, such "
+                f"as Latin-1 or Windows-1252?): save it as UTF-8")
+    assert cli_error(capsys, tiny(tmp_path / "out2", "--data-root", tmp_path / "data", "--train-split", "train",
+                                  "--iters", "1")) == expected
+    assert cli_exit(capsys, argv[:-2] + ["--json", tmp_path / "r2.json"]) == (2, expected)
+    (splits / "val.txt").write_bytes("\n".join(ids["val"]).encode("utf-16-le"))  # UTF-16 without its mark
+    assert cli_error(capsys, tiny(tmp_path / "out2", "--data-root", tmp_path / "data", "--train-split", "train",
+                                  "--iters", "1")) == (
+        f"error: {splits / 'val.txt'} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark, or not a text "
+        f"file): save it as UTF-8")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "r2.json").exists()
+
+
+def test_classes_txt_saved_on_windows_trains_and_evaluates(tmp_path, capsys):
+    """classes.txt in UTF-8 with a BOM, CRLF, a comment, trailing blanks and blank lines (also between names): the
+    same class names in the run, its checkpoint and evaluate.py's results."""
+    root = tmp_path / "data"
+    make_folder(root)
+    (root / "classes.txt").write_bytes(windows_text(["# the farm", FOLDER_CLASSES[0], "", *FOLDER_CLASSES[1:]]))
+    assert train.FolderDataset(root, "val").class_names == tuple(FOLDER_CLASSES)
+    out = tmp_path / "out"
+    assert run_code(tiny(out, "--dataset", "folder", "--data-root", root, "--iters", "1", "--val-every", "1"),
+                    capsys)[0] == 0
+    assert torch.load(out / "last.pt", weights_only=True)["class_names"] == FOLDER_CLASSES
+    code, _, err = run_code(["--checkpoint", out / "last.pt", "--data-root", root, "--device", "cpu", "--workers", "0",
+                             "--json", tmp_path / "r.json"], capsys, main=evaluate.main)
+    assert code == 0, err
+    assert list(json.loads((tmp_path / "r.json").read_text())["per_class_iou"]) == FOLDER_CLASSES

@@ -38,6 +38,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from contextlib import nullcontext
@@ -159,6 +160,14 @@ def check_files_exist(paths, what):
         raise UserError(f"{what} {problem}: {first}" + (f" (and {more} more)" if more else ""))
 
 
+def temporary_path(path):
+    """A temporary name beside `path` that belongs to this process and thread: .NAME.PID.THREAD.RANDOM.tmp (hidden,
+    and the random part keeps processes of two machines apart in a shared folder). Two writers of one file (two
+    evaluate.py into one --save-dir) never write into, rename or remove each other's temporary file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.{os.urandom(3).hex()}.tmp")
+
+
 def check_writable(path, what, folder=True):
     """A UserError unless `path` (a folder, or a file if not `folder`) can be written, before any work is done.
     Checked by creating and removing a file in the nearest existing folder at or above it (os.access says yes to
@@ -172,7 +181,7 @@ def check_writable(path, what, folder=True):
     if not parent.is_dir():
         kind = "a broken link" if parent.is_symlink() and not parent.exists() else "a file"
         raise UserError(f"{what} {path} cannot be created: {parent} is {kind}")
-    probe = parent / f".write-check-{os.getpid()}"
+    probe = temporary_path(parent / "write-check")  # never another process's probe, nor one a killed process left
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # as save_atomic: a new file, then renamed
         probe.unlink()
@@ -182,7 +191,90 @@ def check_writable(path, what, folder=True):
         raise UserError(f"{what} {path} cannot be written: {reason}") from None
 
 
+def file_identity(path):
+    """(device, inode) of the file `path` names, through links and `..`; None where there is none."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def check_apart(outputs, inputs, input_folders=(), output_folders=()):
+    """Before any work, a UserError if what a command writes would destroy or mix with what it reads. `outputs`:
+    (file, description, flag) of each file to be written; `inputs`: (file, description) of each file read; none of
+    the outputs may be one of the inputs, compared as files (os.stat's device and inode: the same file also through
+    a symbolic or hard link, `..` or another spelling). `output_folders` (folder, description, flag), the folders
+    written into, may be neither equal to nor inside one of `input_folders` (folder, description), the folders of
+    a dataset, compared as resolved paths: what is written there would become part of the data."""
+    written = {}
+    for path, description, flag in outputs:
+        identity = file_identity(path)
+        if identity is not None:  # a file not there yet is none of the inputs
+            written.setdefault(identity, (description, flag))
+    if written:
+        for path, what in inputs:
+            identity = file_identity(path)
+            if identity in written:
+                description, flag = written[identity]
+                raise UserError(f"{description} would overwrite {what} {path}: nothing was written; choose another "
+                                f"{flag}")
+    folders = {}
+    for folder, what in input_folders:
+        folders.setdefault(os.path.realpath(folder), (folder, what))
+    for folder, description, flag in output_folders:
+        real = Path(os.path.realpath(folder))
+        for candidate in (real, *real.parents):
+            if str(candidate) in folders:
+                inside, what = folders[str(candidate)]
+                where = "is" if candidate == real else "is inside"
+                raise UserError(f"{description} {where} {what} {inside}: nothing was written; choose another {flag}")
+
+
+def dataset_inputs(datasets):
+    """What `datasets` read, for check_apart: ([(file, description)], [(folder, description)]): their images, masks
+    and text files (split lists, classes.txt), and the folders of the images and of the masks (the folder of each
+    file, and the folder common to all of a kind, which a folder dataset walks)."""
+    files, folders = [], []
+    for dataset in datasets:
+        for kind, paths in (("image", getattr(dataset, "images", ())), ("mask", getattr(dataset, "masks", ()))):
+            files += [(path, f"a{'n' if kind == 'image' else ''} {kind} of the dataset") for path in paths]
+            parents = {os.path.dirname(path) for path in paths}
+            if parents:
+                parents.add(os.path.commonpath(sorted(parents)))
+            folders += [(parent, f"the dataset's {kind} folder") for parent in sorted(parents)]
+        files += [(path, "a file of the dataset") for path in getattr(dataset, "text_files", ())]
+    return files, folders
+
+
 # ----------------------------------------------------------------------------- data
+
+def read_lines(path):
+    """The lines of a text file the project reads (VOC split lists, classes.txt), as editors save it: UTF-8 with or
+    without a byte-order mark (also marks left in the middle by joining such files), or UTF-16 with its mark
+    (Windows Notepad's "Unicode", PowerShell's `>`); LF, CRLF or CR line ends; each line stripped of blanks at both
+    ends, blank lines left out. A file that is not such text is a UserError naming it: no code page is
+    guessed, since a wrong guess turns names into other names."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        text = data.decode("utf-16" if utf16 else "utf-8")
+    except UnicodeDecodeError as e:
+        if utf16:
+            raise UserError(f"{path} starts with a UTF-16 byte-order mark but is not UTF-16 text: save it as "
+                            f"UTF-8") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}: saved in another "
+                        f"encoding, such as Latin-1 or Windows-1252?): save it as UTF-8") from None
+    if "\0" in text:
+        raise UserError(f"{path} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark, or not a text "
+                        f"file): save it as UTF-8")
+    lines = (line.strip() for line in text.replace("\ufeff", "").splitlines())
+    return [line for line in lines if line]
+
 
 def looks_like(root):
     """" (it looks like a Cityscapes tree: add --dataset cityscapes)" if `root` holds another dataset's layout."""
@@ -386,7 +478,7 @@ class VOCSegmentation(Dataset):
             raise UserError(f"split file {split_file} not found{hint}")
         if not mask_dir.is_dir():
             raise UserError(f"mask folder {mask_dir} not found")
-        self.ids = split_file.read_text().split()
+        self.ids, self.text_files = read_lines(split_file), (split_file,)  # one id per line
         if not self.ids:
             raise UserError(f"split file {split_file} lists no images")
         self.images = [self.root / "JPEGImages" / f"{i}.jpg" for i in self.ids]
@@ -466,25 +558,12 @@ class Cityscapes(Dataset):
 
 
 def read_class_names(path):
-    """The class names of a folder dataset's classes.txt, one per line; lines starting with # are comments.
-    UTF-8 (with or without a BOM) or UTF-16 with its BOM, else Latin-1 (what "ANSI" editors save)."""
-    data = path.read_bytes()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text = data.decode("utf-16")
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = data.decode("latin-1")
-    if "\0" in text:
-        raise UserError(f"{path} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark?): save it as UTF-8")
-    names = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
-    while names and not names[-1]:
-        names.pop()  # blank lines at the end
-    if not names or "" in names or len(names) > IGNORE_INDEX:
-        empty = " and has empty lines" if "" in names else ""
-        raise UserError(f"{path} must name 1 to 255 different classes, one per line, no empty lines (# starts a "
-                        f"comment); it names {len([n for n in names if n])}{empty}")
+    """The class names of a folder dataset's classes.txt, one per line, read by read_lines (UTF-8 or UTF-16 with its
+    byte-order mark; blank lines are left out); lines starting with # are comments."""
+    names = [line for line in read_lines(path) if not line.startswith("#")]
+    if not names or len(names) > IGNORE_INDEX:
+        raise UserError(f"{path} must name 1 to 255 different classes, one per line (# starts a comment, blank lines "
+                        f"are left out); it names {len(names)}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise UserError(f"{path} must name 1 to 255 different classes, one per line: {repeated[0]!r} is named "
@@ -531,7 +610,7 @@ class FolderDataset(Dataset):
         if not classes_file.is_file():
             raise UserError(f"{classes_file} not found: it names the classes, one per line (see README)"
                             f"{looks_like(root)}")
-        self.class_names = read_class_names(classes_file)
+        self.class_names, self.text_files = read_class_names(classes_file), (classes_file,)
         if split not in ("train", "val", "trainval"):
             raise UserError(f"a folder dataset has no split {split} (train, val or trainval: images/train/ and "
                             f"images/val/)")
@@ -680,14 +759,17 @@ def check_masks(val_set, train_set=None, workers=0, log=print):
 
 
 def build_datasets(args):
-    """(train, val) datasets of args.dataset (see DATASETS); the demo's are synthetic."""
+    """(train, val) datasets of args.dataset (see DATASETS), checked against the run's outputs (check_run_outputs);
+    the demo's are synthetic."""
     train_tf = train_transform(args.crop_size, args.base_size)
     if args.dataset == "demo":
         return SyntheticShapes(args.demo_images, args.base_size, 0, train_tf), SyntheticShapes(64, args.base_size, 1)
     if args.download:
         download_voc(args.data_root)
     dataset = DATASETS[args.dataset][0]
-    return dataset(args.data_root, args.train_split, train_tf), dataset(args.data_root, args.val_split)
+    datasets = dataset(args.data_root, args.train_split, train_tf), dataset(args.data_root, args.val_split)
+    check_run_outputs(args, datasets)  # before anything is written: --out-dir overwrites none of their files
+    return datasets
 
 
 def pad_collate(batch):
@@ -845,9 +927,11 @@ def build_model(config):
 
 
 def save_atomic(path, write):
-    """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file."""
+    """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file. The
+    temporary name is this process's and thread's (temporary_path): writers of one path never meet half-way, the
+    last rename wins, and every version is whole."""
     path = Path(path)
-    tmp = Path(f"{path}.tmp")
+    tmp = temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # a full disk can refuse the folder too
         write(tmp)
@@ -1509,6 +1593,30 @@ def folder_runs(out_dir):
     return found
 
 
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "train.lock")  # what a run writes in --out-dir (FolderLock.NAME)
+
+
+def check_run_outputs(args, datasets=()):
+    """Before any work: the files a run writes in --out-dir (RUN_FILES) are files or not there yet, and none of them
+    is a file the run reads: the --init-from file, the --resume file (unless it is that very checkpoint of the run's
+    own folder, which the resumed run goes on writing), the `datasets`' files; nor is --out-dir one of the
+    datasets' folders or inside one (check_apart)."""
+    out_dir = Path(args.out_dir)
+    for name in RUN_FILES:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            kind = "a broken link" if not path.exists() else "a folder" if path.is_dir() else "a special file"
+            raise UserError(f"--out-dir {out_dir} holds {path}, which is {kind}, not a file: the run writes its "
+                            f"{name} there; move it away or choose another --out-dir")
+    resumed = os.path.realpath(args.resume) if args.resume else None
+    outputs = [(out_dir / name, f"--out-dir {out_dir}: writing {out_dir / name}", "--out-dir") for name in RUN_FILES
+               if os.path.realpath(out_dir / name) != resumed]  # a resumed checkpoint is the run's own to replace
+    inputs = [(path, f"the {flag} file") for flag, path in (("--resume", args.resume), ("--init-from", args.init_from))
+              if path]
+    files, folders = dataset_inputs(datasets)
+    check_apart(outputs, inputs + files, folders, [(out_dir, f"--out-dir {out_dir}", "--out-dir")])
+
+
 def check_out_dir(args, checkpoint=None, check_lock=True):
     """--out-dir must be writable and belong to this run: a new run needs one that holds no earlier run (or
     --overwrite); a run resumed from `checkpoint` one that holds only its own run's files, none of them later.
@@ -1516,6 +1624,7 @@ def check_out_dir(args, checkpoint=None, check_lock=True):
     check_lock=False where a process of this run may hold the lock (start_out_dir, and processes other than 0)."""
     out_dir = Path(args.out_dir)
     check_writable(out_dir, "--out-dir")
+    check_run_outputs(args)  # the checkpoints it reads; build_datasets checks the data
     if out_dir.is_dir() and check_lock:
         FolderLock.check(out_dir)  # a training in it now, whatever it has written so far
     found = folder_runs(out_dir) if out_dir.is_dir() else {}
