@@ -354,7 +354,7 @@ def test_clustering_usage_by_hand():
 
 
 def test_clustering_data_init_draws_kmeans_plus_plus_from_the_batch():
-    """init="data": the first training call draws the centres from the batch's unit features, each next one far
+    """cluster_init="data": the first training call draws the centres from the batch's unit features, each next one far
     from those drawn before (k-means++): two centres cover two clusters of very different sizes."""
     torch.manual_seed(0)
     a, b = torch.zeros(8), torch.zeros(8)
@@ -363,7 +363,7 @@ def test_clustering_data_init_draws_kmeans_plus_plus_from_the_batch():
     x = (pixels * torch.rand(200, 1) * 3).T.reshape(1, 8, 10, 20)  # [1, 8, 10, 20], lengths vary
     unit = F.normalize(pixels, dim=1)
     for trial in range(5):
-        layer = ClusteringLayer(8, 2, init="data")
+        layer = ClusteringLayer(8, 2, cluster_init="data")
         assert not layer.initialised
         layer.seed_centers(x)
         assert layer.initialised
@@ -375,7 +375,7 @@ def test_clustering_data_init_draws_kmeans_plus_plus_from_the_batch():
         layer.seed_centers(x)  # later calls do not draw again
         assert torch.equal(layer.centers, drawn)
     random = ClusteringLayer(8, 2)
-    assert random.initialised and not torch.equal(random.centers, drawn)  # init="random": the original centres
+    assert random.initialised and not torch.equal(random.centers, drawn)  # cluster_init="random": the original centres
 
 
 def test_clustering_data_init_and_reseeding_keep_centres_alive():
@@ -383,7 +383,7 @@ def test_clustering_data_init_and_reseeding_keep_centres_alive():
     to that direction take all the mass. Data initialisation keeps most centres alive, re-seeding brings dead ones
     back. The figures are the live centres of the last of 30 training calls."""
     live = {}
-    for name, options in {"random": {}, "data": dict(init="data"), "reseed": dict(reseed_after=5)}.items():
+    for name, options in {"random": {}, "data": dict(cluster_init="data"), "reseed": dict(cluster_reseed=5)}.items():
         torch.manual_seed(1)
         layer = ClusteringLayer(32, 16, **options)
         for _ in range(30):
@@ -394,9 +394,9 @@ def test_clustering_data_init_and_reseeding_keep_centres_alive():
 
 
 def test_clustering_reseeds_centres_that_stay_dead():
-    """reseed_after=3: a centre dead in 3 calls in a row is drawn again from the batch, far from the live centre
+    """cluster_reseed=3: a centre dead in 3 calls in a row is drawn again from the batch, far from the live centre
     (k-means++), with its count back to 1; before that it stays put."""
-    layer = ClusteringLayer(4, 2, reseed_after=3)
+    layer = ClusteringLayer(4, 2, cluster_reseed=3)
     layer.centers.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))  # centre 1 points away from all pixels
     a = torch.tensor([1.0, 0.1, 0, 0]).view(1, 4, 1, 1).expand(2, 4, 3, 3)
     b = torch.tensor([0.1, 0, 1.0, 0]).view(1, 4, 1, 1).expand(2, 4, 1, 3)
@@ -418,7 +418,7 @@ def test_model_classes_work_copied_alone(name):
     """Each class's source alone, with only torch / nn / F imported, trains and matches the module's class."""
     namespace = {"torch": torch, "nn": nn, "F": F}
     exec(inspect.getsource(getattr(__import__("clusterdanet"), name)), namespace)
-    builds = {"ClusteringLayer": lambda cls: cls(16, 8, init="data", reseed_after=1),
+    builds = {"ClusteringLayer": lambda cls: cls(16, 8, cluster_init="data", cluster_reseed=1),
               "PositionAttention": lambda cls: cls(16), "ChannelAttention": lambda cls: cls()}
     torch.manual_seed(0)
     copied = builds[name](namespace[name])
@@ -450,7 +450,7 @@ def _distributed_update(rank, world_size, init_file, x, result_file):
 def _distributed_data_init(rank, world_size, init_file, x, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(rank)  # as train.py seeds: each rank draws differently
-    layer = ClusteringLayer(8, 5, init="data")
+    layer = ClusteringLayer(8, 5, cluster_init="data")
     part = x.chunk(world_size)[rank]
     layer.seed_centers(part)
     drawn = [torch.empty_like(layer.centers) for _ in range(world_size)]
@@ -513,8 +513,8 @@ def test_model_default_clusters_and_dense_switch():
     assert model.position_branch.attention.dense
     model = ClusterDANet(backbone="resnet18", cluster_init="data", cluster_reseed=7)
     for branch in (model.position_branch, model.channel_branch):
-        assert branch.clustering.init == "data" and branch.clustering.reseed_after == 7
-    with pytest.raises(ValueError, match="init must be 'random' or 'data'"):
+        assert branch.clustering.cluster_init == "data" and branch.clustering.cluster_reseed == 7
+    with pytest.raises(ValueError, match="cluster_init must be 'random' or 'data'"):
         ClusterDANet(backbone="resnet18", cluster_init="kmeans")
 
 
@@ -678,7 +678,7 @@ def test_pretrained_download_failure_is_explained(monkeypatch, tmp_path):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     with pytest.raises(RuntimeError, match="could not download the ImageNet weights of resnet18.*--no-pretrained"):
-        ClusterDANet(backbone="resnet18", pretrained_backbone=True)
+        ClusterDANet(backbone="resnet18", pretrained=True)
 
 
 # ----------------------------------------------------------------------------- train.py: a tiny VOC tree
@@ -1022,7 +1022,7 @@ def test_cluster_flags_reach_the_model_log_and_checkpoint(tmp_path, capsys):
     model = train.build_model(checkpoint["args"])
     model.load_state_dict(checkpoint["model"])
     for branch in (model.position_branch, model.channel_branch):
-        assert branch.clustering.init == "data" and branch.clustering.reseed_after == 1
+        assert branch.clustering.cluster_init == "data" and branch.clustering.cluster_reseed == 1
         assert branch.clustering.initialised and branch.clustering.counts.min() >= 1
     clustering = model.position_branch.clustering
     centers = clustering.centers.clone()
@@ -3740,8 +3740,8 @@ def test_dranet_any_size_outputs_and_deep_stem():
     assert [c.stride for c in convs] == [(2, 2), (1, 1), (1, 1)] and backbone.stem[1].num_features == 128
     low, mid, high = backbone.levels(torch.randn(1, 3, 40, 56))
     assert (low.shape, mid.shape, high.shape) == ((1, 256, 10, 14), (1, 1024, 5, 7), (1, 2048, 5, 7))
-    for kwargs, fragment in (({"name": "resnet18", "deep_stem": True}, "needs a Bottleneck ResNet"),
-                             ({"name": "resnet50", "deep_stem": True, "pretrained": True}, "no ImageNet weights")):
+    for kwargs, fragment in (({"backbone": "resnet18", "deep_stem": True}, "needs a Bottleneck ResNet"),
+                             ({"backbone": "resnet50", "deep_stem": True, "pretrained": True}, "no ImageNet weights")):
         with pytest.raises(ValueError, match=fragment):
             DilatedResNet(**kwargs)
 
