@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import clusterdanet
 import evaluate
 import train
 from clusterdanet import (ChannelAttention, ClusterDANet, ClusteringLayer, CompactChannelAttention, CompactPositionAttention,
@@ -4041,3 +4042,76 @@ def test_dranet_flags(tmp_path, capsys, monkeypatch):
                 "--benchmark-steps", "1", "--device", "cpu"])
     assert re.fullmatch(r"benchmark dranet resnet18 crop 32 batch 2 fp32 cpu compact attention: [\d.]+ ms/step, "
                         r"[\d.]+ images/s, peak memory [\d.]+ GiB", capsys.readouterr().out.strip())
+
+
+# ----------------------------------------------------------------------------- from_original, clusterdanet.py alone
+
+ALONE_CODE = """
+import importlib.util, json, os, torch
+import clusterdanet
+assert os.path.dirname(os.path.abspath(clusterdanet.__file__)) == os.getcwd(), clusterdanet.__file__
+assert importlib.util.find_spec("train") is None and importlib.util.find_spec("evaluate") is None
+images = torch.load("images.pt", weights_only=True)
+summary = {}
+for name in ("DANet50.pth.tar", "dran50.pth.tar"):
+    model = clusterdanet.from_original(name)
+    with torch.no_grad():
+        torch.save(model(images)["out"], name + ".out.pt")
+    summary[name] = dict(model=type(model).__name__, training=model.training, align_corners=model.align_corners,
+                         layer4=[block.conv2.dilation[0] for block in model.backbone.layer4],
+                         deep_stem=model.backbone.deep_stem, classes=model.classifier[1].out_channels,
+                         clustering=any(isinstance(m, clusterdanet.ClusteringLayer) for m in model.modules()))
+print(json.dumps(summary))
+"""
+
+
+def test_from_original_with_clusterdanet_py_alone(original_checkpoint, original_dranet, tmp_path):
+    """clusterdanet.py copied alone into an empty folder, with the two original-layout files: in a process that can
+    import nothing else of this repository, from_original(path) gives plain DANet / DRANet in eval mode with the
+    original's settings, whose logits are those of evaluate.py's loading and of the stand-ins themselves."""
+    (tmp_path / "clusterdanet.py").write_bytes((REPO / "clusterdanet.py").read_bytes())
+    files = {"DANet50.pth.tar": original_checkpoint, "dran50.pth.tar": original_dranet}
+    for name, (path, _) in files.items():
+        (tmp_path / name).write_bytes(path.read_bytes())
+    images = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    torch.save(images, tmp_path / "images.pt")
+    result = subprocess.run([sys.executable, "-E", "-s", "-c", ALONE_CODE], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # -E: no PYTHONPATH; -c puts only the folder on the path
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    for name, model_name, deep_stem in (("DANet50.pth.tar", "ClusterDANet", False), ("dran50.pth.tar", "DRANet", True)):
+        assert summary[name] == dict(model=model_name, training=False, align_corners=True, layer4=[4, 8, 16],
+                                     deep_stem=deep_stem, classes=19, clustering=False)
+        got = torch.load(tmp_path / f"{name}.out.pt", weights_only=True)
+        model, _, _ = evaluate.load_model(tmp_path / name, torch.device("cpu"))
+        with torch.no_grad():
+            expected = train.predict_logits(model, images)
+            original = files[name][1](images)[0]
+        scale = expected.abs().max()
+        assert expected.std() > 0.1 * scale  # not a flat output: the comparison means something
+        torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got / scale, original / scale, rtol=0, atol=1e-4)
+
+
+def test_from_original_takes_a_loaded_dict_and_refuses_other_files(original_checkpoint, tmp_path):
+    """What torch.load returned loads as the path does; a train.py checkpoint and blocks of no known depth are
+    ValueErrors that name the source."""
+    path, _ = original_checkpoint
+    from_path = clusterdanet.from_original(path)
+    from_dict = clusterdanet.from_original(torch.load(path, weights_only=True))
+    assert not from_dict.training
+    torch.testing.assert_close(from_dict.state_dict(), from_path.state_dict(), rtol=0, atol=0)
+    torch.save({"model": {}, "args": {}, "iteration": 0}, tmp_path / "ours.pt")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'ours.pt'))} is not a checkpoint of the "
+                                         r"original DANet code"):
+        clusterdanet.from_original(tmp_path / "ours.pt")
+    t = torch.zeros(1)
+    state = {f"pretrained.layer{i}.{j}.conv1.weight": t for i, n in enumerate((3, 4, 7, 3), 1) for j in range(n)}
+    with pytest.raises(ValueError, match=r"^x\.pth is not an original DANet or DRANet checkpoint this loader knows "
+                                         r"\(blocks per layer \(3, 4, 7, 3\)"):
+        clusterdanet.original_state_and_config({**state, "head.conv8.1.weight": t}, source="x.pth")
+    tensors, config, unused = clusterdanet.original_state_and_config(
+        {**{k.replace("layer3.6.", "extra."): v for k, v in state.items()}, "head.conv8.1.weight": torch.zeros(5, 1)})
+    assert config == dict(model="danet", num_classes=5, backbone="resnet50", clustering=False, multi_grid=True,
+                          align_corners=True, deep_stem=False)
+    assert unused == ["pretrained.extra.conv1.weight"] and "classifier.1.weight" in tensors
