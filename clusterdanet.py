@@ -43,6 +43,9 @@ averages of the feature map over fixed bins of each image (1x1, 2x2, 3x3, 6x6), 
 trained by the gradient through learned projections; the clustering layer's are kinds of features, unit
 vectors shared by all images, moved only by online k-means, and each pixel is described by its
 similarity to them wherever it is. In ClusterDRANet CPAM pools the K similarity maps.
+
+from_original("DANet101.pth.tar") (or "dran101.pth.tar") returns the original code's published checkpoint as
+plain DANet (DRANet), its tensors renamed (ORIGINAL_NAMES), in eval mode.
 """
 
 from collections import OrderedDict
