@@ -3057,15 +3057,17 @@ def test_image_json_and_enlarged_pictures(voc_checkpoint, tmp_path, capsys):
         assert entry["classes"] == {train.VOC_CLASSES[c]: counts[c] / (w * h) for c in np.flatnonzero(counts)}
         assert sum(entry["classes"].values()) == pytest.approx(1.0)
 
-    # image | prediction, each panel enlarged to 256 px: (4 + 256 + 4) x 2 + 4 wide, a legend below
+    # image | prediction, each panel enlarged to 256 px: (4 + 256 + 4) x 2 + 4 wide, captions then a legend below
     for name, pixels, factor in (("dot", tiny_pixels, 256), ("shape", shape_pixels, 4)):
         with Image.open(tmp_path / "out" / "overlays" / f"{name}.png") as picture:
             overlay = np.array(picture)
         assert overlay.shape[1] == 2 * (256 + 4) + 4 and overlay.shape[0] >= 256 + 8 + 16 + 16
         np.testing.assert_array_equal(overlay[4:260, 4:260], pixels.repeat(factor, 0).repeat(factor, 1))
-        assert (overlay[264 + 6:264 + 6 + 20, 8 + 16 + 6:] < 100).all(-1).sum() > 30  # the legend's 16 px text
+        top = 264 + captions_height(256, ["image", "prediction"])  # the legend's first row
+        assert (overlay[top + 6:top + 6 + 20, 8 + 16 + 6:] < 100).all(-1).sum() > 30  # the legend's 16 px text
         with Image.open(tmp_path / "out" / "clusters" / f"{name}.png") as picture:
-            assert picture.size == (5 * (256 + 4) + 4, 256 + 8)  # image | centres | three attention maps
+            # image | centres | three attention maps, captioned, the attention maps with their colour bars
+            assert picture.size == (5 * (256 + 4) + 4, 256 + 8 + captions_height(256, CLUSTERS_CAPTIONS, (2, 3, 4)))
             np.testing.assert_array_equal(np.array(picture)[4:260, 4:260], pixels.repeat(factor, 0).repeat(factor, 1))
     assert [evaluate.enlargement(h, w) for h, w in ((1, 1), (64, 64), (41, 23), (375, 500), (1, 2000), (300, 1))] == \
         [256, 4, 7, 1, 1, 1]
@@ -4020,7 +4022,8 @@ def test_dranet_trains_resumes_and_draws_its_clusters(tmp_path, capsys):
                    "--show-clusters", "--image", str(tmp_path / "a.png")])
     with Image.open(tmp_path / "pictures" / "clusters" / "a.png") as picture:  # image, nearest centre, 3 query maps
         f = evaluate.enlargement(40, 56)  # small pictures are enlarged (nearest) to panels at least 256 px high
-        assert f == 7 and picture.size == (5 * (56 * f + 4) + 4, 40 * f + 8)
+        assert f == 7 and picture.size == (5 * (56 * f + 4) + 4,
+                                           40 * f + 8 + captions_height(56 * f, CLUSTERS_CAPTIONS, (2, 3, 4)))
 
 
 def test_dranet_flags(tmp_path, capsys, monkeypatch):
@@ -4115,3 +4118,115 @@ def test_from_original_takes_a_loaded_dict_and_refuses_other_files(original_chec
     assert config == dict(model="danet", num_classes=5, backbone="resnet50", clustering=False, multi_grid=True,
                           align_corners=True, deep_stem=False)
     assert unused == ["pretrained.extra.conv1.weight"] and "classifier.1.weight" in tensors
+
+
+# ----------------------------------------------------------------------------- captions and colour bars of the pictures
+
+CLUSTERS_CAPTIONS = ["image", "nearest centre of each 8x8 cell\n(one colour per centre)",
+                     *["position attention\nof the marked pixel"] * 3]
+
+
+def captions_height(width, captions, scaled=()):
+    """The height of the caption row under panels `width` px wide: its tallest caption, with a colour bar under
+    the panels whose index is in `scaled`."""
+    return max(evaluate.caption(text, width).shape[1] + (evaluate.colour_bar(0.0, 1.0, width).shape[1]
+                                                          if i in scaled else 0) for i, text in enumerate(captions))
+
+
+def panel_columns(picture, width, n):
+    """The x ranges of the n panels (and of the captions under them) in a picture of panels `width` px wide."""
+    assert picture.shape[1] == n * (width + 4) + 4
+    return [slice(4 + i * (width + 4), 4 + i * (width + 4) + width) for i in range(n)]
+
+
+def test_clusters_picture_has_captions_and_colour_bars(tmp_path, monkeypatch):
+    """Under each panel its caption; under each attention panel a colour bar running from white to HEAT_ALPHA red
+    along its length, labelled with the lowest and highest weight of the marked pixel's attention row, which is
+    computed here by hand (softmax_j(q_i . k_j) over the clustering layer's similarities); the attention panel
+    itself is that colour map over the image."""
+    torch.manual_seed(0)
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=16).eval()
+    with torch.no_grad():
+        model.position_branch.attention.query.weight.mul_(30)  # a peaked attention, not a uniform one
+        model.position_branch.attention.key.weight.mul_(30)
+    image = torch.randn(3, 24, 32)  # 3 x 4 cells of 8x8; enlarged 11x
+    bars = []
+
+    def recorded(low, high, width):
+        bars.append((low, high))
+        return colour_bar(low, high, width)
+
+    colour_bar = evaluate.colour_bar
+    monkeypatch.setattr(evaluate, "colour_bar", recorded)
+    evaluate.save_clusters(model, image, tmp_path / "c.png")
+    picture = np.array(Image.open(tmp_path / "c.png"))
+    factor, (fH, fW) = 11, (24 * 11, 32 * 11)
+    assert evaluate.enlargement(24, 32) == factor
+    columns = panel_columns(picture, fW, 5)
+
+    # the attention rows by hand, from the similarities the clustering layer gives
+    captured = {}
+    hook = model.position_branch.clustering.register_forward_hook(lambda m, i, o: captured.setdefault("s", o))
+    with torch.no_grad():
+        model(image[None])
+    hook.remove()
+    s, attention = captured["s"], model.position_branch.attention  # [1, 16, 3, 4]
+    q = F.conv2d(s, attention.query.weight, attention.query.bias)[0].flatten(1)  # [d, 12]
+    k = F.conv2d(s, attention.key.weight, attention.key.bias)[0].flatten(1)  # [d, 12]
+    rows = torch.softmax(q.T @ k, dim=1)  # [12, 12]
+    queries = [(0, 1), (1, 2), (2, 3)]  # (cell row, cell column): spread along the diagonal
+    shown = evaluate.denormalise(image).float()  # [3, 24, 32]
+    for index, ((qy, qx), (low, high)) in enumerate(zip(queries, bars), 2):
+        row = rows[qy * 4 + qx]
+        assert (low, high) == (pytest.approx(row.min().item(), rel=1e-4), pytest.approx(row.max().item(), rel=1e-4))
+        assert high > 2 * low  # peaked: the bar's ends differ
+        heat = F.interpolate(((row - row.min()) / (row.max() - row.min())).view(1, 1, 3, 4), size=(24, 32),
+                             mode="bilinear", align_corners=False)[0, 0]  # [24, 32]
+        alpha = 0.7 * heat
+        expected = shown * (1 - alpha) + torch.tensor([255.0, 0, 0])[:, None, None] * alpha  # [3, 24, 32]
+        panel = torch.from_numpy(picture[4:4 + fH:factor, columns[index]][:, ::factor]).permute(2, 0, 1).float()
+        away = torch.ones(24, 32, dtype=torch.bool)
+        away[max(0, qy * 8 - 1):qy * 8 + 10, max(0, qx * 8 - 1):qx * 8 + 10] = False  # not the yellow dot
+        assert (panel - expected)[:, away].abs().max() <= 1  # uint8 rounding
+
+    for index, text in enumerate(CLUSTERS_CAPTIONS):
+        under = picture[4 + fH:, columns[index]]  # [below, fW, 3]
+        words = evaluate.caption(text, fW).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(under[:len(words)], words)
+        assert (words < 100).all(-1).sum() > 100  # the caption's text is there
+        rest = under[len(words):]
+        if index < 2:
+            assert (rest == 255).all()  # no colour bar under the image and the centres
+            continue
+        bar = colour_bar(*bars[index - 2], fW).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(rest[:len(bar)], bar)
+        line = rest[2 + evaluate.BAR_HEIGHT // 2, 4:fW - 4].astype(int)  # [fW - 8, 3], along the bar's middle
+        t = np.linspace(0, 1, fW - 8)
+        assert (line[:, 0] == 255).all() and (line[:, 1] == line[:, 2]).all()
+        assert (np.diff(line[:, 1]) <= 0).all() and line[0, 1] == 255  # white to red, monotone
+        assert np.abs(line[:, 1] - 255 * (1 - 0.7 * t)).max() <= 0.5 + 1e-3  # the attention's colour map over white
+        assert (bar[evaluate.BAR_HEIGHT + 6:] < 100).all(-1)[:, :fW // 3].sum() > 20  # the low value's text
+        assert (bar[evaluate.BAR_HEIGHT + 6:] < 100).all(-1)[:, -fW // 3:].sum() > 20  # the high value's text
+
+
+def test_overlay_picture_has_captions(tmp_path):
+    """image | ground truth | prediction, each captioned under its panel; the legend below the captions."""
+    image = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(32, 48, dtype=torch.long)
+    target[8:24, 8:24] = 1
+    prediction = target.roll(4, dims=1)
+    evaluate.save_overlay(image, prediction, tmp_path / "o.png", ["background", "aeroplane"], target)
+    picture = np.array(Image.open(tmp_path / "o.png"))
+    factor = evaluate.enlargement(32, 48)
+    fH, fW = 32 * factor, 48 * factor
+    columns = panel_columns(picture, fW, 3)
+    panels = [image, evaluate.overlay(image, target), evaluate.overlay(image, prediction)]
+    below = captions_height(fW, ["image", "ground truth", "prediction"])
+    for panel, text, x in zip(panels, ["image", "ground truth", "prediction"], columns):
+        enlarged = panel.permute(1, 2, 0).numpy().repeat(factor, 0).repeat(factor, 1)
+        np.testing.assert_array_equal(picture[4:4 + fH, x], enlarged)
+        words = evaluate.caption(text, fW).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(picture[4 + fH:4 + fH + len(words), x], words)
+        assert (words < 100).all(-1).sum() > 50
+    legend = evaluate.legend([1], ["background", "aeroplane"], picture.shape[1]).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(picture[4 + fH + below + 4:], legend)
