@@ -808,7 +808,8 @@ def from_original(checkpoint, map_location="cpu"):
 
     `checkpoint` is the file's path or what torch.load returned for it. A path is read with
     torch.load(weights_only=True): the file holds tensors and numbers, and no code is unpickled. The model is the
-    one original_state_and_config describes; a file that is not the original code's is a ValueError.
+    one original_state_and_config describes; a file that is not the original code's, or whose tensors do not fit
+    that model, is a ValueError.
     """
     source = "the checkpoint"
     if not isinstance(checkpoint, dict):
@@ -818,5 +819,8 @@ def from_original(checkpoint, map_location="cpu"):
                          f"pretrained.* and head.* tensors)")
     tensors, config, _ = original_state_and_config(checkpoint["state_dict"], source)
     model = MODELS[config["model"]](**{k: v for k, v in config.items() if k != "model"})
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # missing tensors, or tensors of other shapes
+        raise ValueError(f"{source} does not hold the tensors of the {type(model).__name__} it names: {e}") from None
     return model.eval()

@@ -4097,8 +4097,8 @@ def test_from_original_with_clusterdanet_py_alone(original_checkpoint, original_
 
 
 def test_from_original_takes_a_loaded_dict_and_refuses_other_files(original_checkpoint, tmp_path):
-    """What torch.load returned loads as the path does; a train.py checkpoint and blocks of no known depth are
-    ValueErrors that name the source."""
+    """What torch.load returned loads as the path does; a train.py checkpoint, blocks of no known depth and tensors
+    that do not fit are ValueErrors that name the source."""
     path, _ = original_checkpoint
     from_path = clusterdanet.from_original(path)
     from_dict = clusterdanet.from_original(torch.load(path, weights_only=True))
@@ -4113,11 +4113,14 @@ def test_from_original_takes_a_loaded_dict_and_refuses_other_files(original_chec
     with pytest.raises(ValueError, match=r"^x\.pth is not an original DANet or DRANet checkpoint this loader knows "
                                          r"\(blocks per layer \(3, 4, 7, 3\)"):
         clusterdanet.original_state_and_config({**state, "head.conv8.1.weight": t}, source="x.pth")
-    tensors, config, unused = clusterdanet.original_state_and_config(
-        {**{k.replace("layer3.6.", "extra."): v for k, v in state.items()}, "head.conv8.1.weight": torch.zeros(5, 1)})
-    assert config == dict(model="danet", num_classes=5, backbone="resnet50", clustering=False, multi_grid=True,
+    resnet50 = {k.replace("layer3.6.", "extra."): v for k, v in state.items()}  # blocks (3, 4, 6, 3), one extra
+    tensors, config, unused = clusterdanet.original_state_and_config({**resnet50, "head.conv8.1.weight": t[:, None]})
+    assert config == dict(model="danet", num_classes=1, backbone="resnet50", clustering=False, multi_grid=True,
                           align_corners=True, deep_stem=False)
     assert unused == ["pretrained.extra.conv1.weight"] and "classifier.1.weight" in tensors
+    with pytest.raises(ValueError, match=r"^the checkpoint does not hold the tensors of the ClusterDANet it names: "
+                                         r"Error\(s\) in loading state_dict"):
+        clusterdanet.from_original({"state_dict": {**resnet50, "head.conv8.1.weight": torch.zeros(19, 512, 1, 1)}})
 
 
 # ----------------------------------------------------------------------------- captions and colour bars of the pictures
