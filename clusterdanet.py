@@ -444,7 +444,8 @@ class CrossLevelGatingDecoder(nn.Module):
 
     def forward(self, low, high):
         low = self.low(low)  # [B, L, H, W]
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners)  # [B, C, H, W]
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear",
+                             align_corners=self.align_corners)  # [B, C, h, w] -> [B, C, H, W]
         gate = self.gate(torch.cat([low, high.to(low.dtype)], dim=1))  # [B, L + C, H, W] -> [B, 1, H, W]
         low = (self.gamma * gate * low).to(low.dtype)  # [B, L, H, W]; the fp32 gamma would promote bf16
         return self.out(self.fuse(torch.cat([low, high.to(low.dtype)], dim=1))).to(high.dtype)  # [B, C, H, W]
@@ -515,9 +516,9 @@ class DilatedResNet(nn.Module):
                 block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
         if deep_stem:  # stem.0 becomes a Sequential: its indices 0, 1, 3, 4, 6 are the original's conv1.0 ... conv1.6
             resnet.conv1 = nn.Sequential(
-                nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                nn.Conv2d(64, 64, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                nn.Conv2d(64, 128, kernel_size=3, padding=1, bias=False),
+                nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                nn.Conv2d(64, 128, 3, padding=1, bias=False),
             )
             resnet.bn1 = nn.BatchNorm2d(128)
             first = resnet.layer1[0]  # its 1x1 convolution and its shortcut now read 128 channels
@@ -580,8 +581,8 @@ class SegmentationNet(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
     def cluster_usage(self):
-        """{"position": {"live", "clusters", "perplexity"}, "channel": {...}} of the clustering layers over the training calls
-        since the last call (see ClusteringLayer.usage)."""
+        """{"position": {"live", "clusters", "perplexity"}, "channel": {...}} of the clustering layers over the
+        training calls since the last call (see ClusteringLayer.usage)."""
         return {name: branch.clustering.usage() for name, branch in (("position", self.position_branch),
                                                                       ("channel", self.channel_branch))
                 if isinstance(branch.clustering, ClusteringLayer)}
@@ -657,7 +658,8 @@ class DRANet(SegmentationNet):
     """DRANet (Fu et al., "Scene Segmentation With Dual Relation-Aware Attention Network", TNNLS 2020), with the
     clustering layer in front of its compact attention modules as an option (ClusterDRANet).
 
-        images [B, 3, H, W] -> dilated ResNet: layer1 [B, C_in/8, H/4, W/4], layer3 [B, C_in/2, h, w], layer4 [B, C_in, h, w]
+        images [B, 3, H, W] -> dilated ResNet: layer1 [B, C_in/8, H/4, W/4], layer3 [B, C_in/2, h, w],
+                                               layer4 [B, C_in, h, w]
         layer4 -> conv_in -> clustering -> CompactPositionAttention -> conv_out -> p [B, C, h, w]   (C = C_in / 4)
         layer4 -> conv_in -> clustering -> CompactChannelAttention  -> conv_out -> c [B, C, h, w]
         fusion: conv3x3+BN+ReLU([p, c]) [B, 2C, h, w] -> [B, C/2, h, w]
