@@ -25,7 +25,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -207,7 +206,7 @@ def caption(text, width, size=CAPTION_SIZE):
 
 def heat_colours(heat, base):
     """The attention pictures' colour map: `base` [3, H, W] uint8 turned red where heat [H, W] (in [0, 1]) is high,
-    base (1 - 0.7 heat) + red 0.7 heat: [3, H, W] uint8."""
+    base (1 - a heat) + red a heat with a = HEAT_ALPHA: [3, H, W] uint8."""
     red = torch.tensor([255.0, 0.0, 0.0])[:, None, None]  # [3, 1, 1]
     alpha = HEAT_ALPHA * heat[None]  # [1, H, W]
     return (base.float() * (1 - alpha) + red * alpha).round().to(torch.uint8)
