@@ -43,6 +43,9 @@ averages of the feature map over fixed bins of each image (1x1, 2x2, 3x3, 6x6), 
 trained by the gradient through learned projections; the clustering layer's are kinds of features, unit
 vectors shared by all images, moved only by online k-means, and each pixel is described by its
 similarity to them wherever it is. In ClusterDRANet CPAM pools the K similarity maps.
+
+from_original("DANet101.pth.tar") (or "dran101.pth.tar") returns the original code's published checkpoint as
+plain DANet (DRANet), its tensors renamed (ORIGINAL_NAMES), in eval mode.
 """
 
 from collections import OrderedDict
@@ -73,23 +76,19 @@ class ClusteringLayer(nn.Module):
     `counts` is 1 plus all the mass a centre ever received, so the step size decays like 1/t (MacQueen's
     online k-means): after t calls with similar mass a centre moves 1/t of the way to its pixels, and it
     settles early. The update works in fp32: in an fp32 forward it reuses the forward's unit features and
-    similarities (computed once, as ConstellationNet does), under autocast it recomputes them in fp32 from x
-    (in 16 bits a few percent of the hard assignments change); it sums the statistics in fp32. Measured
-    (ClusterDANet ResNet-50, batch 2 at 192x192, fp32 CPU, one thread timed by CPU time, the variants
-    alternating in one process, best of 6): a training step takes 1.04x that of ConstellationNet's minimal
-    layer, and 1.02x when the update computes everything a second time: the spread between runs, about 5%,
-    is larger than what computing once saves (about 1%: two K x C products per call of a ~100 GFLOP step). Under
+    similarities (computed once, as ConstellationNet does); under autocast it recomputes them in fp32 from x,
+    as 16-bit similarities would move some pixels to another nearest centre; it sums the statistics in fp32. Under
     torch.distributed, mass and sum are all-reduced first, so every rank holds the same centres, equal to
     those of one process that saw the global batch.
 
     Dead centres. With random unit centres, non-negative (post-ReLU) features and T = 100, the few centres
     nearest to the features take almost all the mass and most others never get any: they stay where they
     started and their similarities are noise. Two options address it (the original code has neither):
-    - init="data": on the first training call the centres are drawn from that batch's unit features,
+    - cluster_init="data": on the first training call the centres are drawn from that batch's unit features,
       k-means++ style (each next one with probability proportional to its squared distance to the nearest
       centre drawn so far). Rank 0 draws and broadcasts, so every rank holds the same centres.
-      init="random" keeps the original random unit centres (drawn from `seed`).
-    - reseed_after=R > 0: a centre that is dead in each of R consecutive training calls is drawn again
+      cluster_init="random" keeps the original random unit centres (drawn from `seed`).
+    - cluster_reseed=R > 0: a centre that is dead in each of R consecutive training calls is drawn again
       the same way from the current batch (relative to the live centres), with its count back to 1.
     A centre is live in a stretch of calls when it receives at least LIVE_SHARE / K of their mass: a
     tenth of an equal share. usage() reports the live centres and the perplexity exp(-sum_k p_k log p_k)
@@ -102,22 +101,22 @@ class ClusteringLayer(nn.Module):
 
     LIVE_SHARE = 0.1  # a centre is live when it receives at least a tenth of an equal share (1 / K) of the mass
 
-    def __init__(self, channels, num_clusters, temperature=100.0, seed=0, init="random", reseed_after=0):
+    def __init__(self, channels, num_clusters, temperature=100.0, seed=0, cluster_init="random", cluster_reseed=0):
         super().__init__()
-        if init not in ("random", "data"):
-            raise ValueError(f"ClusteringLayer init must be 'random' or 'data', got {init!r}")
-        self.temperature, self.init, self.reseed_after = temperature, init, reseed_after
+        if cluster_init not in ("random", "data"):
+            raise ValueError(f"ClusteringLayer cluster_init must be 'random' or 'data', got {cluster_init!r}")
+        self.temperature, self.cluster_init, self.cluster_reseed = temperature, cluster_init, cluster_reseed
         generator = torch.Generator().manual_seed(seed)  # every build starts from the same centres
         centers = torch.randn(num_clusters, channels, generator=generator)  # [K, C]
         self.register_buffer("centers", F.normalize(centers, dim=1))
         self.register_buffer("counts", torch.ones(num_clusters, dtype=torch.float64))  # 1 + all mass received
         self.register_buffer("mass", torch.zeros(num_clusters, dtype=torch.float64))  # since the last usage()
         self.register_buffer("idle", torch.zeros(num_clusters, dtype=torch.int64))  # consecutive dead calls
-        self.register_buffer("initialised", torch.tensor(init == "random"))  # False until the data initialisation
+        self.register_buffer("initialised", torch.tensor(cluster_init == "random"))  # False until drawn from data
         self.calls = 0  # training calls made by this process since it was built
 
     def forward(self, x):
-        if self.training and (self.init == "data" or self.reseed_after):
+        if self.training and (self.cluster_init == "data" or self.cluster_reseed):
             self.seed_centers(x.detach())
         u = F.normalize(x.float(), dim=1)  # [B, C, H, W], unit length per pixel (0 stays 0; in fp16 it would be NaN)
         centers = F.normalize(self.centers.float(), dim=1)  # [K, C]
@@ -156,8 +155,8 @@ class ClusteringLayer(nn.Module):
     @torch.compiler.disable  # data-dependent Python control flow; the work happens rarely
     @torch.no_grad()
     def seed_centers(self, x):
-        """Draw the centres from x on the first training call (init="data"), and every reseed_after calls
-        draw again those that were dead in each of the last reseed_after calls."""
+        """Draw the centres from x on the first training call (cluster_init="data"), and every cluster_reseed calls
+        draw again those that were dead in each of the last cluster_reseed calls."""
         calls, self.calls = self.calls, self.calls + 1
         if calls == 0 and not self.initialised:  # not after loading a checkpoint that was already initialised
             drawn = self.kmeans_plus_plus(self.unit_rows(x), self.centers[:0], len(self.centers))
@@ -165,8 +164,8 @@ class ClusteringLayer(nn.Module):
                 self.centers.copy_(drawn)
             self.initialised.fill_(True)
             self.broadcast_centers()
-        elif self.reseed_after and calls and calls % self.reseed_after == 0:
-            dead = self.idle >= self.reseed_after  # [K], the same on every rank (mass is all-reduced)
+        elif self.cluster_reseed and calls and calls % self.cluster_reseed == 0:
+            dead = self.idle >= self.cluster_reseed  # [K], the same on every rank (mass is all-reduced)
             if dead.any():
                 drawn = self.kmeans_plus_plus(self.unit_rows(x), self.centers[~dead], int(dead.sum()))
                 if drawn is not None:
@@ -229,7 +228,8 @@ class ClusteringLayer(nn.Module):
 
     def extra_repr(self):
         return (f"channels={self.centers.shape[1]}, num_clusters={self.centers.shape[0]}, "
-                f"temperature={self.temperature}, init={self.init!r}, reseed_after={self.reseed_after}")
+                f"temperature={self.temperature}, cluster_init={self.cluster_init!r}, "
+                f"cluster_reseed={self.cluster_reseed}")
 
 
 class PositionAttention(nn.Module):
@@ -293,11 +293,10 @@ class ChannelAttention(nn.Module):
     autocast: its entries are sums over all N pixels and lose too much precision in 16 bits. The output
     has the input's dtype.
 
-    The softmax is saturated: E sums over thousands of pixels, so its rows span hundreds or thousands and
-    softmax(rowmax(E) - E) puts nearly all of a row's weight on the one channel least similar to it. At
-    initialisation (random weights, ResNet-101, a 480x480 image, K = 512) the largest weight of a row is
-    0.99995 on average (median 1.0000); the original code's is saturated the same way (it computes the same
-    formula). We keep the paper's formula; the learnable gamma (starting at 0) sets how much of it is added.
+    The softmax is saturated: E sums over all N pixels, so the entries of a row lie far apart and
+    softmax(rowmax(E) - E) puts nearly all of a row's weight on the one channel least similar to it; the
+    original code's is saturated the same way (it computes the same formula). We keep the paper's formula;
+    the learnable gamma (starting at 0) sets how much of it is added.
     """
 
     def __init__(self):
@@ -445,7 +444,8 @@ class CrossLevelGatingDecoder(nn.Module):
 
     def forward(self, low, high):
         low = self.low(low)  # [B, L, H, W]
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners)  # [B, C, H, W]
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear",
+                             align_corners=self.align_corners)  # [B, C, h, w] -> [B, C, H, W]
         gate = self.gate(torch.cat([low, high.to(low.dtype)], dim=1))  # [B, L + C, H, W] -> [B, 1, H, W]
         low = (self.gamma * gate * low).to(low.dtype)  # [B, L, H, W]; the fp32 gamma would promote bf16
         return self.out(self.fuse(torch.cat([low, high.to(low.dtype)], dim=1))).to(high.dtype)  # [B, C, H, W]
@@ -479,27 +479,28 @@ class DilatedResNet(nn.Module):
     then BN(128) + ReLU + max-pool, and layer1 takes 128 channels.
     """
 
-    def __init__(self, name="resnet101", pretrained=False, multi_grid=False, deep_stem=False):
+    def __init__(self, backbone="resnet101", pretrained=False, multi_grid=False, deep_stem=False):
         super().__init__()
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-        bottleneck = name not in ("resnet18", "resnet34")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        bottleneck = backbone not in ("resnet18", "resnet34")
         if multi_grid and not bottleneck:
-            raise ValueError(f"multi-grid needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not {name}")
+            raise ValueError(f"multi-grid needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not {backbone}")
         if deep_stem and not bottleneck:
-            raise ValueError(f"the deep stem needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not {name}")
+            raise ValueError(f"the deep stem needs a Bottleneck ResNet (resnet50, resnet101, resnet152), "
+                             f"not {backbone}")
         if deep_stem and pretrained:
             raise ValueError("there are no ImageNet weights for the deep stem here: train it without them")
-        weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+        weights = torchvision.models.get_model_weights(backbone).DEFAULT if pretrained else None
         # torchvision dilates Bottleneck ResNets itself; its BasicBlock refuses, so 18/34 are done below.
         kwargs = {"replace_stride_with_dilation": [False, True, True]} if bottleneck else {}
         try:
-            resnet = torchvision.models.get_model(name, weights=weights, **kwargs)
+            resnet = torchvision.models.get_model(backbone, weights=weights, **kwargs)
         except OSError as e:  # urllib's URLError and socket errors are OSErrors
             raise RuntimeError(
-                f"could not download the ImageNet weights of {name} ({e}). Connect to the internet once "
+                f"could not download the ImageNet weights of {backbone} ({e}). Connect to the internet once "
                 f"(they are cached under {torch.hub.get_dir()}/checkpoints), or copy {weights.url.rsplit('/', 1)[-1]} "
-                f"there by hand, or train without them (pretrained_backbone=False, train.py --no-pretrained)."
+                f"there by hand, or train without them (pretrained=False, train.py --no-pretrained)."
             ) from None
         if not bottleneck:  # torchvision's _make_layer(dilate=True): block 0 at the previous rate, the rest at the new
             for layer, previous, dilation in ((resnet.layer3, 1, 2), (resnet.layer4, 2, 4)):
@@ -515,9 +516,9 @@ class DilatedResNet(nn.Module):
                 block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
         if deep_stem:  # stem.0 becomes a Sequential: its indices 0, 1, 3, 4, 6 are the original's conv1.0 ... conv1.6
             resnet.conv1 = nn.Sequential(
-                nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                nn.Conv2d(64, 64, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                nn.Conv2d(64, 128, kernel_size=3, padding=1, bias=False),
+                nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                nn.Conv2d(64, 128, 3, padding=1, bias=False),
             )
             resnet.bn1 = nn.BatchNorm2d(128)
             first = resnet.layer1[0]  # its 1x1 convolution and its shortcut now read 128 channels
@@ -556,20 +557,20 @@ class SegmentationNet(nn.Module):
     """What ClusterDANet and DRANet share: padding to multiples of 8, upsampled logits, the head's parameters and
     the clustering layers' usage."""
 
-    def build_backbone_and_branches(self, backbone, pretrained_backbone, multi_grid, deep_stem, clustering,
-                                    num_clusters, temperature, cluster_init, cluster_reseed, position_attention,
-                                    channel_attention):
+    def build_backbone_and_branches(self, *, backbone, pretrained, multi_grid, deep_stem, clustering, num_clusters,
+                                    temperature, cluster_init, cluster_reseed, position_attention, channel_attention):
         """self.backbone, self.position_branch and self.channel_branch (each conv_in -> clustering -> attention ->
         conv_out, [B, C_in, h, w] -> [B, C, h, w]); the attention modules are position_attention(width) and
         channel_attention(width), width = K with clustering, else C. Returns (C_in, C)."""
-        self.backbone = DilatedResNet(backbone, pretrained_backbone, multi_grid, deep_stem)
+        self.backbone = DilatedResNet(backbone, pretrained=pretrained, multi_grid=multi_grid, deep_stem=deep_stem)
         in_channels = self.backbone.out_channels
         channels = in_channels // 4
         width = (num_clusters or channels) if clustering else channels  # what the attention modules see (K or C)
 
         def branch(attention):  # [B, C_in, h, w] -> [B, C, h, w]
             return attention_branch(in_channels, channels, width, attention, ClusteringLayer(
-                channels, width, temperature, init=cluster_init, reseed_after=cluster_reseed) if clustering else None)
+                channels, width, temperature, cluster_init=cluster_init, cluster_reseed=cluster_reseed)
+                if clustering else None)
 
         self.position_branch = branch(position_attention(width))
         self.channel_branch = branch(channel_attention(width))
@@ -580,8 +581,8 @@ class SegmentationNet(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
     def cluster_usage(self):
-        """{"position": {"live", "clusters", "perplexity"}, "channel": {...}} of the clustering layers over the training calls
-        since the last call (see ClusteringLayer.usage)."""
+        """{"position": {"live", "clusters", "perplexity"}, "channel": {...}} of the clustering layers over the
+        training calls since the last call (see ClusteringLayer.usage)."""
         return {name: branch.clustering.usage() for name, branch in (("position", self.position_branch),
                                                                       ("channel", self.channel_branch))
                 if isinstance(branch.clustering, ClusteringLayer)}
@@ -608,21 +609,24 @@ class ClusterDANet(SegmentationNet):
     multiples of 8 are padded with zeros (the mean colour of normalised images) at the bottom and right,
     so the 8x8 cells of the feature grid sit on the image's pixels, and the logits are cropped back.
     num_clusters (K) defaults to the branch width C = C_in / 4 (512 for ResNet-50/101, 128 for 18/34).
-    cluster_init and cluster_reseed are ClusteringLayer's init and reseed_after. Each branch is an
-    nn.Sequential of named steps: model.position_branch.clustering, model.channel_branch.attention, ...
-    clustering=False builds plain DANet (no clustering layer: the attention runs on the C branch channels);
-    multi_grid=True dilates layer4 4, 8, 16 (Bottleneck backbones), deep_stem=True gives the backbone the
-    3x3 deep stem. align_corners is how the logits are upsampled: the original DANet code uses True, so its
-    checkpoints are evaluated with True.
+    pretrained=True loads the backbone's ImageNet weights; cluster_init and cluster_reseed are ClusteringLayer's.
+    Each branch is an nn.Sequential of named steps: model.position_branch.clustering,
+    model.channel_branch.attention, ... clustering=False builds plain DANet (no clustering layer: the attention
+    runs on the C branch channels); multi_grid=True dilates layer4 4, 8, 16 (Bottleneck backbones),
+    deep_stem=True gives the backbone the 3x3 deep stem. align_corners is how the logits are upsampled: the
+    original DANet code uses True, so its checkpoints are evaluated with True.
     """
 
-    def __init__(self, num_classes=21, backbone="resnet101", pretrained_backbone=False, num_clusters=None,
+    def __init__(self, num_classes=21, backbone="resnet101", pretrained=False, num_clusters=None,
                  temperature=100.0, dense_attention=False, cluster_init="random", cluster_reseed=0, clustering=True,
                  multi_grid=False, align_corners=False, deep_stem=False):
         super().__init__()
         in_channels, channels = self.build_backbone_and_branches(
-            backbone, pretrained_backbone, multi_grid, deep_stem, clustering, num_clusters, temperature, cluster_init,
-            cluster_reseed, lambda width: PositionAttention(width, dense=dense_attention), lambda width: ChannelAttention())
+            backbone=backbone, pretrained=pretrained, multi_grid=multi_grid, deep_stem=deep_stem,
+            clustering=clustering, num_clusters=num_clusters, temperature=temperature,
+            cluster_init=cluster_init, cluster_reseed=cluster_reseed,
+            position_attention=lambda width: PositionAttention(width, dense=dense_attention),
+            channel_attention=lambda width: ChannelAttention())
         self.position_classifier = classifier(channels, num_classes)
         self.channel_classifier = classifier(channels, num_classes)
         self.classifier = classifier(channels, num_classes)
@@ -654,7 +658,8 @@ class DRANet(SegmentationNet):
     """DRANet (Fu et al., "Scene Segmentation With Dual Relation-Aware Attention Network", TNNLS 2020), with the
     clustering layer in front of its compact attention modules as an option (ClusterDRANet).
 
-        images [B, 3, H, W] -> dilated ResNet: layer1 [B, C_in/8, H/4, W/4], layer3 [B, C_in/2, h, w], layer4 [B, C_in, h, w]
+        images [B, 3, H, W] -> dilated ResNet: layer1 [B, C_in/8, H/4, W/4], layer3 [B, C_in/2, h, w],
+                                               layer4 [B, C_in, h, w]
         layer4 -> conv_in -> clustering -> CompactPositionAttention -> conv_out -> p [B, C, h, w]   (C = C_in / 4)
         layer4 -> conv_in -> clustering -> CompactChannelAttention  -> conv_out -> c [B, C, h, w]
         fusion: conv3x3+BN+ReLU([p, c]) [B, 2C, h, w] -> [B, C/2, h, w]
@@ -667,13 +672,15 @@ class DRANet(SegmentationNet):
     With clustering, K (num_clusters, default C) must be a multiple of 16 (CCAM reads K / 16 compact channels).
     """
 
-    def __init__(self, num_classes=21, backbone="resnet101", pretrained_backbone=False, num_clusters=None,
+    def __init__(self, num_classes=21, backbone="resnet101", pretrained=False, num_clusters=None,
                  temperature=100.0, cluster_init="random", cluster_reseed=0, clustering=True, multi_grid=False,
                  align_corners=False, deep_stem=False):
         super().__init__()
         in_channels, channels = self.build_backbone_and_branches(
-            backbone, pretrained_backbone, multi_grid, deep_stem, clustering, num_clusters, temperature, cluster_init,
-            cluster_reseed, CompactPositionAttention, CompactChannelAttention)
+            backbone=backbone, pretrained=pretrained, multi_grid=multi_grid, deep_stem=deep_stem,
+            clustering=clustering, num_clusters=num_clusters, temperature=temperature,
+            cluster_init=cluster_init, cluster_reseed=cluster_reseed,
+            position_attention=CompactPositionAttention, channel_attention=CompactChannelAttention)
         self.fusion = conv_bn_relu(2 * channels, channels // 2)
         self.decoder = CrossLevelGatingDecoder(in_channels // 8, channels // 2, align_corners)
         self.classifier = classifier(channels // 2, num_classes)
@@ -694,3 +701,128 @@ class DRANet(SegmentationNet):
         if self.training:
             outputs["aux"] = self.logits(self.aux_classifier, self.aux_conv(mid), padded, size)
         return outputs
+
+
+# ----------------------------------------------------------------------------- the original code's checkpoints
+
+MODELS = {"danet": ClusterDANet, "dranet": DRANet}  # by name, each with or without clustering
+
+# The original DANet code (PyTorch-Encoding) publishes DANet101.pth.tar and dran101.pth.tar (DRANet), both saved as
+# {"state_dict": ..., "epoch": ..., "best_pred": ...}. Their names -> ours, by prefix; what follows the prefix is the
+# same on both sides: torchvision's ResNet names, nn.Sequential indices (conv5a.0 conv, .1 BN; conv6.1 the conv after
+# the dropout), BN's tensors. The deep stem's pretrained.conv1.0 ... conv1.6 become backbone.stem.0.0 ... stem.0.6.
+ORIGINAL_BACKBONE_NAMES = (
+    ("pretrained.conv1.", "backbone.stem.0."),  # the 7x7 stem convolution, or the deep stem's three 3x3 (conv1.0/3/6)
+    ("pretrained.bn1.", "backbone.stem.1."),
+    ("pretrained.layer", "backbone.layer"),
+)
+ORIGINAL_NAMES = {
+    "danet": ORIGINAL_BACKBONE_NAMES + (
+        ("head.conv5a.", "position_branch.conv_in."),  # conv3x3 + BN before position attention
+        ("head.sa.query_conv.", "position_branch.attention.query."),
+        ("head.sa.key_conv.", "position_branch.attention.key."),
+        ("head.sa.value_conv.", "position_branch.attention.value."),
+        ("head.sa.gamma", "position_branch.attention.gamma"),
+        ("head.conv51.", "position_branch.conv_out."),
+        ("head.conv5c.", "channel_branch.conv_in."),  # conv3x3 + BN before channel attention
+        ("head.sc.gamma", "channel_branch.attention.gamma"),
+        ("head.conv52.", "channel_branch.conv_out."),
+        ("head.conv6.", "position_classifier."),  # Dropout2d + conv1x1 on the position branch: an auxiliary output
+        ("head.conv7.", "channel_classifier."),
+        ("head.conv8.", "classifier."),  # on the sum of both branches: the output
+    ),
+    "dranet": ORIGINAL_BACKBONE_NAMES + (
+        ("head.conv_cpam_b.", "position_branch.conv_in."),  # conv3x3 + BN before CPAM
+        ("head.cpam_enc.conv1.", "position_branch.attention.centres.0."),  # conv1x1 + BN after the 1x1 pool
+        ("head.cpam_enc.conv2.", "position_branch.attention.centres.1."),  # ... after the 2x2 pool
+        ("head.cpam_enc.conv3.", "position_branch.attention.centres.2."),
+        ("head.cpam_enc.conv4.", "position_branch.attention.centres.3."),  # ... after the 6x6 pool
+        ("head.cpam_dec.scale", "position_branch.attention.gamma"),
+        ("head.cpam_dec.conv_query.", "position_branch.attention.query."),  # conv1x1 per pixel
+        ("head.cpam_dec.conv_key.", "position_branch.attention.key."),  # Linear per centre
+        ("head.cpam_dec.conv_value.", "position_branch.attention.value."),
+        ("head.conv_cpam_e.", "position_branch.conv_out."),
+        ("head.conv_ccam_b.", "channel_branch.conv_in."),  # conv3x3 + BN before CCAM
+        ("head.ccam_enc.", "channel_branch.attention.reduce."),  # conv1x1 + BN to C / 16
+        ("head.ccam_dec.scale", "channel_branch.attention.gamma"),
+        ("head.conv_ccam_e.", "channel_branch.conv_out."),
+        ("head.conv_cat.", "fusion."),  # conv3x3 + BN on [CPAM, CCAM]
+        ("head.clgd.conv_low.", "decoder.low."),
+        ("head.clgd.conv_att.", "decoder.gate."),
+        ("head.clgd.conv_cat.", "decoder.fuse."),
+        ("head.clgd.conv_out.", "decoder.out."),
+        ("head.clgd.gamma", "decoder.gamma"),
+        ("cls_seg.", "classifier."),  # Dropout2d + conv1x1 on the decoder: the output
+        ("cls_aux.0.", "aux_conv.0."),  # conv3x3 + BN + ReLU + Dropout2d + conv1x1 on layer3: the auxiliary output
+        ("cls_aux.1.", "aux_conv.1."),
+        ("cls_aux.4.", "aux_classifier.1."),
+    ),
+}
+ORIGINAL_CLASSIFIERS = {"danet": "head.conv8.1.weight", "dranet": "cls_seg.1.weight"}
+ORIGINAL_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101", (3, 8, 36, 3): "resnet152"}  # blocks/layer
+
+
+def is_original_checkpoint(checkpoint):
+    """Whether `checkpoint` (what torch.load returned) is the original code's: a dict whose "state_dict" holds
+    pretrained.* (the backbone) and head.* or cls_seg.* tensors."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    return isinstance(state, dict) and any(str(k).startswith("pretrained.") for k in state) and \
+        any(str(k).startswith(("head.", "cls_seg.")) for k in state)
+
+
+def original_state_and_config(state_dict, source="the state_dict"):
+    """(tensors, config, unused) of an original DANet or DRANet state_dict: its tensors under our names, the model
+    that holds them as {"model": "danet" or "dranet", **its constructor's keyword arguments}, and the names that have
+    no place here.
+
+    That model is plain DANet or DRANet (DRANet's file has cls_seg and head.clgd) with multi-grid (4, 8, 16) and
+    align_corners=True upsampling, as the published DANet101 (--multi-grid --multi-dilation 4 8 16 --os 8
+    --no-deepstem) and dran101; the depth is read off its blocks, the deep stem off pretrained.conv1.0, the number
+    of classes off its classifier. A ValueError naming `source` says when the blocks or the classifier are not ones
+    this loader knows.
+    """
+    blocks = tuple(len({k.split(".")[2] for k in state_dict if k.startswith(f"pretrained.layer{i}.") and
+                        k.count(".") > 2}) for i in range(1, 5))  # pretrained.layer3.22.conv1.weight: block 22
+    name = "dranet" if any(k.startswith(("cls_seg.", "head.clgd.")) for k in state_dict) else "danet"
+    if blocks not in ORIGINAL_DEPTHS or ORIGINAL_CLASSIFIERS[name] not in state_dict:
+        raise ValueError(f"{source} is not an original DANet or DRANet checkpoint this loader knows (blocks per layer "
+                         f"{blocks}, known: ResNet-50/101/152 Bottlenecks; and a head.conv8 classifier for DANet, "
+                         f"cls_seg for DRANet)")
+    tensors, unused = {}, []
+    for key, tensor in state_dict.items():
+        ours = next((o + key[len(t):] for t, o in ORIGINAL_NAMES[name] if key.startswith(t)), None)
+        if ours is None:
+            unused.append(key)
+        else:
+            tensors[ours] = tensor
+    for key in [k for k in tensors if k.endswith(".running_mean")]:  # files of PyTorch < 0.4.1 have no BN counters
+        tensors.setdefault(key.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
+    config = dict(model=name, num_classes=state_dict[ORIGINAL_CLASSIFIERS[name]].shape[0],
+                  backbone=ORIGINAL_DEPTHS[blocks], clustering=False, multi_grid=True, align_corners=True,
+                  deep_stem="pretrained.conv1.0.weight" in state_dict)
+    return tensors, config, unused
+
+
+def from_original(checkpoint, map_location="cpu"):
+    """The model of an original DANet or DRANet checkpoint, its weights loaded, in eval mode:
+
+        model = from_original("DANet101.pth.tar")  # ClusterDANet(clustering=False, multi_grid=True, align_corners=True)
+
+    `checkpoint` is the file's path or what torch.load returned for it. A path is read with
+    torch.load(weights_only=True): the file holds tensors and numbers, and no code is unpickled. The model is the
+    one original_state_and_config describes; a file that is not the original code's, or whose tensors do not fit
+    that model, is a ValueError.
+    """
+    source = "the checkpoint"
+    if not isinstance(checkpoint, dict):
+        source, checkpoint = str(checkpoint), torch.load(checkpoint, map_location=map_location, weights_only=True)
+    if not is_original_checkpoint(checkpoint):
+        raise ValueError(f"{source} is not a checkpoint of the original DANet code (a dict whose state_dict holds "
+                         f"pretrained.* and head.* tensors)")
+    tensors, config, _ = original_state_and_config(checkpoint["state_dict"], source)
+    model = MODELS[config["model"]](**{k: v for k, v in config.items() if k != "model"})
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # missing tensors, or tensors of other shapes
+        raise ValueError(f"{source} does not hold the tensors of the {type(model).__name__} it names: {e}") from None
+    return model.eval()

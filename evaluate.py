@@ -17,6 +17,7 @@ The metric, the dataset and the whole-image prediction are train.py's: validatio
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -24,12 +25,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torch.utils.data import DataLoader
-from torchvision.utils import draw_keypoints, draw_segmentation_masks
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import draw_keypoints, draw_segmentation_masks, make_grid
 
 import train
 from train import MEAN, STD, UserError, save_atomic
@@ -38,6 +39,9 @@ PICTURE_MARK = ("Software", "ClusterDANet evaluate.py")  # a PNG text chunk in e
 RESULTS_KEYS = {"checkpoint", "dataset", "mode", "scales", "flip"}  # in every --json summary: what --json replaces
 LARGE_IMAGE = 2048 * 1024  # pixels: above this, --image in whole mode suggests --mode slide
 MIN_PANEL, MAX_PANEL = 256, 2048  # pixels: the height pictures of small images are enlarged to, the largest side
+CAPTION_SIZE = 16  # pixels: the text of captions, colour bars and legends
+BAR_HEIGHT = 10  # pixels: the colour bar under an attention panel
+HEAT_ALPHA = 0.7  # how red the most attended pixel of an attention panel is drawn
 
 
 def voc_palette():
@@ -159,7 +163,8 @@ def overlay(image, labels, style=VOC_STYLE, alpha=0.6):
     return draw_segmentation_masks(image, masks.cpu(), alpha=alpha, colors=[style["colours"][c] for c in present])
 
 
-def legend_font(size=16):
+@functools.lru_cache
+def legend_font(size=CAPTION_SIZE):
     """Pillow's own font at `size` px (FreeType, Pillow >= 10.1), else its small bitmap font."""
     try:
         return ImageFont.load_default(size=size)
@@ -167,15 +172,18 @@ def legend_font(size=16):
         return ImageFont.load_default()
 
 
-def legend(classes, class_names, width, colours=PALETTE, size=16):
+def text_width(text, font):
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)
+
+
+def legend(classes, class_names, width, colours=PALETTE, size=CAPTION_SIZE):
     """A white strip with a colour swatch and the name of each class in `classes`, as [3, h, width] uint8: rows of
     `size` px text in columns as wide as the longest name."""
     if not classes:
         classes = [0]
     entries = [(colours[c], class_names[c] if c < len(class_names) else "void") for c in classes]
     font, line = legend_font(size), size + 8
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    column = size + 6 + math.ceil(max(draw.textlength(name, font=font) for _, name in entries)) + 2 * size
+    column = size + 6 + math.ceil(max(text_width(name, font) for _, name in entries)) + 2 * size
     per_row = max(1, (width - 8) // column)
     rows = math.ceil(len(entries) / per_row)
     strip = Image.new("RGB", (width, line * rows + 8), "white")
@@ -184,7 +192,50 @@ def legend(classes, class_names, width, colours=PALETTE, size=16):
         x, y = 8 + (i % per_row) * column, 6 + (i // per_row) * line
         draw.rectangle([x, y + 2, x + size - 2, y + size], fill=colour, outline="black")
         draw.text((x + size + 6, y), name, fill="black", font=font)
-    return torch.from_numpy(np.array(strip)).permute(2, 0, 1)  # [H, W, 3] -> [3, h, width]
+    return pil_to_tensor(strip)  # [3, h, width]
+
+
+def caption(text, width, size=CAPTION_SIZE):
+    """`text` centred on a white strip `width` px wide, in lines of `size` px: a new line at each newline and
+    wherever the next word would pass the strip's width (a word longer than the strip is cut at its edges).
+    [3, h, width] uint8."""
+    font, lines = legend_font(size), []
+    for paragraph in text.split("\n"):
+        lines.append("")
+        for word in paragraph.split():
+            if lines[-1] and text_width(f"{lines[-1]} {word}", font) > width - 8:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    strip = Image.new("RGB", (width, (size + 4) * len(lines) + 8), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text(((width - text_width(line, font)) / 2, 4 + i * (size + 4)), line, fill="black", font=font)
+    return pil_to_tensor(strip)  # [3, h, width]
+
+
+def heat_colours(heat, base):
+    """The attention pictures' colour map: `base` [3, H, W] uint8 turned red where heat [H, W] (in [0, 1]) is high,
+    base (1 - a heat) + red a heat with a = HEAT_ALPHA: [3, H, W] uint8."""
+    red = torch.tensor([255.0, 0.0, 0.0])[:, None, None]  # [3, 1, 1]
+    alpha = HEAT_ALPHA * heat[None]  # [1, H, W]
+    return (base.float() * (1 - alpha) + red * alpha).round().to(torch.uint8)
+
+
+def colour_bar(low, high, width, size=CAPTION_SIZE):
+    """The colour scale of an attention picture: heat_colours over white from heat 0 at the left end to 1 at the
+    right, in a bar BAR_HEIGHT px high and width - 8 long (black frame around it), `low` written under its left end
+    and `high` under its right: the attention weights the two ends stand for. [3, h, width] uint8."""
+    length = max(1, width - 8)
+    heat = torch.linspace(0, 1, length).expand(BAR_HEIGHT, length)  # [BAR_HEIGHT, length]
+    bar = heat_colours(heat, torch.full((3, BAR_HEIGHT, length), 255, dtype=torch.uint8))
+    strip = Image.new("RGB", (width, BAR_HEIGHT + size + 12), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle([3, 1, 4 + length, 2 + BAR_HEIGHT], outline="black")  # around the bar, not over it
+    strip.paste(to_pil_image(bar), (4, 2))
+    font, right = legend_font(size), f"{high:.3g}"
+    draw.text((4, BAR_HEIGHT + 6), f"{low:.3g}", fill="black", font=font)
+    draw.text((4 + length - text_width(right, font), BAR_HEIGHT + 6), right, fill="black", font=font)
+    return pil_to_tensor(strip)  # [3, h, width]
 
 
 def enlargement(height, width):
@@ -193,37 +244,46 @@ def enlargement(height, width):
     return max(1, min(math.ceil(MIN_PANEL / height), MAX_PANEL // max(height, width)))
 
 
-def save_picture(panels, path, strip=None):
-    """Panels [3, H, W] uint8 side by side, enlarged with nearest-neighbour (each pixel a factor x factor block, see
-    enlargement), and strip(width) [3, h, width] below if given (the legend, drawn at the enlarged width)."""
+def save_picture(panels, path, captions, scales=None, strip=None):
+    """Panels [3, H, W] uint8 side by side, 4 white pixels around each, enlarged with nearest-neighbour (each pixel a
+    factor x factor block, see enlargement). Under each panel its caption (captions[i]) and, for a panel with a scale
+    (scales[i] = (low, high)), its colour bar; then strip(width) [3, h, width] below all if given (the legend, drawn
+    at the enlarged width)."""
     factor = enlargement(*panels[0].shape[1:])
-    gap = np.full((panels[0].shape[1] * factor, 4, 3), 255, np.uint8)  # 4 white pixels between panels
-    row = [gap]
-    for panel in panels:  # [3, H, W] -> [H, W, 3] -> [fH, fW, 3]
-        row += [panel.cpu().numpy().transpose(1, 2, 0).repeat(factor, 0).repeat(factor, 1), gap]
-    picture = np.pad(np.concatenate(row, 1), ((4, 4), (0, 0), (0, 0)), constant_values=255)  # [fH + 8, n (fW+4) + 4, 3]
+    width = panels[0].shape[2] * factor
+    notes = [torch.cat([caption(text, width)] + ([colour_bar(*scale, width)] if scale else []), dim=1)
+             for text, scale in zip(captions, scales or [None] * len(panels))]  # [3, h_i, fW]
+    below = max(note.shape[1] for note in notes)
+    columns = [torch.cat([panel.cpu().repeat_interleave(factor, 1).repeat_interleave(factor, 2),  # [3, fH, fW]
+                          F.pad(note, (0, 0, 0, below - note.shape[1]), value=255)], dim=1)  # [3, below, fW]
+               for panel, note in zip(panels, notes)]
+    picture = make_grid(columns, nrow=len(columns), padding=4, pad_value=255)  # [3, fH + below + 8, n (fW + 4) + 4]
+    # (every picture has two panels or more: make_grid would return a single one without the white border)
     if strip is not None:
-        legend_rows = strip(picture.shape[1]).permute(1, 2, 0).numpy()  # [3, h, width] -> [h, width, 3]
-        picture = np.concatenate([picture, legend_rows], 0)  # stacked vertically
-    save_png(Image.fromarray(picture), path)
+        picture = torch.cat([picture, strip(picture.shape[2])], dim=1)  # the legend below
+    save_png(to_pil_image(picture), path)
 
 
 def save_overlay(image, prediction, path, class_names, target=None, style=VOC_STYLE):
-    """image | ground truth | prediction side by side (no ground truth panel without one), with a legend."""
+    """image | ground truth | prediction side by side (no ground truth panel without one), captioned, with a legend."""
     panels = [image] + ([overlay(image, target, style)] if target is not None else [])
     panels.append(overlay(image, prediction, style))
+    captions = ["image"] + (["ground truth"] if target is not None else []) + ["prediction"]
     classes = set(prediction.unique().tolist()) | (set(target.unique().tolist()) if target is not None else set())
     classes = sorted(classes - style["uncoloured"])
-    save_picture(panels, path, lambda width: legend(classes, class_names, width, style["colours"]))
+    save_picture(panels, path, captions, strip=lambda width: legend(classes, class_names, width, style["colours"]))
 
 
 @torch.inference_mode()
 def save_clusters(model, image, path, num_queries=3):
-    """image | nearest cluster centre of each pixel | position attention of a few query pixels (marked).
+    """image | nearest cluster centre of each cell | position attention of a few query pixels (marked), captioned,
+    each attention panel with its colour bar.
 
     Reads the position branch: its ClusteringLayer's similarities s [1, K, h, w] and, from its attention module,
     the row of each query pixel i over the pixels j: PositionAttention's softmax_j(q_i . k_j), or for DRANet's
     CompactPositionAttention sum_m A_im R_mj, its attention to the 50 pooled centres spread over their bins.
+    Each row is drawn rescaled from its lowest weight (no red) to its highest (HEAT_ALPHA red), and its colour
+    bar gives those two weights.
     """
     clustering, attention = model.position_branch.clustering, model.position_branch.attention
     H, W = image.shape[-2:]
@@ -242,16 +302,19 @@ def save_clusters(model, image, path, num_queries=3):
     queries = [((i + 1) * h // (num_queries + 1), (i + 1) * w // (num_queries + 1)) for i in range(num_queries)]
     rows = attention.attention_rows(s, [qy * w + qx for qy, qx in queries])[0]  # [num_queries, N]
     picture = denormalise(image)  # [3, H, W] uint8
-    panels = [picture, cluster_map]
+    panels, scales = [picture, cluster_map], [None, None]
     for (qy, qx), row in zip(queries, rows):  # query pixels spread along the diagonal
         row = row.view(1, 1, h, w)  # [N] -> [1, 1, h, w]
-        row = (row - row.min()) / (row.max() - row.min()).clamp(min=1e-12)  # rescaled to [0, 1] to show its shape
-        heat = F.interpolate(row, size=(H, W), mode="bilinear", align_corners=False)[0, 0].cpu()  # [H, W]
-        red = torch.stack([torch.full_like(heat, 255), torch.zeros_like(heat), torch.zeros_like(heat)])  # [3, H, W]
-        blended = (picture.float() * (1 - 0.7 * heat) + red * 0.7 * heat).to(torch.uint8)
+        low, high = row.min(), row.max()
+        heat = F.interpolate((row - low) / (high - low).clamp(min=1e-12), size=(H, W), mode="bilinear",
+                             align_corners=False)[0, 0].cpu()  # [H, W], rescaled to [0, 1] to show its shape
         point = torch.tensor([[[(qx + 0.5) * train.OUTPUT_STRIDE, (qy + 0.5) * train.OUTPUT_STRIDE]]])  # [1, 1, 2]
-        panels.append(draw_keypoints(blended, point, colors="yellow", radius=3))
-    save_picture(panels, path)
+        panels.append(draw_keypoints(heat_colours(heat, picture), point, colors="yellow", radius=3))
+        scales.append((low.item(), high.item()))
+    cell = f"{train.OUTPUT_STRIDE}x{train.OUTPUT_STRIDE}"
+    captions = ["image", f"nearest centre of each {cell} cell\n(one colour per centre)",
+                *["position attention\nof the marked pixel"] * num_queries]
+    save_picture(panels, path, captions, scales)
 
 
 # ----------------------------------------------------------------------------- command line

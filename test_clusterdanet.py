@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import clusterdanet
 import evaluate
 import train
 from clusterdanet import (ChannelAttention, ClusterDANet, ClusteringLayer, CompactChannelAttention, CompactPositionAttention,
@@ -355,7 +356,7 @@ def test_clustering_usage_by_hand():
 
 
 def test_clustering_data_init_draws_kmeans_plus_plus_from_the_batch():
-    """init="data": the first training call draws the centres from the batch's unit features, each next one far
+    """cluster_init="data": the first training call draws the centres from the batch's unit features, each next one far
     from those drawn before (k-means++): two centres cover two clusters of very different sizes."""
     torch.manual_seed(0)
     a, b = torch.zeros(8), torch.zeros(8)
@@ -364,7 +365,7 @@ def test_clustering_data_init_draws_kmeans_plus_plus_from_the_batch():
     x = (pixels * torch.rand(200, 1) * 3).T.reshape(1, 8, 10, 20)  # [1, 8, 10, 20], lengths vary
     unit = F.normalize(pixels, dim=1)
     for trial in range(5):
-        layer = ClusteringLayer(8, 2, init="data")
+        layer = ClusteringLayer(8, 2, cluster_init="data")
         assert not layer.initialised
         layer.seed_centers(x)
         assert layer.initialised
@@ -376,7 +377,7 @@ def test_clustering_data_init_draws_kmeans_plus_plus_from_the_batch():
         layer.seed_centers(x)  # later calls do not draw again
         assert torch.equal(layer.centers, drawn)
     random = ClusteringLayer(8, 2)
-    assert random.initialised and not torch.equal(random.centers, drawn)  # init="random": the original centres
+    assert random.initialised and not torch.equal(random.centers, drawn)  # cluster_init="random": the original centres
 
 
 def test_clustering_data_init_and_reseeding_keep_centres_alive():
@@ -384,7 +385,7 @@ def test_clustering_data_init_and_reseeding_keep_centres_alive():
     to that direction take all the mass. Data initialisation keeps most centres alive, re-seeding brings dead ones
     back. The figures are the live centres of the last of 30 training calls."""
     live = {}
-    for name, options in {"random": {}, "data": dict(init="data"), "reseed": dict(reseed_after=5)}.items():
+    for name, options in {"random": {}, "data": dict(cluster_init="data"), "reseed": dict(cluster_reseed=5)}.items():
         torch.manual_seed(1)
         layer = ClusteringLayer(32, 16, **options)
         for _ in range(30):
@@ -395,9 +396,9 @@ def test_clustering_data_init_and_reseeding_keep_centres_alive():
 
 
 def test_clustering_reseeds_centres_that_stay_dead():
-    """reseed_after=3: a centre dead in 3 calls in a row is drawn again from the batch, far from the live centre
+    """cluster_reseed=3: a centre dead in 3 calls in a row is drawn again from the batch, far from the live centre
     (k-means++), with its count back to 1; before that it stays put."""
-    layer = ClusteringLayer(4, 2, reseed_after=3)
+    layer = ClusteringLayer(4, 2, cluster_reseed=3)
     layer.centers.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))  # centre 1 points away from all pixels
     a = torch.tensor([1.0, 0.1, 0, 0]).view(1, 4, 1, 1).expand(2, 4, 3, 3)
     b = torch.tensor([0.1, 0, 1.0, 0]).view(1, 4, 1, 1).expand(2, 4, 1, 3)
@@ -419,7 +420,7 @@ def test_model_classes_work_copied_alone(name):
     """Each class's source alone, with only torch / nn / F imported, trains and matches the module's class."""
     namespace = {"torch": torch, "nn": nn, "F": F}
     exec(inspect.getsource(getattr(__import__("clusterdanet"), name)), namespace)
-    builds = {"ClusteringLayer": lambda cls: cls(16, 8, init="data", reseed_after=1),
+    builds = {"ClusteringLayer": lambda cls: cls(16, 8, cluster_init="data", cluster_reseed=1),
               "PositionAttention": lambda cls: cls(16), "ChannelAttention": lambda cls: cls()}
     torch.manual_seed(0)
     copied = builds[name](namespace[name])
@@ -451,7 +452,7 @@ def _distributed_update(rank, world_size, init_file, x, result_file):
 def _distributed_data_init(rank, world_size, init_file, x, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(rank)  # as train.py seeds: each rank draws differently
-    layer = ClusteringLayer(8, 5, init="data")
+    layer = ClusteringLayer(8, 5, cluster_init="data")
     part = x.chunk(world_size)[rank]
     layer.seed_centers(part)
     drawn = [torch.empty_like(layer.centers) for _ in range(world_size)]
@@ -514,8 +515,8 @@ def test_model_default_clusters_and_dense_switch():
     assert model.position_branch.attention.dense
     model = ClusterDANet(backbone="resnet18", cluster_init="data", cluster_reseed=7)
     for branch in (model.position_branch, model.channel_branch):
-        assert branch.clustering.init == "data" and branch.clustering.reseed_after == 7
-    with pytest.raises(ValueError, match="init must be 'random' or 'data'"):
+        assert branch.clustering.cluster_init == "data" and branch.clustering.cluster_reseed == 7
+    with pytest.raises(ValueError, match="cluster_init must be 'random' or 'data'"):
         ClusterDANet(backbone="resnet18", cluster_init="kmeans")
 
 
@@ -679,7 +680,7 @@ def test_pretrained_download_failure_is_explained(monkeypatch, tmp_path):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     with pytest.raises(RuntimeError, match="could not download the ImageNet weights of resnet18.*--no-pretrained"):
-        ClusterDANet(backbone="resnet18", pretrained_backbone=True)
+        ClusterDANet(backbone="resnet18", pretrained=True)
 
 
 # ----------------------------------------------------------------------------- train.py: a tiny VOC tree
@@ -1023,7 +1024,7 @@ def test_cluster_flags_reach_the_model_log_and_checkpoint(tmp_path, capsys):
     model = train.build_model(checkpoint["args"])
     model.load_state_dict(checkpoint["model"])
     for branch in (model.position_branch, model.channel_branch):
-        assert branch.clustering.init == "data" and branch.clustering.reseed_after == 1
+        assert branch.clustering.cluster_init == "data" and branch.clustering.cluster_reseed == 1
         assert branch.clustering.initialised and branch.clustering.counts.min() >= 1
     clustering = model.position_branch.clustering
     centers = clustering.centers.clone()
@@ -3063,15 +3064,17 @@ def test_image_json_and_enlarged_pictures(voc_checkpoint, tmp_path, capsys):
         assert entry["classes"] == {train.VOC_CLASSES[c]: counts[c] / (w * h) for c in np.flatnonzero(counts)}
         assert sum(entry["classes"].values()) == pytest.approx(1.0)
 
-    # image | prediction, each panel enlarged to 256 px: (4 + 256 + 4) x 2 + 4 wide, a legend below
+    # image | prediction, each panel enlarged to 256 px: (4 + 256 + 4) x 2 + 4 wide, captions then a legend below
     for name, pixels, factor in (("dot", tiny_pixels, 256), ("shape", shape_pixels, 4)):
         with Image.open(tmp_path / "out" / "overlays" / f"{name}.png") as picture:
             overlay = np.array(picture)
         assert overlay.shape[1] == 2 * (256 + 4) + 4 and overlay.shape[0] >= 256 + 8 + 16 + 16
         np.testing.assert_array_equal(overlay[4:260, 4:260], pixels.repeat(factor, 0).repeat(factor, 1))
-        assert (overlay[264 + 6:264 + 6 + 20, 8 + 16 + 6:] < 100).all(-1).sum() > 30  # the legend's 16 px text
+        top = 264 + captions_height(256, ["image", "prediction"])  # the legend's first row
+        assert (overlay[top + 6:top + 6 + 20, 8 + 16 + 6:] < 100).all(-1).sum() > 30  # the legend's 16 px text
         with Image.open(tmp_path / "out" / "clusters" / f"{name}.png") as picture:
-            assert picture.size == (5 * (256 + 4) + 4, 256 + 8)  # image | centres | three attention maps
+            # image | centres | three attention maps, captioned, the attention maps with their colour bars
+            assert picture.size == (5 * (256 + 4) + 4, 256 + 8 + captions_height(256, CLUSTERS_CAPTIONS, (2, 3, 4)))
             np.testing.assert_array_equal(np.array(picture)[4:260, 4:260], pixels.repeat(factor, 0).repeat(factor, 1))
     assert [evaluate.enlargement(h, w) for h, w in ((1, 1), (64, 64), (41, 23), (375, 500), (1, 2000), (300, 1))] == \
         [256, 4, 7, 1, 1, 1]
@@ -3748,8 +3751,8 @@ def test_dranet_any_size_outputs_and_deep_stem():
     assert [c.stride for c in convs] == [(2, 2), (1, 1), (1, 1)] and backbone.stem[1].num_features == 128
     low, mid, high = backbone.levels(torch.randn(1, 3, 40, 56))
     assert (low.shape, mid.shape, high.shape) == ((1, 256, 10, 14), (1, 1024, 5, 7), (1, 2048, 5, 7))
-    for kwargs, fragment in (({"name": "resnet18", "deep_stem": True}, "needs a Bottleneck ResNet"),
-                             ({"name": "resnet50", "deep_stem": True, "pretrained": True}, "no ImageNet weights")):
+    for kwargs, fragment in (({"backbone": "resnet18", "deep_stem": True}, "needs a Bottleneck ResNet"),
+                             ({"backbone": "resnet50", "deep_stem": True, "pretrained": True}, "no ImageNet weights")):
         with pytest.raises(ValueError, match=fragment):
             DilatedResNet(**kwargs)
 
@@ -4027,7 +4030,8 @@ def test_dranet_trains_resumes_and_draws_its_clusters(tmp_path, capsys):
                    "--show-clusters", "--image", str(tmp_path / "a.png")])
     with Image.open(tmp_path / "pictures" / "clusters" / "a.png") as picture:  # image, nearest centre, 3 query maps
         f = evaluate.enlargement(40, 56)  # small pictures are enlarged (nearest) to panels at least 256 px high
-        assert f == 7 and picture.size == (5 * (56 * f + 4) + 4, 40 * f + 8)
+        assert f == 7 and picture.size == (5 * (56 * f + 4) + 4,
+                                           40 * f + 8 + captions_height(56 * f, CLUSTERS_CAPTIONS, (2, 3, 4)))
 
 
 def test_dranet_flags(tmp_path, capsys, monkeypatch):
@@ -4635,3 +4639,191 @@ def test_classes_txt_saved_on_windows_trains_and_evaluates(tmp_path, capsys):
                              "--json", tmp_path / "r.json"], capsys, main=evaluate.main)
     assert code == 0, err
     assert list(json.loads((tmp_path / "r.json").read_text())["per_class_iou"]) == FOLDER_CLASSES
+
+
+# ----------------------------------------------------------------------------- from_original, clusterdanet.py alone
+
+ALONE_CODE = """
+import importlib.util, json, os, torch
+import clusterdanet
+assert os.path.dirname(os.path.abspath(clusterdanet.__file__)) == os.getcwd(), clusterdanet.__file__
+assert importlib.util.find_spec("train") is None and importlib.util.find_spec("evaluate") is None
+images = torch.load("images.pt", weights_only=True)
+summary = {}
+for name in ("DANet50.pth.tar", "dran50.pth.tar"):
+    model = clusterdanet.from_original(name)
+    with torch.no_grad():
+        torch.save(model(images)["out"], name + ".out.pt")
+    summary[name] = dict(model=type(model).__name__, training=model.training, align_corners=model.align_corners,
+                         layer4=[block.conv2.dilation[0] for block in model.backbone.layer4],
+                         deep_stem=model.backbone.deep_stem, classes=model.classifier[1].out_channels,
+                         clustering=any(isinstance(m, clusterdanet.ClusteringLayer) for m in model.modules()))
+print(json.dumps(summary))
+"""
+
+
+def test_from_original_with_clusterdanet_py_alone(original_checkpoint, original_dranet, tmp_path):
+    """clusterdanet.py copied alone into an empty folder, with the two original-layout files: in a process that can
+    import nothing else of this repository, from_original(path) gives plain DANet / DRANet in eval mode with the
+    original's settings, whose logits are those of evaluate.py's loading and of the stand-ins themselves."""
+    (tmp_path / "clusterdanet.py").write_bytes((REPO / "clusterdanet.py").read_bytes())
+    files = {"DANet50.pth.tar": original_checkpoint, "dran50.pth.tar": original_dranet}
+    for name, (path, _) in files.items():
+        (tmp_path / name).write_bytes(path.read_bytes())
+    images = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    torch.save(images, tmp_path / "images.pt")
+    result = subprocess.run([sys.executable, "-E", "-s", "-c", ALONE_CODE], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # -E: no PYTHONPATH; -c puts only the folder on the path
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    for name, model_name, deep_stem in (("DANet50.pth.tar", "ClusterDANet", False), ("dran50.pth.tar", "DRANet", True)):
+        assert summary[name] == dict(model=model_name, training=False, align_corners=True, layer4=[4, 8, 16],
+                                     deep_stem=deep_stem, classes=19, clustering=False)
+        got = torch.load(tmp_path / f"{name}.out.pt", weights_only=True)
+        model, _, _ = evaluate.load_model(tmp_path / name, torch.device("cpu"))
+        with torch.no_grad():
+            expected = train.predict_logits(model, images)
+            original = files[name][1](images)[0]
+        scale = expected.abs().max()
+        assert expected.std() > 0.1 * scale  # not a flat output: the comparison means something
+        torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got / scale, original / scale, rtol=0, atol=1e-4)
+
+
+def test_from_original_takes_a_loaded_dict_and_refuses_other_files(original_checkpoint, tmp_path):
+    """What torch.load returned loads as the path does; a train.py checkpoint, blocks of no known depth and tensors
+    that do not fit are ValueErrors that name the source."""
+    path, _ = original_checkpoint
+    from_path = clusterdanet.from_original(path)
+    from_dict = clusterdanet.from_original(torch.load(path, weights_only=True))
+    assert not from_dict.training
+    torch.testing.assert_close(from_dict.state_dict(), from_path.state_dict(), rtol=0, atol=0)
+    torch.save({"model": {}, "args": {}, "iteration": 0}, tmp_path / "ours.pt")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'ours.pt'))} is not a checkpoint of the "
+                                         r"original DANet code"):
+        clusterdanet.from_original(tmp_path / "ours.pt")
+    t = torch.zeros(1)
+    state = {f"pretrained.layer{i}.{j}.conv1.weight": t for i, n in enumerate((3, 4, 7, 3), 1) for j in range(n)}
+    with pytest.raises(ValueError, match=r"^x\.pth is not an original DANet or DRANet checkpoint this loader knows "
+                                         r"\(blocks per layer \(3, 4, 7, 3\)"):
+        clusterdanet.original_state_and_config({**state, "head.conv8.1.weight": t}, source="x.pth")
+    resnet50 = {k.replace("layer3.6.", "extra."): v for k, v in state.items()}  # blocks (3, 4, 6, 3), one extra
+    tensors, config, unused = clusterdanet.original_state_and_config({**resnet50, "head.conv8.1.weight": t[:, None]})
+    assert config == dict(model="danet", num_classes=1, backbone="resnet50", clustering=False, multi_grid=True,
+                          align_corners=True, deep_stem=False)
+    assert unused == ["pretrained.extra.conv1.weight"] and "classifier.1.weight" in tensors
+    with pytest.raises(ValueError, match=r"^the checkpoint does not hold the tensors of the ClusterDANet it names: "
+                                         r"Error\(s\) in loading state_dict"):
+        clusterdanet.from_original({"state_dict": {**resnet50, "head.conv8.1.weight": torch.zeros(19, 512, 1, 1)}})
+
+
+# ----------------------------------------------------------------------------- captions and colour bars of the pictures
+
+CLUSTERS_CAPTIONS = ["image", "nearest centre of each 8x8 cell\n(one colour per centre)",
+                     *["position attention\nof the marked pixel"] * 3]
+
+
+def captions_height(width, captions, scaled=()):
+    """The height of the caption row under panels `width` px wide: its tallest caption, with a colour bar under
+    the panels whose index is in `scaled`."""
+    return max(evaluate.caption(text, width).shape[1] + (evaluate.colour_bar(0.0, 1.0, width).shape[1]
+                                                          if i in scaled else 0) for i, text in enumerate(captions))
+
+
+def panel_columns(picture, width, n):
+    """The x ranges of the n panels (and of the captions under them) in a picture of panels `width` px wide."""
+    assert picture.shape[1] == n * (width + 4) + 4
+    return [slice(4 + i * (width + 4), 4 + i * (width + 4) + width) for i in range(n)]
+
+
+def test_clusters_picture_has_captions_and_colour_bars(tmp_path, monkeypatch):
+    """Under each panel its caption; under each attention panel a colour bar running from white to HEAT_ALPHA red
+    along its length, labelled with the lowest and highest weight of the marked pixel's attention row, which is
+    computed here by hand (softmax_j(q_i . k_j) over the clustering layer's similarities); the attention panel
+    itself is that colour map over the image."""
+    torch.manual_seed(0)
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=16).eval()
+    with torch.no_grad():
+        model.position_branch.attention.query.weight.mul_(30)  # a peaked attention, not a uniform one
+        model.position_branch.attention.key.weight.mul_(30)
+    image = torch.randn(3, 24, 32)  # 3 x 4 cells of 8x8; enlarged 11x
+    bars = []
+
+    def recorded(low, high, width):
+        bars.append((low, high))
+        return colour_bar(low, high, width)
+
+    colour_bar = evaluate.colour_bar
+    monkeypatch.setattr(evaluate, "colour_bar", recorded)
+    evaluate.save_clusters(model, image, tmp_path / "c.png")
+    picture = np.array(Image.open(tmp_path / "c.png"))
+    factor, (fH, fW) = 11, (24 * 11, 32 * 11)
+    assert evaluate.enlargement(24, 32) == factor
+    columns = panel_columns(picture, fW, 5)
+
+    # the attention rows by hand, from the similarities the clustering layer gives
+    captured = {}
+    hook = model.position_branch.clustering.register_forward_hook(lambda m, i, o: captured.setdefault("s", o))
+    with torch.no_grad():
+        model(image[None])
+    hook.remove()
+    s, attention = captured["s"], model.position_branch.attention  # [1, 16, 3, 4]
+    q = F.conv2d(s, attention.query.weight, attention.query.bias)[0].flatten(1)  # [d, 12]
+    k = F.conv2d(s, attention.key.weight, attention.key.bias)[0].flatten(1)  # [d, 12]
+    rows = torch.softmax(q.T @ k, dim=1)  # [12, 12]
+    queries = [(0, 1), (1, 2), (2, 3)]  # (cell row, cell column): spread along the diagonal
+    shown = evaluate.denormalise(image).float()  # [3, 24, 32]
+    for index, ((qy, qx), (low, high)) in enumerate(zip(queries, bars), 2):
+        row = rows[qy * 4 + qx]
+        assert (low, high) == (pytest.approx(row.min().item(), rel=1e-4), pytest.approx(row.max().item(), rel=1e-4))
+        assert high > 2 * low  # peaked: the bar's ends differ
+        heat = F.interpolate(((row - row.min()) / (row.max() - row.min())).view(1, 1, 3, 4), size=(24, 32),
+                             mode="bilinear", align_corners=False)[0, 0]  # [24, 32]
+        alpha = 0.7 * heat
+        expected = shown * (1 - alpha) + torch.tensor([255.0, 0, 0])[:, None, None] * alpha  # [3, 24, 32]
+        panel = torch.from_numpy(picture[4:4 + fH:factor, columns[index]][:, ::factor]).permute(2, 0, 1).float()
+        away = torch.ones(24, 32, dtype=torch.bool)
+        away[max(0, qy * 8 - 1):qy * 8 + 10, max(0, qx * 8 - 1):qx * 8 + 10] = False  # not the yellow dot
+        assert (panel - expected)[:, away].abs().max() <= 1  # uint8 rounding
+
+    for index, text in enumerate(CLUSTERS_CAPTIONS):
+        under = picture[4 + fH:, columns[index]]  # [below, fW, 3]
+        words = evaluate.caption(text, fW).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(under[:len(words)], words)
+        assert (words < 100).all(-1).sum() > 100  # the caption's text is there
+        rest = under[len(words):]
+        if index < 2:
+            assert (rest == 255).all()  # no colour bar under the image and the centres
+            continue
+        bar = colour_bar(*bars[index - 2], fW).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(rest[:len(bar)], bar)
+        line = rest[2 + evaluate.BAR_HEIGHT // 2, 4:fW - 4].astype(int)  # [fW - 8, 3], along the bar's middle
+        t = np.linspace(0, 1, fW - 8)
+        assert (line[:, 0] == 255).all() and (line[:, 1] == line[:, 2]).all()
+        assert (np.diff(line[:, 1]) <= 0).all() and line[0, 1] == 255  # white to red, monotone
+        assert np.abs(line[:, 1] - 255 * (1 - 0.7 * t)).max() <= 0.5 + 1e-3  # the attention's colour map over white
+        assert (bar[evaluate.BAR_HEIGHT + 6:] < 100).all(-1)[:, :fW // 3].sum() > 20  # the low value's text
+        assert (bar[evaluate.BAR_HEIGHT + 6:] < 100).all(-1)[:, -fW // 3:].sum() > 20  # the high value's text
+
+
+def test_overlay_picture_has_captions(tmp_path):
+    """image | ground truth | prediction, each captioned under its panel; the legend below the captions."""
+    image = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(32, 48, dtype=torch.long)
+    target[8:24, 8:24] = 1
+    prediction = target.roll(4, dims=1)
+    evaluate.save_overlay(image, prediction, tmp_path / "o.png", ["background", "aeroplane"], target)
+    picture = np.array(Image.open(tmp_path / "o.png"))
+    factor = evaluate.enlargement(32, 48)
+    fH, fW = 32 * factor, 48 * factor
+    columns = panel_columns(picture, fW, 3)
+    panels = [image, evaluate.overlay(image, target), evaluate.overlay(image, prediction)]
+    below = captions_height(fW, ["image", "ground truth", "prediction"])
+    for panel, text, x in zip(panels, ["image", "ground truth", "prediction"], columns):
+        enlarged = panel.permute(1, 2, 0).numpy().repeat(factor, 0).repeat(factor, 1)
+        np.testing.assert_array_equal(picture[4:4 + fH, x], enlarged)
+        words = evaluate.caption(text, fW).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(picture[4 + fH:4 + fH + len(words), x], words)
+        assert (words < 100).all(-1).sum() > 50
+    legend = evaluate.legend([1], ["background", "aeroplane"], picture.shape[1]).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(picture[4 + fH + below + 4:], legend)

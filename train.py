@@ -56,7 +56,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import BACKBONES, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer, DRANet
+from clusterdanet import (BACKBONES, MODELS, OUTPUT_STRIDE, ClusteringLayer, is_original_checkpoint,
+                          original_state_and_config)
 
 try:
     import resource  # Unix only: the peak memory of a CPU run
@@ -901,14 +902,11 @@ def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=p
 
 # ----------------------------------------------------------------------------- model and checkpoints
 
-MODELS = {"danet": ClusterDANet, "dranet": DRANet}  # --model: each with or without clustering
-
-
 def build_model(config):
     """ClusterDANet or DRANet from a train.py args dict (as stored in every checkpoint; older ones lack the last
     keys: they are ClusterDANets)."""
     pretrained = config.get("pretrained", False)
-    kwargs = dict(num_classes=config["num_classes"], backbone=config["backbone"], pretrained_backbone=pretrained,
+    kwargs = dict(num_classes=config["num_classes"], backbone=config["backbone"], pretrained=pretrained,
                   num_clusters=config["num_clusters"], temperature=config["temperature"],
                   cluster_init=config.get("cluster_init", "random"), cluster_reseed=config.get("cluster_reseed", 0),
                   clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
@@ -990,7 +988,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"checkpoint {path} cannot be read (truncated or not a PyTorch file?): "
                         f"{type(e).__name__}") from None
     if is_original_checkpoint(checkpoint):
-        checkpoint = from_original(checkpoint, path)
+        checkpoint = read_original(checkpoint, path)
     elif not isinstance(checkpoint, dict) or not {"model", "args", "iteration"} <= checkpoint.keys() or \
             not isinstance(checkpoint["model"], dict):
         raise UserError(f"{path} is not a train.py checkpoint (it needs model, args and iteration) "
@@ -1004,96 +1002,16 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-# The original DANet code (PyTorch-Encoding) publishes DANet101.pth.tar and dran101.pth.tar (DRANet), both saved as
-# {"state_dict": ..., "epoch": ..., "best_pred": ...}. Their names -> ours, by prefix; what follows the prefix is the same
-# on both sides: torchvision's ResNet names, nn.Sequential indices (conv5a.0 conv, .1 BN; conv6.1 the conv after the
-# dropout), BN's tensors. The deep stem's pretrained.conv1.0 ... conv1.6 become backbone.stem.0.0 ... stem.0.6.
-ORIGINAL_BACKBONE_NAMES = (
-    ("pretrained.conv1.", "backbone.stem.0."),  # the 7x7 stem convolution, or the deep stem's three 3x3 (conv1.0/3/6)
-    ("pretrained.bn1.", "backbone.stem.1."),
-    ("pretrained.layer", "backbone.layer"),
-)
-ORIGINAL_NAMES = {
-    "danet": ORIGINAL_BACKBONE_NAMES + (
-        ("head.conv5a.", "position_branch.conv_in."),  # conv3x3 + BN before position attention
-        ("head.sa.query_conv.", "position_branch.attention.query."),
-        ("head.sa.key_conv.", "position_branch.attention.key."),
-        ("head.sa.value_conv.", "position_branch.attention.value."),
-        ("head.sa.gamma", "position_branch.attention.gamma"),
-        ("head.conv51.", "position_branch.conv_out."),
-        ("head.conv5c.", "channel_branch.conv_in."),  # conv3x3 + BN before channel attention
-        ("head.sc.gamma", "channel_branch.attention.gamma"),
-        ("head.conv52.", "channel_branch.conv_out."),
-        ("head.conv6.", "position_classifier."),  # Dropout2d + conv1x1 on the position branch: an auxiliary output
-        ("head.conv7.", "channel_classifier."),
-        ("head.conv8.", "classifier."),  # on the sum of both branches: the output
-    ),
-    "dranet": ORIGINAL_BACKBONE_NAMES + (
-        ("head.conv_cpam_b.", "position_branch.conv_in."),  # conv3x3 + BN before CPAM
-        ("head.cpam_enc.conv1.", "position_branch.attention.centres.0."),  # conv1x1 + BN after the 1x1 pool
-        ("head.cpam_enc.conv2.", "position_branch.attention.centres.1."),  # ... after the 2x2 pool
-        ("head.cpam_enc.conv3.", "position_branch.attention.centres.2."),
-        ("head.cpam_enc.conv4.", "position_branch.attention.centres.3."),  # ... after the 6x6 pool
-        ("head.cpam_dec.scale", "position_branch.attention.gamma"),
-        ("head.cpam_dec.conv_query.", "position_branch.attention.query."),  # conv1x1 per pixel
-        ("head.cpam_dec.conv_key.", "position_branch.attention.key."),  # Linear per centre
-        ("head.cpam_dec.conv_value.", "position_branch.attention.value."),
-        ("head.conv_cpam_e.", "position_branch.conv_out."),
-        ("head.conv_ccam_b.", "channel_branch.conv_in."),  # conv3x3 + BN before CCAM
-        ("head.ccam_enc.", "channel_branch.attention.reduce."),  # conv1x1 + BN to C / 16
-        ("head.ccam_dec.scale", "channel_branch.attention.gamma"),
-        ("head.conv_ccam_e.", "channel_branch.conv_out."),
-        ("head.conv_cat.", "fusion."),  # conv3x3 + BN on [CPAM, CCAM]
-        ("head.clgd.conv_low.", "decoder.low."),
-        ("head.clgd.conv_att.", "decoder.gate."),
-        ("head.clgd.conv_cat.", "decoder.fuse."),
-        ("head.clgd.conv_out.", "decoder.out."),
-        ("head.clgd.gamma", "decoder.gamma"),
-        ("cls_seg.", "classifier."),  # Dropout2d + conv1x1 on the decoder: the output
-        ("cls_aux.0.", "aux_conv.0."),  # conv3x3 + BN + ReLU + Dropout2d + conv1x1 on layer3: the auxiliary output
-        ("cls_aux.1.", "aux_conv.1."),
-        ("cls_aux.4.", "aux_classifier.1."),
-    ),
-}
-ORIGINAL_CLASSIFIERS = {"danet": "head.conv8.1.weight", "dranet": "cls_seg.1.weight"}
-ORIGINAL_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101", (3, 8, 36, 3): "resnet152"}  # blocks per layer
-
-
-def is_original_checkpoint(checkpoint):
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    return isinstance(state, dict) and any(str(k).startswith("pretrained.") for k in state) and \
-        any(str(k).startswith(("head.", "cls_seg.")) for k in state)
-
-
-def from_original(checkpoint, path):
-    """An original DANet or DRANet checkpoint as one of ours: its tensors renamed, and the args of the model it holds.
-
-    That model is plain DANet or DRANet (DRANet's file has cls_seg and head.clgd) with multi-grid (4, 8, 16) and
-    align_corners=True upsampling, as the published DANet101 (--multi-grid --multi-dilation 4 8 16 --os 8
-    --no-deepstem) and dran101; the depth is read off its blocks, the deep stem off pretrained.conv1.0.
-    """
-    state = checkpoint["state_dict"]
-    blocks = tuple(len({k.split(".")[2] for k in state if k.startswith(f"pretrained.layer{i}.") and k.count(".") > 2})
-                   for i in range(1, 5))  # pretrained.layer3.22.conv1.weight: block 22 of layer3
-    name = "dranet" if any(k.startswith(("cls_seg.", "head.clgd.")) for k in state) else "danet"
-    if blocks not in ORIGINAL_DEPTHS or ORIGINAL_CLASSIFIERS[name] not in state:
-        raise UserError(f"{path} is not an original DANet or DRANet checkpoint this loader knows (blocks per layer "
-                        f"{blocks}, known: ResNet-50/101/152 Bottlenecks; and a head.conv8 classifier for DANet, "
-                        f"cls_seg for DRANet)")
-    model, unused = {}, []
-    for key, tensor in state.items():
-        ours = next((o + key[len(t):] for t, o in ORIGINAL_NAMES[name] if key.startswith(t)), None)
-        if ours is None:
-            unused.append(key)
-        else:
-            model[ours] = tensor
-    for key in [k for k in model if k.endswith(".running_mean")]:  # files of PyTorch < 0.4.1 have no BN counters
-        model.setdefault(key.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
-    num_classes = state[ORIGINAL_CLASSIFIERS[name]].shape[0]
+def read_original(checkpoint, path):
+    """An original DANet or DRANet checkpoint as one of ours: its tensors renamed, the args of the model it holds
+    (clusterdanet.original_state_and_config), and the class names of Cityscapes or VOC when it has their number."""
+    try:
+        model, config, unused = original_state_and_config(checkpoint["state_dict"], source=str(path))
+    except ValueError as e:  # blocks or a classifier the loader does not know
+        raise UserError(str(e)) from None
+    num_classes = config["num_classes"]
     dataset = {len(Cityscapes.class_names): "cityscapes", len(VOC_CLASSES): "voc"}.get(num_classes, "folder")
-    config = dict(model=name, num_classes=num_classes, backbone=ORIGINAL_DEPTHS[blocks], num_clusters=None,
-                  temperature=100.0, dense_attention=False, clustering=False, multi_grid=True, align_corners=True,
-                  deep_stem="pretrained.conv1.0.weight" in state, dataset=dataset)
+    config = dict(num_clusters=None, temperature=100.0, dense_attention=False, **config, dataset=dataset)
     class_names = {"cityscapes": list(Cityscapes.class_names), "voc": list(VOC_CLASSES)}.get(dataset)
     return {"model": model, "args": config, "iteration": checkpoint.get("epoch", 0), "class_names": class_names,
             "original": True, "unused": unused}
