@@ -1254,7 +1254,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_a_log_step(tmp_path):
     wait_for(process, "iter 2/1000", timeout=240)
     process.send_signal(signal.SIGTERM)  # to torchrun
     code, stdout, stderr = finish_script(process)
-    assert code != 0  # torchrun reports the signal
+    assert code == 1  # torchrun's code when it was signalled (its SignalException)
     iteration = assert_saved_on_signal(out, "SIGTERM", tmp_path)
     assert iteration % 2 == 0 and 2 <= iteration < 1000
     assert f"SIGTERM: saved {out / 'last.pt'} at iteration {iteration}" in stdout
@@ -4041,3 +4041,86 @@ def test_dranet_flags(tmp_path, capsys, monkeypatch):
                 "--benchmark-steps", "1", "--device", "cpu"])
     assert re.fullmatch(r"benchmark dranet resnet18 crop 32 batch 2 fp32 cpu compact attention: [\d.]+ ms/step, "
                         r"[\d.]+ images/s, peak memory [\d.]+ GiB", capsys.readouterr().out.strip())
+
+
+# ----------------------------------------------------------------------------- signals, processes and the files named
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def start_importing(script, *args):
+    """Start `python script args` and return it once the script's first lines have run: the process catches SIGTERM
+    (SigCgt in /proc/PID/status; Python itself leaves SIGTERM alone), so the imports below them have begun."""
+    process = subprocess.Popen([sys.executable, str(REPO / script), *args], text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    while True:
+        caught = re.search(r"SigCgt:\s*([0-9a-f]+)", Path(f"/proc/{process.pid}/status").read_text()).group(1)
+        if int(caught, 16) >> (signal.SIGTERM - 1) & 1:
+            return process
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_script_imports_torch_is_one_line(script, signum):
+    """Ctrl-C or SIGTERM from a script's first lines on, while torch imports: the one line and 128 + the signal
+    number, no traceback. The script is started with --help, which prints only once the imports are done: nothing
+    on stdout shows that the signal came before."""
+    for delay in (0, 0.05, 0.2):  # seconds after the script's first lines
+        process = start_importing(script, "--help")
+        time.sleep(delay)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=60)
+        assert (process.returncode, stdout, stderr) == (128 + signum, "", f"interrupted by {signum.name}\n"), delay
+
+
+def test_imported_train_and_evaluate_leave_the_signal_handlers_alone():
+    """The scripts' first lines act only when they run as scripts: imported, as here and by evaluate.py, Ctrl-C is
+    Python's KeyboardInterrupt and SIGTERM its default."""
+    code = ("import signal, evaluate, train; "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+            "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout == "True True\n", result.stderr
+
+
+def torchrun_ranks(pid):
+    """{rank: pid} of the processes that torchrun (pid) started, read off /proc."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, parent pid
+            environ = (stat.parent / "environ").read_bytes().split(b"\0") if parent == pid else []
+        except (OSError, ValueError):  # a process that ended meanwhile
+            continue
+        ranks.update({int(e[len(b"RANK="):]): int(stat.parent.name) for e in environ if e.startswith(b"RANK=")})
+    return ranks
+
+
+def torchrun_exit_codes(stderr):
+    """{rank: exit code} from torchrun's report of failed processes."""
+    return {int(rank): int(code) for rank, code in
+            re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", stderr)}
+
+
+def test_sigterm_to_one_rank_under_torchrun_every_rank_stops_for_it(tmp_path):
+    """Only rank 1 receives SIGTERM: rank 0, which received none, saves last.pt saying whose signal it stops for and
+    logs it; both exit 143, also rank 0, which torchrun sends its own SIGTERM as soon as rank 1 has exited.
+    torchrun itself exits 1."""
+    out = tmp_path / "out"
+    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "2",
+                                "--val-every", "1000"), cwd=tmp_path, module=TORCHRUN)
+    wait_for(process, "iter 2/1000", timeout=240)
+    ranks = torchrun_ranks(process.pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGTERM)
+    code, stdout, stderr = finish_script(process)
+    assert code == 1 and torchrun_exit_codes(stderr) == {0: 143, 1: 143}, stderr
+    iteration = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["iteration"]
+    assert iteration % 2 == 0 and 2 <= iteration < 1000
+    assert read_log(out)[-1] == {"iteration": iteration, "interrupted": "SIGTERM", "signalled_rank": 1}
+    last = out / "last.pt"
+    assert stdout.splitlines()[-1] == (f"another process (rank 1) received SIGTERM: saved {last} at iteration "
+                                       f"{iteration}; continue with --resume {last}")
+    assert "SIGINT" not in stdout + stderr and "finishing the step in flight" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"] and not list(tmp_path.rglob("*.tmp"))

@@ -24,19 +24,33 @@ Exit codes (the README lists the same):
   5    a bad data file found after training started: last.pt was saved first, and the message says so
   130  stopped by Ctrl-C (SIGINT), after saving last.pt (unless a second signal came in the middle of a step)
   143  stopped by SIGTERM, the same way
+Under torchrun each process exits with its code (torchrun's summary lists them) and torchrun itself with 1.
 """
+
+import os
+import signal
+import sys
+
+
+def exit_on_signal(signum, frame):
+    """Ctrl-C or SIGTERM before run_main takes over, while the imports below run (torch takes seconds): one line and
+    exit code 128 + the signal number, as later, and no traceback. Nothing has started: nothing to save or clean."""
+    print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # a script from its first line (evaluate.py does the same); imported, nothing changes
+    signal.signal(signal.SIGINT, exit_on_signal)
+    signal.signal(signal.SIGTERM, exit_on_signal)
 
 import argparse
 import codecs
 import errno
 import json
 import math
-import os
 import pickle
 import re
-import signal
 import socket
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -97,12 +111,14 @@ def error_line(error):
 def run_main(main):
     """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
     worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
-    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143."""
-    def on_sigterm(signum, frame):
+    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143: a KeyboardInterrupt, so
+    that what is open is closed on the way out (exit_on_signal, before, could not)."""
+    def on_signal(signum, frame):
         raise KeyboardInterrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rank = int(os.environ.get("RANK", 0))  # under torchrun: every process runs the same checks on the same inputs
+    code = None
     try:
         code = main()
     except UserError as e:
@@ -118,7 +134,12 @@ def run_main(main):
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         code = 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # Under torchrun a process that ends with an exit code other than 0 ignores signals until it has exited:
+        # torchrun sends SIGTERM to the processes still running as soon as one has, and would cut their exit short
+        # (exit code -15) when they all end the same way (the same user error, or the same interrupt: Interrupts.close)
+        ending = code and "WORLD_SIZE" in os.environ
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN if ending else handler)
     if code:
         sys.exit(code)
 
@@ -740,13 +761,20 @@ def per_class(values, class_names):
     return {name: None if math.isnan(v) else v for name, v in zip(class_names, values)}
 
 
+def each_rank(value, device):
+    """[the whole number `value` of rank 0, of rank 1, ...]: one all_reduce under torch.distributed, [value] in a
+    single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values)  # each rank fills its own entry, the others are 0: the sum holds every rank's value
+    return values.tolist()
+
+
 def any_rank(flag, device):
     """`flag` or-ed over the processes: one all_reduce under torch.distributed, nothing in a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    flag = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+    return any(each_rank(int(bool(flag)), device))
 
 
 def predict_logits(model, images):
@@ -1337,11 +1365,14 @@ class Interrupts:
     The first signal asks the loop to stop: it finishes the step in flight (a validation in progress is
     abandoned), saves last.pt and exits with 128 + the signal number: 130 for SIGINT, 143 for SIGTERM. A second
     one stops at once (KeyboardInterrupt): last.pt is then saved only if the run is not half-way through a step
-    or a save (see stop_at_once).
+    or a save (see stop_at_once). Under torchrun the processes stop together when any of them received a signal;
+    each one reports and exits with the signal it received or, if it received none, with that of the first process
+    that did (agree).
     """
 
     def __init__(self, message=None):
         self.message, self.signum, self.pid = message, None, os.getpid()
+        self.signalled_rank, self.others_signum = None, None  # set by agree in a process that received no signal
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1364,13 +1395,34 @@ class Interrupts:
     def requested(self):
         return self.signum is not None
 
+    def agree(self, device):
+        """Once the processes have agreed to stop: which process received which signal (one all_reduce under
+        torchrun, every process calls it). A process that received none stops for the first process that did."""
+        signals = each_rank(self.signum or 0, device)  # the signal number of each rank, 0 where none came
+        if self.signum is None:
+            self.signalled_rank = next((rank for rank, signum in enumerate(signals) if signum), None)
+            self.others_signum = signals[self.signalled_rank] if self.signalled_rank is not None else None
+
+    def close(self):
+        """Ignore Ctrl-C and SIGTERM from now on, nothing given back (under torchrun, once this process has done its
+        part of the stop): torchrun sends SIGTERM to the processes still running as soon as one has exited, and
+        that must neither cut their exit short nor change its code (run_main keeps them ignored to the end)."""
+        for s in self.previous:
+            signal.signal(s, signal.SIG_IGN)
+        self.previous = {}
+
+    @property
+    def stop_signum(self):
+        """The signal this process stops for: its own, or the one another process received (agree)."""
+        return self.signum or self.others_signum or signal.SIGINT
+
     @property
     def name(self):
-        return signal.Signals(self.signum or signal.SIGINT).name  # another rank may have been the one signalled
+        return signal.Signals(self.stop_signum).name
 
     @property
     def exit_code(self):
-        return 128 + (self.signum or signal.SIGINT)
+        return 128 + self.stop_signum
 
 
 # A resumed run is the same run: these flags change the model, the loss, the data (or their order), the numerics or
@@ -1859,11 +1911,21 @@ def finish(run, status, interrupts):
                   f"than {run.args.lr:g}", file=sys.stderr)
         return EXIT_DIVERGED
     if status == "interrupted":
+        interrupts.agree(run.device)
         if run.saved_iteration != run.iteration:
             save(run, "last.pt")
-        log(run, {"iteration": run.iteration, "interrupted": interrupts.name},
-            f"{interrupts.name}: saved {run.out_dir / 'last.pt'} at iteration {run.iteration}; continue with "
-            f"--resume {run.out_dir / 'last.pt'}")
+        record, said = {"iteration": run.iteration, "interrupted": interrupts.name}, interrupts.name
+        if interrupts.signum is None and interrupts.signalled_rank is not None:  # stopped for another process
+            record["signalled_rank"] = interrupts.signalled_rank
+            said = f"another process (rank {interrupts.signalled_rank}) received {interrupts.name}"
+        last = run.out_dir / "last.pt"
+        log(run, record, f"{said}: saved {last} at iteration {run.iteration}; continue with --resume {last}")
+        if run.world_size > 1:
+            interrupts.close()
+            try:
+                dist.barrier()  # no process exits before rank 0 has saved: torchrun would then stop it (see close)
+            except RuntimeError:  # rank 0 stopped at once (a second signal while it saved): nothing to wait for
+                pass
         return interrupts.exit_code
     if run.master:
         best = "no validation has run" if run.best_miou is None else f"best val mIoU {run.best_miou:.4f}"
