@@ -1670,11 +1670,12 @@ def test_smallest_crop_is_where_batchnorm_fails():
     model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=32).train()
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         model(torch.randn(1, 3, 8, 8))
+    cpu = torch.device("cpu")
     for batch, crop in ((1, 9), (2, 8), (2, 1)):
         assert model(torch.randn(batch, 3, crop, crop))["out"].shape == (batch, 3, crop, crop)
-        train.parse_args(["--crop-size", str(crop), "--batch-size", str(batch)])  # accepted
+        train.check_batch_norm(train.parse_args(["--crop-size", str(crop), "--batch-size", str(batch)]), cpu, 1)
     with pytest.raises(train.UserError, match="leaves BatchNorm one value per channel"):
-        train.parse_args(["--crop-size", "8", "--batch-size", "1"])
+        train.check_batch_norm(train.parse_args(["--crop-size", "8", "--batch-size", "1"]), cpu, 1)
 
 
 def test_failed_save_leaves_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
@@ -4124,3 +4125,40 @@ def test_sigterm_to_one_rank_under_torchrun_every_rank_stops_for_it(tmp_path):
                                        f"{iteration}; continue with --resume {last}")
     assert "SIGINT" not in stdout + stderr and "finishing the step in flight" not in stderr
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"] and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_batch_norm_check_counts_what_each_batch_norm_sees(tmp_path):
+    """Without SyncBatchNorm (a single process, or several on the CPU) each process's BatchNorm sees its own batch:
+    DRANet with batch 1 fails in BatchNorm itself, so the check refuses it, also on 2 CPU processes."""
+    model = DRANet(num_classes=3, backbone="resnet18").train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.randn(1, 3, 32, 32))
+    assert model(torch.randn(2, 3, 32, 32))["out"].shape == (2, 3, 32, 32)
+    cpu = torch.device("cpu")
+    for flags, world_size, refused in ((["--model", "dranet", "--batch-size", "1"], 1, "--model dranet"),
+                                       (["--model", "dranet", "--batch-size", "1"], 2, "--model dranet"),
+                                       (["--crop-size", "8", "--batch-size", "1"], 2, "--crop-size 8"),
+                                       (["--model", "dranet", "--batch-size", "2"], 2, None),
+                                       (["--crop-size", "9", "--batch-size", "1"], 2, None)):
+        args = train.parse_args(flags)
+        if refused is None:
+            train.check_batch_norm(args, cpu, world_size)
+            continue
+        with pytest.raises(train.UserError, match="one value per channel") as error:
+            train.check_batch_norm(args, cpu, world_size)
+        assert str(error.value).startswith(refused)
+        assert (" on each of the 2 processes (without SyncBatchNorm" in str(error.value)) == (world_size == 2)
+
+
+def test_torchrun_dranet_batch_of_one_on_the_cpu_is_refused_before_any_work(tmp_path):
+    """2 CPU processes with --batch-size 1: each one's BatchNorm sees 1 image, which DRANet's 1x1 pooled centre
+    cannot normalise: one line (rank 0), exit 2 on every rank, before any work (no run folder)."""
+    out = tmp_path / "out"
+    result = run_script(tiny(out, "--model", "dranet", "--batch-size", "1", "--iters", "1", "--demo-images", "4"),
+                        cwd=tmp_path, timeout=180, module=TORCHRUN)
+    assert result.returncode == 1 and torchrun_exit_codes(result.stderr) == {0: 2, 1: 2}, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: --model dranet needs a batch of 2 or more on each of the 2 processes (without SyncBatchNorm, on the "
+        "CPU, each process normalises over its own --batch-size): CPAM's 1x1 pooled centre gives BatchNorm one value "
+        "per channel"]
+    assert "ValueError" not in result.stderr and result.stdout == "" and not out.exists()

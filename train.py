@@ -1269,12 +1269,6 @@ def parse_args(argv=None):
     for key, value in DATASETS[args.dataset][1].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model == "dranet" and args.batch_size * int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        p.error("--model dranet needs a batch of 2 or more: CPAM's 1x1 pooled centre gives BatchNorm one value per "
-                "channel")
-    if args.batch_size * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
-        p.error(f"--crop-size {args.crop_size} with --batch-size {args.batch_size} leaves BatchNorm one value per "
-                f"channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop or batch")
     return args
 
 
@@ -1311,6 +1305,30 @@ def setup_device(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     return device, rank, world_size, autocast
+
+
+def sync_batch_norm(device):
+    """Whether the model's BatchNorm layers become SyncBatchNorm (statistics over the global batch): on CUDA under
+    torchrun. SyncBatchNorm is GPU-only: on the CPU each process normalises over its own batch."""
+    return dist.is_initialized() and device.type == "cuda"
+
+
+def check_batch_norm(args, device, world_size):
+    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step (else
+    BatchNorm's ValueError ends the first step, on every process): the images it normalises over (those of
+    this process, or of all of them with sync_batch_norm) times the pixels of its smallest map, DRANet's 1x1 pooled
+    centre or the feature map at OUTPUT_STRIDE. The training loader drops the last, smaller batch."""
+    synced = sync_batch_norm(device)
+    images = args.batch_size * (world_size if synced else 1)
+    each = "" if synced or world_size == 1 else (f" on each of the {world_size} processes (without SyncBatchNorm, on "
+                                                 f"the CPU, each process normalises over its own --batch-size)")
+    if args.model == "dranet" and images < 2:
+        raise UserError(f"--model dranet needs a batch of 2 or more{each}: CPAM's 1x1 pooled centre gives BatchNorm "
+                        f"one value per channel")
+    if images * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
+        raise UserError(f"--crop-size {args.crop_size} with --batch-size {args.batch_size}{each} leaves BatchNorm one "
+                        f"value per channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop "
+                        f"or batch")
 
 
 def peak_memory_gib(device):
@@ -1635,7 +1653,7 @@ def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=
                   (lambda *_: None), args.backbone, class_names)
     if checkpoint is not None:
         load_model_state(raw_model, checkpoint, args.resume)
-    if dist.is_initialized() and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
+    if sync_batch_norm(device):  # BN statistics over the global batch
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device, memory_format=torch.channels_last)
     model = raw_model
@@ -2000,6 +2018,7 @@ def main(argv=None):
     UserError (2) or RunError (3, 4, 5): see the module docstring."""
     args = parse_args(argv)
     device, rank, world_size, autocast = setup_device(args)
+    check_batch_norm(args, device, world_size)  # before any work: what BatchNorm sees depends on the device
     torch.manual_seed(args.seed + rank)
     checkpoint = load_resume_checkpoint(args) if args.resume else None
     run = None
