@@ -3371,7 +3371,8 @@ def test_resume_stays_in_its_folder_and_never_enters_another_run(tmp_path, monke
     del resume[resume.index("--out-dir"):resume.index("--out-dir") + 2]  # no --out-dir
     code, out, err = run_code([*resume, "--resume", a / "last.pt"], capsys)
     assert code == 0, err
-    assert out.splitlines()[-1].startswith("done: best val mIoU ") and out.splitlines()[-1].endswith(f"in {a}")
+    miou = [r for r in read_log(a) if "val_miou" in r][-1]["val_miou"]
+    assert out.splitlines()[-1] == f"done: best val mIoU {miou:.4f}; last.pt and best.pt in {a}"
     assert not (tmp_path / "runs").exists() and folder_bytes(b) == b_files
     ids = {f: torch.load(f / "last.pt", weights_only=True)["run_id"] for f in (a, b)}
     code, _, err = run_code([*resume, "--resume", a / "last.pt", "--out-dir", b], capsys)
@@ -3391,7 +3392,7 @@ def test_resume_stays_in_its_folder_and_never_enters_another_run(tmp_path, monke
     legacy = {k: v for k, v in checkpoint.items() if k != "run_id"}
     torch.save({**legacy, "best_miou": -1.0}, old / "last.pt")
     code, out, err = run_code([*resume, "--resume", old / "last.pt"], capsys)
-    assert code == 0 and out.splitlines()[-1] == f"done: no validation has run; checkpoints in {old}"
+    assert code == 0 and out.splitlines()[-1] == f"done: no validation has run; last.pt in {old}"
     assert "-1.0" not in out
 
 
@@ -4162,3 +4163,39 @@ def test_torchrun_dranet_batch_of_one_on_the_cpu_is_refused_before_any_work(tmp_
         "CPU, each process normalises over its own --batch-size): CPAM's 1x1 pooled centre gives BatchNorm one value "
         "per channel"]
     assert "ValueError" not in result.stderr and result.stdout == "" and not out.exists()
+
+
+def test_done_and_other_messages_name_checkpoints_that_exist(tmp_path, monkeypatch, capsys):
+    """The end of a run names the files it left and where its best is: a run resumed into another folder that
+    finds no better mIoU has no best.pt of its own; before a resumed run's first save, the latest checkpoint is the
+    one it resumed from."""
+    b, c, d = (tmp_path / name for name in "bcd")
+    interrupt_after(monkeypatch, 1, [0])
+    assert run_code(demo_args(b, "--iters", "2"), capsys)[0] == 130  # last.pt of iteration 1, no validation yet
+    monkeypatch.undo()
+    torch.save({**torch.load(b / "last.pt", weights_only=True), "best_miou": 1.0}, b / "best.pt")  # a best that no
+    # validation beats (an mIoU is at most 1), as a best.pt of iteration 1
+    code, out, _ = run_code(demo_args(c, "--iters", "2", "--val-every", "2", "--resume", b / "best.pt"), capsys)
+    assert code == 0 and out.splitlines()[-1] == f"done: last.pt in {c}; the best, val mIoU 1.0000, is {b / 'best.pt'}"
+    assert sorted(p.name for p in c.iterdir()) == ["last.pt", "log.jsonl"]
+    assert [r["val_miou"] < 1 for r in read_log(c) if "val_miou" in r] == [True]
+
+    # resumed at its last iteration: nothing to do, nothing saved in d
+    code, out, _ = run_code(demo_args(d, "--iters", "2", "--val-every", "2", "--resume", c / "last.pt"), capsys)
+    assert code == 0 and out.splitlines()[-1] == (
+        f"done: the latest checkpoint is {c / 'last.pt'} from iteration 2 (resumed from; none saved since); the "
+        f"best, val mIoU 1.0000, was saved by the run that {c / 'last.pt'} continues, and there is no best.pt next "
+        f"to it")
+    assert not (d / "last.pt").exists() and not (d / "best.pt").exists()
+
+    # out of memory in the first step of a run resumed into a new folder: the checkpoint named is the resumed one
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_step", out_of_memory)
+    code, _, err = run_code(demo_args(tmp_path / "e", "--iters", "2", "--val-every", "2", "--resume", b / "best.pt"),
+                            capsys)
+    assert code == train.EXIT_OUT_OF_MEMORY and err[-1].endswith(
+        f"; the latest checkpoint is {b / 'best.pt'} from iteration 1 (resumed from; none saved since): --resume it "
+        f"with a lower --batch-size (the other flags must stay)")
+

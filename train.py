@@ -1910,10 +1910,42 @@ def save(run, name):
         run.saved_iteration = run.iteration
 
 
+def resume_from(run):
+    """The checkpoint to continue this run from: its last.pt, or before its first save the checkpoint it resumed
+    from; None for a new run that has saved none."""
+    if run.saved_iteration is not None:
+        return run.out_dir / "last.pt"
+    return Path(run.args.resume) if run.args.resume else None
+
+
 def latest_checkpoint(run):
-    if run.saved_iteration is None:
+    """What messages say of resume_from(run)."""
+    path = resume_from(run)
+    if path is None:
         return "this run has saved no checkpoint"
-    return f"the latest checkpoint is {run.out_dir / 'last.pt'} from iteration {run.saved_iteration}"
+    if run.saved_iteration is None:
+        return f"the latest checkpoint is {path} from iteration {run.start_iteration} (resumed from; none saved since)"
+    return f"the latest checkpoint is {path} from iteration {run.saved_iteration}"
+
+
+def checkpoints_text(run):
+    """What the run folder holds of this run ("last.pt and best.pt in runs/x") and where the best is, if elsewhere:
+    a run resumed from another folder that found no better mIoU has no best.pt of its own."""
+    files = [] if run.held else [name for name in ("last.pt", "best.pt") if (run.out_dir / name).is_file()]
+    here = f"{' and '.join(files)} in {run.out_dir}" if files else latest_checkpoint(run)
+    if run.held:  # --overwrite, nothing saved: the folder still holds the earlier run
+        here += f"; the earlier run in {run.out_dir} is as it was"
+    if run.best_miou is None:
+        return f"no validation has run; {here}"
+    if "best.pt" in files:
+        return f"best val mIoU {run.best_miou:.4f}; {here}"
+    if not run.args.resume:
+        where = f"is not on disk: there is no {run.out_dir / 'best.pt'}"  # removed since it was saved
+    elif (Path(run.args.resume).parent / "best.pt").is_file():
+        where = f"is {Path(run.args.resume).parent / 'best.pt'}"  # the folder of the run resumed
+    else:
+        where = f"was saved by the run that {run.args.resume} continues, and there is no best.pt next to it"
+    return f"{here}; the best, val mIoU {run.best_miou:.4f}, {where}"
 
 
 def finish(run, status, interrupts):
@@ -1946,8 +1978,7 @@ def finish(run, status, interrupts):
                 pass
         return interrupts.exit_code
     if run.master:
-        best = "no validation has run" if run.best_miou is None else f"best val mIoU {run.best_miou:.4f}"
-        print(f"done: {best}; checkpoints in {run.out_dir}")
+        print(f"done: {checkpoints_text(run)}")
     return 0
 
 
@@ -1968,7 +1999,7 @@ def data_error(run, error):
     else:
         outcome = f"last.pt not saved (the weights are not finite), {latest_checkpoint(run)}"
     log(run, {"iteration": run.iteration, "data_error": message})
-    resume = f"; fix the file, then continue with --resume {last}" if run.saved_iteration is not None else ""
+    resume = f"; fix the file, then continue with --resume {resume_from(run)}" if resume_from(run) else ""
     raise RunError(f"{message} ({where} iteration {run.iteration}): {outcome}{resume}", EXIT_DATA_ERROR)
 
 
@@ -1984,7 +2015,7 @@ def out_of_memory(args, device, run=None):
         lower.append("--precision bf16" + (" (or fp16)" if device.type == "cuda" else ""))
     workers = f"; on the CPU also fewer --workers (now {args.workers})" if device.type == "cpu" and args.workers else ""
     kept = ""
-    if run is not None and run.saved_iteration is not None:
+    if run is not None and resume_from(run):
         kept = f"; {latest_checkpoint(run)}: --resume it with a lower --batch-size (the other flags must stay)"
     elif run is not None:
         kept = f"; {latest_checkpoint(run)}"
