@@ -4068,7 +4068,7 @@ def test_a_signal_while_the_script_imports_torch_is_one_line(script, signum):
     """Ctrl-C or SIGTERM from a script's first lines on, while torch imports: the one line and 128 + the signal
     number, no traceback. The script is started with --help, which prints only once the imports are done: nothing
     on stdout shows that the signal came before."""
-    for delay in (0, 0.05, 0.2):  # seconds after the script's first lines
+    for delay in (0, 0.02, 0.1):  # seconds after the script's first lines, well within the imports
         process = start_importing(script, "--help")
         time.sleep(delay)
         process.send_signal(signum)
