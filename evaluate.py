@@ -16,11 +16,24 @@ back); "slide" averages the logits of overlapping --crop-size windows. With seve
 The metric, the dataset and the whole-image prediction are train.py's: validation there and here agree.
 """
 
+import os
+import signal
+import sys
+
+# Ctrl-C or SIGTERM while the imports below run (torch takes seconds): one line and exit code 128 + the signal number,
+# no traceback, as train.exit_on_signal does for train.py (this file can import it only after torch); then run_main.
+if __name__ == "__main__":
+    def exit_on_signal(signum, frame):
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, exit_on_signal)
+    signal.signal(signal.SIGTERM, exit_on_signal)
+
 import argparse
 import functools
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path

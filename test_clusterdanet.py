@@ -1256,7 +1256,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_a_log_step(tmp_path):
     wait_for(process, "iter 2/1000", timeout=240)
     process.send_signal(signal.SIGTERM)  # to torchrun
     code, stdout, stderr = finish_script(process)
-    assert code != 0  # torchrun reports the signal
+    assert code == 1  # torchrun's code when it was signalled (its SignalException)
     iteration = assert_saved_on_signal(out, "SIGTERM", tmp_path)
     assert iteration % 2 == 0 and 2 <= iteration < 1000
     assert f"SIGTERM: saved {out / 'last.pt'} at iteration {iteration}" in stdout
@@ -1673,11 +1673,12 @@ def test_smallest_crop_is_where_batchnorm_fails():
     model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=32).train()
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         model(torch.randn(1, 3, 8, 8))
+    cpu = torch.device("cpu")
     for batch, crop in ((1, 9), (2, 8), (2, 1)):
         assert model(torch.randn(batch, 3, crop, crop))["out"].shape == (batch, 3, crop, crop)
-        train.parse_args(["--crop-size", str(crop), "--batch-size", str(batch)])  # accepted
+        train.check_batch_norm(train.parse_args(["--crop-size", str(crop), "--batch-size", str(batch)]), cpu, 1)
     with pytest.raises(train.UserError, match="leaves BatchNorm one value per channel"):
-        train.parse_args(["--crop-size", "8", "--batch-size", "1"])
+        train.check_batch_norm(train.parse_args(["--crop-size", "8", "--batch-size", "1"]), cpu, 1)
 
 
 def test_failed_save_leaves_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
@@ -3380,7 +3381,8 @@ def test_resume_stays_in_its_folder_and_never_enters_another_run(tmp_path, monke
     del resume[resume.index("--out-dir"):resume.index("--out-dir") + 2]  # no --out-dir
     code, out, err = run_code([*resume, "--resume", a / "last.pt"], capsys)
     assert code == 0, err
-    assert out.splitlines()[-1].startswith("done: best val mIoU ") and out.splitlines()[-1].endswith(f"in {a}")
+    miou = [r for r in read_log(a) if "val_miou" in r][-1]["val_miou"]
+    assert out.splitlines()[-1] == f"done: best val mIoU {miou:.4f}; last.pt and best.pt in {a}"
     assert not (tmp_path / "runs").exists() and folder_bytes(b) == b_files
     ids = {f: torch.load(f / "last.pt", weights_only=True)["run_id"] for f in (a, b)}
     code, _, err = run_code([*resume, "--resume", a / "last.pt", "--out-dir", b], capsys)
@@ -3400,7 +3402,7 @@ def test_resume_stays_in_its_folder_and_never_enters_another_run(tmp_path, monke
     legacy = {k: v for k, v in checkpoint.items() if k != "run_id"}
     torch.save({**legacy, "best_miou": -1.0}, old / "last.pt")
     code, out, err = run_code([*resume, "--resume", old / "last.pt"], capsys)
-    assert code == 0 and out.splitlines()[-1] == f"done: no validation has run; checkpoints in {old}"
+    assert code == 0 and out.splitlines()[-1] == f"done: no validation has run; last.pt in {old}"
     assert "-1.0" not in out
 
 
@@ -4827,3 +4829,159 @@ def test_overlay_picture_has_captions(tmp_path):
         assert (words < 100).all(-1).sum() > 50
     legend = evaluate.legend([1], ["background", "aeroplane"], picture.shape[1]).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(picture[4 + fH + below + 4:], legend)
+
+
+# ----------------------------------------------------------------------------- signals, processes and the files named
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def start_importing(script, *args):
+    """Start `python script args` and return it once the script's first lines have run: the process catches SIGTERM
+    (SigCgt in /proc/PID/status; Python itself leaves SIGTERM alone), so the imports below them have begun."""
+    process = subprocess.Popen([sys.executable, str(REPO / script), *args], text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    while True:
+        caught = re.search(r"SigCgt:\s*([0-9a-f]+)", Path(f"/proc/{process.pid}/status").read_text()).group(1)
+        if int(caught, 16) >> (signal.SIGTERM - 1) & 1:
+            return process
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_script_imports_torch_is_one_line(script, signum):
+    """Ctrl-C or SIGTERM from a script's first lines on, while torch imports: the one line and 128 + the signal
+    number, no traceback. The script is started with --help, which prints only once the imports are done: nothing
+    on stdout shows that the signal came before."""
+    for delay in (0, 0.02, 0.1):  # seconds after the script's first lines, well within the imports
+        process = start_importing(script, "--help")
+        time.sleep(delay)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=60)
+        assert (process.returncode, stdout, stderr) == (128 + signum, "", f"interrupted by {signum.name}\n"), delay
+
+
+def test_imported_train_and_evaluate_leave_the_signal_handlers_alone():
+    """The scripts' first lines act only when they run as scripts: imported, as here and by evaluate.py, Ctrl-C is
+    Python's KeyboardInterrupt and SIGTERM its default."""
+    code = ("import signal, evaluate, train; "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+            "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout == "True True\n", result.stderr
+
+
+def torchrun_ranks(pid):
+    """{rank: pid} of the processes that torchrun (pid) started, read off /proc."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, parent pid
+            environ = (stat.parent / "environ").read_bytes().split(b"\0") if parent == pid else []
+        except (OSError, ValueError):  # a process that ended meanwhile
+            continue
+        ranks.update({int(e[len(b"RANK="):]): int(stat.parent.name) for e in environ if e.startswith(b"RANK=")})
+    return ranks
+
+
+def torchrun_exit_codes(stderr):
+    """{rank: exit code} from torchrun's report of failed processes."""
+    return {int(rank): int(code) for rank, code in
+            re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", stderr)}
+
+
+def test_sigterm_to_one_rank_under_torchrun_every_rank_stops_for_it(tmp_path):
+    """Only rank 1 receives SIGTERM: rank 0, which received none, saves last.pt saying whose signal it stops for and
+    logs it; both exit 143, also rank 0, which torchrun sends its own SIGTERM as soon as rank 1 has exited.
+    torchrun itself exits 1."""
+    out = tmp_path / "out"
+    process = start_script(tiny(out, "--iters", "1000", "--demo-images", "8", "--log-every", "2",
+                                "--val-every", "1000"), cwd=tmp_path, module=TORCHRUN)
+    wait_for(process, "iter 2/1000", timeout=240)
+    ranks = torchrun_ranks(process.pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGTERM)
+    code, stdout, stderr = finish_script(process)
+    assert code == 1 and torchrun_exit_codes(stderr) == {0: 143, 1: 143}, stderr
+    iteration = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["iteration"]
+    assert iteration % 2 == 0 and 2 <= iteration < 1000
+    assert read_log(out)[-1] == {"iteration": iteration, "interrupted": "SIGTERM", "signalled_rank": 1}
+    last = out / "last.pt"
+    assert stdout.splitlines()[-1] == (f"another process (rank 1) received SIGTERM: saved {last} at iteration "
+                                       f"{iteration}; continue with --resume {last}")
+    assert "SIGINT" not in stdout + stderr and "finishing the step in flight" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"] and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_batch_norm_check_counts_what_each_batch_norm_sees(tmp_path):
+    """Without SyncBatchNorm (a single process, or several on the CPU) each process's BatchNorm sees its own batch:
+    DRANet with batch 1 fails in BatchNorm itself, so the check refuses it, also on 2 CPU processes."""
+    model = DRANet(num_classes=3, backbone="resnet18").train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.randn(1, 3, 32, 32))
+    assert model(torch.randn(2, 3, 32, 32))["out"].shape == (2, 3, 32, 32)
+    cpu = torch.device("cpu")
+    for flags, world_size, refused in ((["--model", "dranet", "--batch-size", "1"], 1, "--model dranet"),
+                                       (["--model", "dranet", "--batch-size", "1"], 2, "--model dranet"),
+                                       (["--crop-size", "8", "--batch-size", "1"], 2, "--crop-size 8"),
+                                       (["--model", "dranet", "--batch-size", "2"], 2, None),
+                                       (["--crop-size", "9", "--batch-size", "1"], 2, None)):
+        args = train.parse_args(flags)
+        if refused is None:
+            train.check_batch_norm(args, cpu, world_size)
+            continue
+        with pytest.raises(train.UserError, match="one value per channel") as error:
+            train.check_batch_norm(args, cpu, world_size)
+        assert str(error.value).startswith(refused)
+        assert (" on each of the 2 processes (without SyncBatchNorm" in str(error.value)) == (world_size == 2)
+
+
+def test_torchrun_dranet_batch_of_one_on_the_cpu_is_refused_before_any_work(tmp_path):
+    """2 CPU processes with --batch-size 1: each one's BatchNorm sees 1 image, which DRANet's 1x1 pooled centre
+    cannot normalise: one line (rank 0), exit 2 on every rank, before any work (no run folder)."""
+    out = tmp_path / "out"
+    result = run_script(tiny(out, "--model", "dranet", "--batch-size", "1", "--iters", "1", "--demo-images", "4"),
+                        cwd=tmp_path, timeout=180, module=TORCHRUN)
+    assert result.returncode == 1 and torchrun_exit_codes(result.stderr) == {0: 2, 1: 2}, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: --model dranet needs a batch of 2 or more on each of the 2 processes (without SyncBatchNorm, on the "
+        "CPU, each process normalises over its own --batch-size): CPAM's 1x1 pooled centre gives BatchNorm one value "
+        "per channel"]
+    assert "ValueError" not in result.stderr and result.stdout == "" and not out.exists()
+
+
+def test_done_and_other_messages_name_checkpoints_that_exist(tmp_path, monkeypatch, capsys):
+    """The end of a run names the files it left and where its best is: a run resumed into another folder that
+    finds no better mIoU has no best.pt of its own; before a resumed run's first save, the latest checkpoint is the
+    one it resumed from."""
+    b, c, d = (tmp_path / name for name in "bcd")
+    interrupt_after(monkeypatch, 1, [0])
+    assert run_code(demo_args(b, "--iters", "2"), capsys)[0] == 130  # last.pt of iteration 1, no validation yet
+    monkeypatch.undo()
+    torch.save({**torch.load(b / "last.pt", weights_only=True), "best_miou": 1.0}, b / "best.pt")  # a best that no
+    # validation beats (an mIoU is at most 1), as a best.pt of iteration 1
+    code, out, _ = run_code(demo_args(c, "--iters", "2", "--val-every", "2", "--resume", b / "best.pt"), capsys)
+    assert code == 0 and out.splitlines()[-1] == f"done: last.pt in {c}; the best, val mIoU 1.0000, is {b / 'best.pt'}"
+    assert sorted(p.name for p in c.iterdir()) == ["last.pt", "log.jsonl"]
+    assert [r["val_miou"] < 1 for r in read_log(c) if "val_miou" in r] == [True]
+
+    # resumed at its last iteration: nothing to do, nothing saved in d
+    code, out, _ = run_code(demo_args(d, "--iters", "2", "--val-every", "2", "--resume", c / "last.pt"), capsys)
+    assert code == 0 and out.splitlines()[-1] == (
+        f"done: the latest checkpoint is {c / 'last.pt'} from iteration 2 (resumed from; none saved since); the "
+        f"best, val mIoU 1.0000, was saved by the run that {c / 'last.pt'} continues, and there is no best.pt next "
+        f"to it")
+    assert not (d / "last.pt").exists() and not (d / "best.pt").exists()
+
+    # out of memory in the first step of a run resumed into a new folder: the checkpoint named is the resumed one
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_step", out_of_memory)
+    code, _, err = run_code(demo_args(tmp_path / "e", "--iters", "2", "--val-every", "2", "--resume", b / "best.pt"),
+                            capsys)
+    assert code == train.EXIT_OUT_OF_MEMORY and err[-1].endswith(
+        f"; the latest checkpoint is {b / 'best.pt'} from iteration 1 (resumed from; none saved since): --resume it "
+        f"with a lower --batch-size (the other flags must stay)")
+

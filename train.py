@@ -25,19 +25,33 @@ Exit codes (the README lists the same):
   70   an unexpected error, a bug: its traceback, then one line asking to report it
   130  stopped by Ctrl-C (SIGINT), after saving last.pt (unless a second signal came in the middle of a step)
   143  stopped by SIGTERM, the same way
+Under torchrun each process exits with its code (torchrun's summary lists them) and torchrun itself with 1.
 """
+
+import os
+import signal
+import sys
+
+
+def exit_on_signal(signum, frame):
+    """Ctrl-C or SIGTERM before run_main takes over, while the imports below run (torch takes seconds): one line and
+    exit code 128 + the signal number, as later, and no traceback. Nothing has started: nothing to save or clean."""
+    print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # a script from its first line (evaluate.py does the same); imported, nothing changes
+    signal.signal(signal.SIGINT, exit_on_signal)
+    signal.signal(signal.SIGTERM, exit_on_signal)
 
 import argparse
 import codecs
 import errno
 import json
 import math
-import os
 import pickle
 import re
-import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -102,13 +116,15 @@ def error_line(error):
 def run_main(main):
     """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
     worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
-    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143. Any other exception is a
-    bug: its traceback and EXIT_BUG."""
-    def on_sigterm(signum, frame):
+    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143: a KeyboardInterrupt, so
+    that what is open is closed on the way out (exit_on_signal, before, could not). Any other exception is a bug: its
+    traceback and EXIT_BUG."""
+    def on_signal(signum, frame):
         raise KeyboardInterrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rank = int(os.environ.get("RANK", 0))  # under torchrun: every process runs the same checks on the same inputs
+    code = None
     try:
         code = main()
     except UserError as e:
@@ -129,7 +145,12 @@ def run_main(main):
               file=sys.stderr)
         code = EXIT_BUG
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # Under torchrun a process that ends with an exit code other than 0 ignores signals until it has exited:
+        # torchrun sends SIGTERM to the processes still running as soon as one has, and would cut their exit short
+        # (exit code -15) when they all end the same way (the same user error, or the same interrupt: Interrupts.close)
+        ending = code and "WORLD_SIZE" in os.environ
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN if ending else handler)
     if code:
         sys.exit(code)
 
@@ -851,13 +872,20 @@ def per_class(values, class_names):
     return {name: None if math.isnan(v) else v for name, v in zip(class_names, values)}
 
 
+def each_rank(value, device):
+    """[the whole number `value` of rank 0, of rank 1, ...]: one all_reduce under torch.distributed, [value] in a
+    single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values)  # each rank fills its own entry, the others are 0: the sum holds every rank's value
+    return values.tolist()
+
+
 def any_rank(flag, device):
     """`flag` or-ed over the processes: one all_reduce under torch.distributed, nothing in a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    flag = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+    return any(each_rank(int(bool(flag)), device))
 
 
 def predict_logits(model, images):
@@ -1271,12 +1299,6 @@ def parse_args(argv=None):
     for key, value in DATASETS[args.dataset][1].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model == "dranet" and args.batch_size * int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        p.error("--model dranet needs a batch of 2 or more: CPAM's 1x1 pooled centre gives BatchNorm one value per "
-                "channel")
-    if args.batch_size * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
-        p.error(f"--crop-size {args.crop_size} with --batch-size {args.batch_size} leaves BatchNorm one value per "
-                f"channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop or batch")
     return args
 
 
@@ -1313,6 +1335,30 @@ def setup_device(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     return device, rank, world_size, autocast
+
+
+def sync_batch_norm(device):
+    """Whether the model's BatchNorm layers become SyncBatchNorm (statistics over the global batch): on CUDA under
+    torchrun. SyncBatchNorm is GPU-only: on the CPU each process normalises over its own batch."""
+    return dist.is_initialized() and device.type == "cuda"
+
+
+def check_batch_norm(args, device, world_size):
+    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step (else
+    BatchNorm's ValueError ends the first step, on every process): the images it normalises over (those of
+    this process, or of all of them with sync_batch_norm) times the pixels of its smallest map, DRANet's 1x1 pooled
+    centre or the feature map at OUTPUT_STRIDE. The training loader drops the last, smaller batch."""
+    synced = sync_batch_norm(device)
+    images = args.batch_size * (world_size if synced else 1)
+    each = "" if synced or world_size == 1 else (f" on each of the {world_size} processes (without SyncBatchNorm, on "
+                                                 f"the CPU, each process normalises over its own --batch-size)")
+    if args.model == "dranet" and images < 2:
+        raise UserError(f"--model dranet needs a batch of 2 or more{each}: CPAM's 1x1 pooled centre gives BatchNorm "
+                        f"one value per channel")
+    if images * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
+        raise UserError(f"--crop-size {args.crop_size} with --batch-size {args.batch_size}{each} leaves BatchNorm one "
+                        f"value per channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop "
+                        f"or batch")
 
 
 def peak_memory_gib(device):
@@ -1370,11 +1416,14 @@ class Interrupts:
     The first signal asks the loop to stop: it finishes the step in flight (a validation in progress is
     abandoned), saves last.pt and exits with 128 + the signal number: 130 for SIGINT, 143 for SIGTERM. A second
     one stops at once (KeyboardInterrupt): last.pt is then saved only if the run is not half-way through a step
-    or a save (see stop_at_once).
+    or a save (see stop_at_once). Under torchrun the processes stop together when any of them received a signal;
+    each one reports and exits with the signal it received or, if it received none, with that of the first process
+    that did (agree).
     """
 
     def __init__(self, message=None):
         self.message, self.signum, self.pid = message, None, os.getpid()
+        self.signalled_rank, self.others_signum = None, None  # set by agree in a process that received no signal
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1397,13 +1446,34 @@ class Interrupts:
     def requested(self):
         return self.signum is not None
 
+    def agree(self, device):
+        """Once the processes have agreed to stop: which process received which signal (one all_reduce under
+        torchrun, every process calls it). A process that received none stops for the first process that did."""
+        signals = each_rank(self.signum or 0, device)  # the signal number of each rank, 0 where none came
+        if self.signum is None:
+            self.signalled_rank = next((rank for rank, signum in enumerate(signals) if signum), None)
+            self.others_signum = signals[self.signalled_rank] if self.signalled_rank is not None else None
+
+    def close(self):
+        """Ignore Ctrl-C and SIGTERM from now on, nothing given back (under torchrun, once this process has done its
+        part of the stop): torchrun sends SIGTERM to the processes still running as soon as one has exited, and
+        that must neither cut their exit short nor change its code (run_main keeps them ignored to the end)."""
+        for s in self.previous:
+            signal.signal(s, signal.SIG_IGN)
+        self.previous = {}
+
+    @property
+    def stop_signum(self):
+        """The signal this process stops for: its own, or the one another process received (agree)."""
+        return self.signum or self.others_signum or signal.SIGINT
+
     @property
     def name(self):
-        return signal.Signals(self.signum or signal.SIGINT).name  # another rank may have been the one signalled
+        return signal.Signals(self.stop_signum).name
 
     @property
     def exit_code(self):
-        return 128 + (self.signum or signal.SIGINT)
+        return 128 + self.stop_signum
 
 
 # A resumed run is the same run: these flags change the model, the loss, the data (or their order), the numerics or
@@ -1655,7 +1725,7 @@ def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=
                   (lambda *_: None), args.backbone, class_names)
     if checkpoint is not None:
         load_model_state(raw_model, checkpoint, args.resume)
-    if dist.is_initialized() and device.type == "cuda":  # BN statistics over the global batch (SyncBN is GPU-only)
+    if sync_batch_norm(device):  # BN statistics over the global batch
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device, memory_format=torch.channels_last)
     model = raw_model
@@ -1972,10 +2042,42 @@ def save(run, name):
         run.saved_iteration = run.iteration
 
 
+def resume_from(run):
+    """The checkpoint to continue this run from: its last.pt, or before its first save the checkpoint it resumed
+    from; None for a new run that has saved none."""
+    if run.saved_iteration is not None:
+        return run.out_dir / "last.pt"
+    return Path(run.args.resume) if run.args.resume else None
+
+
 def latest_checkpoint(run):
-    if run.saved_iteration is None:
+    """What messages say of resume_from(run)."""
+    path = resume_from(run)
+    if path is None:
         return "this run has saved no checkpoint"
-    return f"the latest checkpoint is {run.out_dir / 'last.pt'} from iteration {run.saved_iteration}"
+    if run.saved_iteration is None:
+        return f"the latest checkpoint is {path} from iteration {run.start_iteration} (resumed from; none saved since)"
+    return f"the latest checkpoint is {path} from iteration {run.saved_iteration}"
+
+
+def checkpoints_text(run):
+    """What the run folder holds of this run ("last.pt and best.pt in runs/x") and where the best is, if elsewhere:
+    a run resumed from another folder that found no better mIoU has no best.pt of its own."""
+    files = [] if run.held else [name for name in ("last.pt", "best.pt") if (run.out_dir / name).is_file()]
+    here = f"{' and '.join(files)} in {run.out_dir}" if files else latest_checkpoint(run)
+    if run.held:  # --overwrite, nothing saved: the folder still holds the earlier run
+        here += f"; the earlier run in {run.out_dir} is as it was"
+    if run.best_miou is None:
+        return f"no validation has run; {here}"
+    if "best.pt" in files:
+        return f"best val mIoU {run.best_miou:.4f}; {here}"
+    if not run.args.resume:
+        where = f"is not on disk: there is no {run.out_dir / 'best.pt'}"  # removed since it was saved
+    elif (Path(run.args.resume).parent / "best.pt").is_file():
+        where = f"is {Path(run.args.resume).parent / 'best.pt'}"  # the folder of the run resumed
+    else:
+        where = f"was saved by the run that {run.args.resume} continues, and there is no best.pt next to it"
+    return f"{here}; the best, val mIoU {run.best_miou:.4f}, {where}"
 
 
 def finish(run, status, interrupts):
@@ -1991,15 +2093,24 @@ def finish(run, status, interrupts):
                   f"than {run.args.lr:g}", file=sys.stderr)
         return EXIT_DIVERGED
     if status == "interrupted":
+        interrupts.agree(run.device)
         if run.saved_iteration != run.iteration:
             save(run, "last.pt")
-        log(run, {"iteration": run.iteration, "interrupted": interrupts.name},
-            f"{interrupts.name}: saved {run.out_dir / 'last.pt'} at iteration {run.iteration}; continue with "
-            f"--resume {run.out_dir / 'last.pt'}")
+        record, said = {"iteration": run.iteration, "interrupted": interrupts.name}, interrupts.name
+        if interrupts.signum is None and interrupts.signalled_rank is not None:  # stopped for another process
+            record["signalled_rank"] = interrupts.signalled_rank
+            said = f"another process (rank {interrupts.signalled_rank}) received {interrupts.name}"
+        last = run.out_dir / "last.pt"
+        log(run, record, f"{said}: saved {last} at iteration {run.iteration}; continue with --resume {last}")
+        if run.world_size > 1:
+            interrupts.close()
+            try:
+                dist.barrier()  # no process exits before rank 0 has saved: torchrun would then stop it (see close)
+            except RuntimeError:  # rank 0 stopped at once (a second signal while it saved): nothing to wait for
+                pass
         return interrupts.exit_code
     if run.master:
-        best = "no validation has run" if run.best_miou is None else f"best val mIoU {run.best_miou:.4f}"
-        print(f"done: {best}; checkpoints in {run.out_dir}")
+        print(f"done: {checkpoints_text(run)}")
     return 0
 
 
@@ -2020,7 +2131,7 @@ def data_error(run, error):
     else:
         outcome = f"last.pt not saved (the weights are not finite), {latest_checkpoint(run)}"
     log(run, {"iteration": run.iteration, "data_error": message})
-    resume = f"; fix the file, then continue with --resume {last}" if run.saved_iteration is not None else ""
+    resume = f"; fix the file, then continue with --resume {resume_from(run)}" if resume_from(run) else ""
     raise RunError(f"{message} ({where} iteration {run.iteration}): {outcome}{resume}", EXIT_DATA_ERROR)
 
 
@@ -2036,7 +2147,7 @@ def out_of_memory(args, device, run=None):
         lower.append("--precision bf16" + (" (or fp16)" if device.type == "cuda" else ""))
     workers = f"; on the CPU also fewer --workers (now {args.workers})" if device.type == "cpu" and args.workers else ""
     kept = ""
-    if run is not None and run.saved_iteration is not None:
+    if run is not None and resume_from(run):
         kept = f"; {latest_checkpoint(run)}: --resume it with a lower --batch-size (the other flags must stay)"
     elif run is not None:
         kept = f"; {latest_checkpoint(run)}"
@@ -2070,6 +2181,7 @@ def main(argv=None):
     UserError (2) or RunError (3, 4, 5): see the module docstring."""
     args = parse_args(argv)
     device, rank, world_size, autocast = setup_device(args)
+    check_batch_norm(args, device, world_size)  # before any work: what BatchNorm sees depends on the device
     torch.manual_seed(args.seed + rank)
     checkpoint = load_resume_checkpoint(args) if args.resume else None
     run = None
