@@ -1643,8 +1643,8 @@ def test_truncated_checkpoint_exits_2_from_the_command_line(demo_run, tmp_path):
     (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
     (["--benchmark", "--benchmark-steps", "0"], "argument --benchmark-steps: expected a whole number >= 1, got '0'"),
     (["--workers", "-1"], "argument --workers: expected a whole number >= 0, got '-1'"),
-    (["--num-clusters", "12"], "argument --num-clusters: expected a multiple of 8 (position attention reads the K "
-                               "similarities through K / 8 query dimensions), got 12"),
+    (["--num-clusters", "12"], "argument --num-clusters: --model danet needs a multiple of 8 (position attention "
+                               "reads K / 8 query dimensions), got 12"),
     (["--device", "gpu"], "--device gpu is not supported: use cuda, cuda:N or cpu"),
     (["--device", "mps"], "--device mps is not supported: use cuda, cuda:N or cpu"),
     (["--device", "tpu3"], "--device tpu3 is not supported: use cuda, cuda:N or cpu"),
@@ -2486,7 +2486,8 @@ def test_old_checkpoint_without_the_new_keys_is_clusterdanet(demo_run, tmp_path)
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--multi-grid"], "multi-grid needs a Bottleneck ResNet (resnet50, resnet101, resnet152), not resnet18"),
+    (["--multi-grid"], "--multi-grid needs a Bottleneck ResNet (--backbone resnet50, resnet101, resnet152), not "
+                       "resnet18"),
     (["--no-clustering", "--num-clusters", "64"], "which --no-clustering leaves out"),
     (["--no-clustering", "--cluster-init", "data"], "which --no-clustering leaves out"),
     (["--init-from", "a.pt", "--resume", "b.pt"], "--init-from starts a new run"),
@@ -3493,8 +3494,8 @@ def test_init_from_says_when_backbone_or_classes_differ(demo_run):
     model = ClusterDANet(num_classes=4, backbone="resnet34")
     train.init_from(model, demo_run / "last.pt", lines.append, "resnet34", list(train.SHAPE_CLASSES))
     loaded = re.match(rf"init from {re.escape(str(demo_run / 'last.pt'))} \(a train.py checkpoint\): loaded (\d+) of "
-                      rf"(\d+) tensors, (\d+)% of the model's parameters", lines[0])
-    assert loaded and int(loaded[1]) < int(loaded[2]) and int(loaded[3]) < 100
+                      rf"(\d+) tensors, ([\d.]+)% of the model's parameters", lines[0])
+    assert loaded and int(loaded[1]) < int(loaded[2]) and float(loaded[3]) < 100
     assert lines[1] == ("  the file's backbone is resnet18, this model's resnet34: only the tensors whose names and "
                         "shapes happen to match were loaded")
 
@@ -4985,3 +4986,202 @@ def test_done_and_other_messages_name_checkpoints_that_exist(tmp_path, monkeypat
         f"; the latest checkpoint is {b / 'best.pt'} from iteration 1 (resumed from; none saved since): --resume it "
         f"with a lower --batch-size (the other flags must stay)")
 
+
+# ----------------------------------------------------------------------------- messages that name the user's flag
+
+BOTTLENECK = "needs a Bottleneck ResNet (--backbone resnet50, resnet101, resnet152), not"
+FLAG_ERRORS = [  # train.py flags (after tiny's) -> fragments of the one error line
+    (["--model", "dranet", "--num-clusters", "24"],
+     ["argument --num-clusters: --model dranet needs a multiple of 16 (compact channel attention reads K / 16",
+      "got 24 (see --help)"]),
+    (["--model", "dranet", "--num-clusters", "8"], ["--num-clusters: --model dranet needs a multiple of 16", "got 8"]),
+    (["--model", "dranet", "--num-clusters", "40", "--benchmark"], ["--model dranet needs a multiple of 16", "got 40"]),
+    (["--num-clusters", "20"], ["argument --num-clusters: --model danet needs a multiple of 8 (position attention "
+                                "reads K / 8 query dimensions), got 20"]),
+    (["--no-clustering", "--num-clusters", "24"], ["--num-clusters, --cluster-init and --cluster-reseed set the "
+                                                   "clustering layers, which --no-clustering leaves out"]),
+    (["--deep-stem"], [f"--deep-stem {BOTTLENECK} resnet18 (see --help)"]),
+    (["--model", "dranet", "--multi-grid", "--backbone", "resnet34"], [f"--multi-grid {BOTTLENECK} resnet34"]),
+]
+
+
+@pytest.mark.parametrize("flags, fragments", FLAG_ERRORS, ids=[" ".join(f) for f, _ in FLAG_ERRORS])
+def test_bad_flag_combination_is_one_line_naming_the_flag_before_any_work(flags, fragments, tmp_path, capsys):
+    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "1", *flags))
+    assert all(f in line for f in fragments), line
+    assert "Attention" not in line and "channels divisible" not in line  # not the model classes' words
+    assert not (tmp_path / "out").exists()
+
+
+def test_deep_stem_on_the_demo_names_the_default_backbone(tmp_path, capsys):
+    line = cli_error(capsys, ["--deep-stem", "--device", "cpu", "--out-dir", tmp_path / "out"])
+    assert line == f"error: --deep-stem {BOTTLENECK} resnet18 (the demo's default) (see --help)"
+
+
+def test_the_issue_command_exits_2_with_one_line(tmp_path):
+    result = run_script(["--model", "dranet", "--num-clusters", "24", "--out-dir", str(tmp_path / "out")], cwd=tmp_path)
+    assert_script_error(result, "--num-clusters", "24", "--model dranet", "a multiple of 16")
+
+
+def test_num_clusters_rule_is_what_each_model_builds_and_help_says_it(capsys):
+    """parse_args accepts K exactly when the model with clustering builds with it; without clustering each model
+    builds on the small and the Bottleneck backbones (deep stem too): the branch width suits every model."""
+    for name, model in train.MODELS.items():
+        for k in (8, 16, 24, 32, 40, 48):
+            try:
+                model(num_classes=2, backbone="resnet18", num_clusters=k)
+                builds = True
+            except ValueError:
+                builds = False
+            try:
+                train.parse_args(["--model", name, "--num-clusters", str(k)])
+                accepted = True
+            except train.UserError as e:
+                assert f"--model {name} needs a multiple of" in str(e)
+                accepted = False
+            assert accepted == builds, (name, k)
+        for backbone, deep_stem in (("resnet18", False), ("resnet50", True)):
+            for clustering in (True, False):
+                args = train.parse_args(["--model", name, "--backbone", backbone, "--no-pretrained"]
+                                        + ["--deep-stem"] * deep_stem + ["--no-clustering"] * (not clustering))
+                train.build_model({**vars(args), "num_classes": 2})  # the default K or the plain width
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model danet a multiple of 8 (position attention" in text
+    assert "--model dranet a multiple of 16 (compact channel attention" in text
+
+
+def random_checkpoint(model, path, config):
+    """Save `model`'s state with every tensor changed (floats uniform in 2..3, integers 7, booleans flipped), so that
+    a tensor of a fresh model equals the file's only when it was copied from it. Returns the saved tensors."""
+    generator = torch.Generator().manual_seed(1)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            state[name] = 2 + torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype)
+        elif tensor.dtype == torch.bool:
+            state[name] = ~tensor
+        else:
+            state[name] = torch.full_like(tensor, 7)
+    train.save_checkpoint({"model": state, "args": config, "iteration": 3}, path)
+    return state
+
+
+def check_init_report(model, source, lines):
+    """The numbers of init_from's first line against a count of the model's tensors that equal the file's."""
+    found = re.match(r"init from .* checkpoint\): loaded (\d+) of (\d+) tensors, (100|[\d.]+)% of the model's "
+                     r"parameters", lines[0])
+    assert found, lines[0]
+    state, parameters = model.state_dict(), dict(model.named_parameters())
+    equal = {n for n, t in state.items() if n in source and t.shape == source[n].shape and torch.equal(t, source[n])}
+    assert int(found[1]) == len(equal) and int(found[2]) == len(state)
+    share = sum(p.numel() for n, p in parameters.items() if n in equal) / sum(p.numel() for p in parameters.values())
+    if found[3] == "100":
+        assert share == 1
+    else:
+        assert float(found[3]) <= 100 * share < float(found[3]) + 0.1 and share < 1
+    listed = sum(int(re.match(r"  (kept fresh|skipped)[^0-9]* (\d+):", line)[2]) for line in lines
+                 if line.startswith(("  kept fresh", "  skipped")))
+    assert listed == len(state) - len(equal)  # every tensor not loaded is listed, once
+    return float(found[3]), share
+
+
+@pytest.mark.parametrize("file_model, file_clustering, model, clustering, other", [
+    ("dranet", True, "danet", True, "ClusterDRANet (this model is ClusterDANet)"),
+    ("danet", True, "dranet", False, "ClusterDANet (this model is DRANet)"),
+    ("danet", False, "danet", True, "DANet (this model is ClusterDANet)"),
+    ("danet", True, "danet", True, None),
+])
+def test_init_from_another_model_says_so_and_counts_what_it_loaded(file_model, file_clustering, model, clustering,
+                                                                   other, tmp_path):
+    torch.manual_seed(0)
+    config = {"model": file_model, "clustering": file_clustering, "backbone": "resnet18"}
+    source = random_checkpoint(train.MODELS[file_model](4, "resnet18", clustering=file_clustering), tmp_path / "f.pt",
+                               config)
+    target = train.MODELS[model](4, "resnet18", clustering=clustering)
+    lines = []
+    train.init_from(target, tmp_path / "f.pt", lines.append, "resnet18")
+    reported, share = check_init_report(target, source, lines)
+    says = [line for line in lines if "another model" in line]
+    if other is None:
+        assert not says and reported == 100
+    else:
+        assert says == [f"  the file holds another model, {other}: only the tensors whose names and shapes happen to "
+                        f"match were loaded"]
+    if file_model != model:
+        assert share < 1 and reported < 100  # a few head tensors were not loaded: the share says it, not "100%"
+
+
+def test_init_from_original_danet_into_dranet_says_it_is_another_model(original_checkpoint):
+    path, _ = original_checkpoint
+    model = DRANet(num_classes=19, backbone="resnet50", multi_grid=True, clustering=False)
+    lines = []
+    train.init_from(model, path, lines.append, "resnet50")
+    assert lines[0].startswith(f"init from {path} (the original DANet code's checkpoint): loaded ")
+    assert lines[1] == ("  the file holds another model, DANet (this model is DRANet): only the tensors whose names "
+                        "and shapes happen to match were loaded")
+    reported, share = check_init_report(model, train.load_checkpoint(path)["model"], lines)
+    assert reported < 100 and share < 1
+
+
+def test_percent_is_never_rounded_to_all_or_nothing():
+    assert [train.percent(*p) for p in ((5, 5), (0, 5), (9999, 10000), (1, 2000), (1, 1000), (1, 3))] == \
+        ["100%", "0%", "99.9%", "under 0.1%", "0.1%", "33.3%"]
+
+
+def test_image_of_a_kind_not_read_is_named_when_its_partner_is_refused(tmp_path, capsys):
+    """Folder dataset, Cityscapes and VOC: the file that is there under a name not read is named, with what is read."""
+    root = tmp_path / "folder"
+    make_folder(root)
+    images, masks = root / "images" / "train", root / "masks" / "train"
+    Image.new("RGB", (8, 8)).save(images / "extra.webp")
+    Image.new("L", (8, 8)).save(masks / "extra.png")
+    flags = tiny(tmp_path / "out", "--dataset", "folder", "--data-root", root, "--iters", "1")
+    assert cli_error(capsys, flags) == (
+        f"error: mask {masks / 'extra.png'} has no image {images / 'extra.jpg'} (.jpeg, .png): found "
+        f"{images / 'extra.webp'}, a .webp file, which is not read (readable: .jpg, .jpeg, .png)")
+    (masks / "extra.png").rename(masks / "extra.bmp")
+    (images / "extra.webp").rename(images / "extra.png")
+    assert cli_error(capsys, flags) == (f"error: image {images / 'extra.png'} has no mask {masks / 'extra.png'}: "
+                                        f"found {masks / 'extra.bmp'}, a .bmp file, which is not read (readable: .png)")
+    for path in images.iterdir():
+        path.rename(path.with_suffix(".tif" if path.suffix == ".png" else ".webp"))
+    assert cli_error(capsys, flags) == (f"error: {images} holds no images (NAME.jpg, .jpeg or .png, also in "
+                                        f"subfolders): it holds 5 other files (.tif, .webp), which are not read")
+
+    root = tmp_path / "cityscapes"
+    make_cityscapes(root)
+    flags = tiny(tmp_path / "out", "--dataset", "cityscapes", "--data-root", root, "--iters", "1")
+    city = root / "gtFine" / "train" / "bremen"
+    (city / "bremen_000001_000019_gtFine_labelIds.png").unlink()
+    assert cli_error(capsys, flags) == (
+        f"error: image {root}/leftImg8bit/train/bremen/bremen_000001_000019_leftImg8bit.png has no mask "
+        f"{city / 'bremen_000001_000019_gtFine_labelIds.png'}: found {city / 'bremen_000001_000019_gtFine_color.png'} "
+        f"(and bremen_000001_000019_gtFine_instanceIds.png, bremen_000001_000019_gtFine_polygons.json), which are not "
+        f"read (readable: _gtFine_labelIds.png)")
+    (city / "bremen_000001_000019_gtFine_color.png").rename(city / "bremen_000001_000019_gtFine_labelIds.png")
+    image = root / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    Image.open(image).save(image.with_suffix(".jpg"))
+    image.unlink()
+    assert cli_error(capsys, flags) == (
+        f"error: mask {root}/gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png has no image {image}: found "
+        f"{image.with_suffix('.jpg')}, a .jpg file, which is not read (readable: _leftImg8bit.png)")
+    for path in (root / "leftImg8bit" / "train").glob("*/*.png"):
+        path.rename(path.with_suffix(".jpg"))
+    assert cli_error(capsys, flags) == (
+        f"error: {root / 'leftImg8bit' / 'train'} holds no <city>/<id>_leftImg8bit.png images: found "
+        f"{image.with_suffix('.jpg')} and 3 more, which are not read")
+
+    voc = make_voc(tmp_path / "voc")
+    flags = tiny(tmp_path / "out", "--data-root", voc, "--train-split", "train", "--iters", "1")
+    jpeg = voc / "JPEGImages" / "2007_000001.jpg"
+    Image.open(jpeg).save(jpeg.with_suffix(".png"))
+    jpeg.unlink()
+    split = voc / "ImageSets" / "Segmentation" / "train.txt"
+    assert cli_error(capsys, flags) == (f"error: image listed in {split} not found: {jpeg}: found "
+                                        f"{jpeg.with_suffix('.png')}, a .png file, which is not read (readable: .jpg)")
+    jpeg.with_suffix(".png").rename(jpeg.with_suffix(".JPG"))
+    (voc / "JPEGImages" / "2007_000002.jpg").unlink()
+    assert cli_error(capsys, flags) == (f"error: image listed in {split} not found: {jpeg} (and 1 more): found "
+                                        f"{jpeg.with_suffix('.JPG')}, which is not read (readable: .jpg)")

@@ -70,7 +70,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import (BACKBONES, MODELS, OUTPUT_STRIDE, ClusteringLayer, is_original_checkpoint,
+from clusterdanet import (BACKBONES, MODELS, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer, CompactChannelAttention,
+                          CompactPositionAttention, DRANet, PositionAttention, is_original_checkpoint,
                           original_state_and_config)
 
 try:
@@ -155,10 +156,11 @@ def run_main(main):
         sys.exit(code)
 
 
-def check_files_exist(paths, what):
+def check_files_exist(paths, what, readable=None):
     """A UserError naming the first of `paths` that is not a readable file (missing, a folder, a broken link, not
     readable), and how many more are not; for datasets to call when they are built, not when a bad entry is first
-    read (hours into training)."""
+    read (hours into training). With `readable` (the suffixes read), a missing file's namesake of another suffix
+    is named too (see found_beside)."""
     bad = {}  # problem -> paths
     for path in map(Path, paths):
         if path.is_file():
@@ -179,7 +181,26 @@ def check_files_exist(paths, what):
     if bad:
         problem, first = next((problem, paths[0]) for problem, paths in bad.items())
         more = sum(map(len, bad.values())) - 1
-        raise UserError(f"{what} {problem}: {first}" + (f" (and {more} more)" if more else ""))
+        found = found_beside(first, readable) if readable and problem == "not found" else ""
+        raise UserError(f"{what} {problem}: {first}" + (f" (and {more} more)" if more else "") + found)
+
+
+def found_beside(path, readable, prefix=None):
+    """For the message on a file `path` that is not there: ": found P, a .webp file, which is not read (readable:
+    .jpg, .png)" naming the files in its folder that have its stem (a.webp for a.jpg) or, given `prefix`, whose
+    names start with it (X_gtFine_color.png for X_gtFine_labelIds.png); "" when there is none."""
+    path = Path(path)
+    try:
+        found = sorted(p for p in path.parent.iterdir() if p != path and not p.name.startswith(".")
+                       and (p.name.startswith(prefix) if prefix else p.stem == path.stem))
+    except OSError:  # no such folder: nothing found
+        return ""
+    if not found:
+        return ""
+    kind = f", a {found[0].suffix} file" if len(found) == 1 and found[0].suffix.lower() != path.suffix.lower() else ""
+    more = f" (and {', '.join(p.name for p in found[1:4])}{', ...' if len(found) > 4 else ''})" if found[1:] else ""
+    return (f": found {found[0]}{more}{kind}, which {'is' if len(found) == 1 else 'are'} not read (readable: "
+            f"{', '.join(readable)})")
 
 
 def temporary_path(path):
@@ -505,8 +526,8 @@ class VOCSegmentation(Dataset):
             raise UserError(f"split file {split_file} lists no images")
         self.images = [self.root / "JPEGImages" / f"{i}.jpg" for i in self.ids]
         self.masks = [mask_dir / f"{i}.png" for i in self.ids]
-        check_files_exist(self.images, f"image listed in {split_file}")
-        check_files_exist(self.masks, f"mask listed in {split_file}")
+        check_files_exist(self.images, f"image listed in {split_file}", readable=(".jpg",))
+        check_files_exist(self.masks, f"mask listed in {split_file}", readable=(".png",))
         self.transform = transform or eval_transform()
         self.class_names, self.split = VOC_CLASSES, split
         self.mask_labels = ([*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")  # for read_pair
@@ -559,10 +580,20 @@ class Cityscapes(Dataset):
             images = {p.name.removesuffix("_leftImg8bit.png"): p for p in image_dir.glob("*/*_leftImg8bit.png")}
             masks = {p.name.removesuffix("_gtFine_labelIds.png"): p for p in mask_dir.glob("*/*_gtFine_labelIds.png")}
             if not images:
-                raise UserError(f"{image_dir} holds no <city>/<id>_leftImg8bit.png images")
-            ids, image_paths, mask_paths = pair_files(  # the partner is looked for in the same city's folder
-                images, masks, lambda i: mask_dir / images[i].parent.name / f"{i}_gtFine_labelIds.png",
-                lambda i: image_dir / masks[i].parent.name / f"{i}_leftImg8bit.png")
+                others = sorted(image_dir.glob("*/*_leftImg8bit.*"))
+                found = (f": found {others[0]}" + (f" and {len(others) - 1} more" if others[1:] else "") +
+                         f", which {'are' if others[1:] else 'is'} not read") if others else ""
+                raise UserError(f"{image_dir} holds no <city>/<id>_leftImg8bit.png images{found}")
+
+            def mask_of(i):  # the partner is looked for in the same city's folder; X_gtFine_color.png is named
+                path = mask_dir / images[i].parent.name / f"{i}_gtFine_labelIds.png"
+                return f"{path}" + found_beside(path, ("_gtFine_labelIds.png",), prefix=f"{i}_gtFine_")
+
+            def image_of(i):
+                path = image_dir / masks[i].parent.name / f"{i}_leftImg8bit.png"
+                return f"{path}" + found_beside(path, ("_leftImg8bit.png",))
+
+            ids, image_paths, mask_paths = pair_files(images, masks, mask_of, image_of)
             self.ids, self.images, self.masks = self.ids + ids, self.images + image_paths, self.masks + mask_paths
         check_files_exist(self.images, f"image under {root / 'leftImg8bit'}")
         check_files_exist(self.masks, f"mask under {root / 'gtFine'}")
@@ -596,8 +627,8 @@ def read_class_names(path):
 def files_under(folder, suffixes):
     """{relative path without suffix: path} of the files under `folder` and its subfolders whose suffix is one of
     `suffixes` (any case); names starting with "." (hidden files and folders, macOS's ._NAME resource forks) are
-    left out and counted. Returns (files, number left out)."""
-    files, hidden = {}, 0
+    left out and counted. Returns (files, number left out, the other files: [path] of another suffix)."""
+    files, hidden, others = {}, 0, []
     for parent, folders, names in os.walk(folder, followlinks=True):
         hidden += sum(name.startswith(".") for name in folders)
         folders[:] = sorted(name for name in folders if not name.startswith("."))
@@ -611,7 +642,9 @@ def files_under(folder, suffixes):
                 if key in files:
                     raise UserError(f"{files[key]} and {path} have the same name")
                 files[key] = path
-    return files, hidden
+            else:
+                others.append(path)
+    return files, hidden, others
 
 
 class FolderDataset(Dataset):
@@ -642,13 +675,17 @@ class FolderDataset(Dataset):
             for folder in (image_dir, mask_dir):
                 if not folder.is_dir():
                     raise UserError(f"folder {folder} not found (see README for the layout){looks_like(root)}")
-            images, hidden_images = files_under(image_dir, self.EXTENSIONS)
-            masks, hidden_masks = files_under(mask_dir, (".png",))
+            images, hidden_images, others = files_under(image_dir, self.EXTENSIONS)
+            masks, hidden_masks, _ = files_under(mask_dir, (".png",))
             if not images:
-                raise UserError(f"{image_dir} holds no images (NAME.jpg, .jpeg or .png, also in subfolders)")
+                suffixes = sorted({p.suffix.lower() or "no suffix" for p in others})
+                found = (f": it holds {len(others)} other {'files' if others[1:] else 'file'} ({', '.join(suffixes)}), "
+                         f"which {'are' if others[1:] else 'is'} not read") if others else ""
+                raise UserError(f"{image_dir} holds no images (NAME.jpg, .jpeg or .png, also in subfolders){found}")
             prefix = f"{part}/" if split == "trainval" else ""  # ids stay apart when both splits are read
-            ids, image_paths, mask_paths = pair_files(images, masks, lambda i: mask_dir / f"{i}.png",
-                                                      lambda i: image_dir / f"{i}.jpg (.jpeg, .png)")
+            ids, image_paths, mask_paths = pair_files(  # a partner of another suffix is named (a.webp beside a.png)
+                images, masks, lambda i: f"{mask_dir / i}.png" + found_beside(mask_dir / f"{i}.png", (".png",)),
+                lambda i: f"{image_dir / i}.jpg (.jpeg, .png)" + found_beside(image_dir / f"{i}.jpg", self.EXTENSIONS))
             self.ids += [prefix + i for i in ids]
             self.images, self.masks = self.images + image_paths, self.masks + mask_paths
             self.hidden += hidden_images + hidden_masks
@@ -1058,14 +1095,29 @@ def describe(checkpoint, path):
 CLASSIFIERS = ("classifier.", "position_classifier.", "channel_classifier.")  # the tensors of the class list
 
 
+def model_name(config):
+    """ClusterDANet, DANet, ClusterDRANet or DRANet: the model a train.py args dict builds (see build_model)."""
+    return ("Cluster" if config.get("clustering", True) else "") + \
+        {"danet": "DANet", "dranet": "DRANet"}[config.get("model", "danet")]
+
+
+def percent(part, whole):
+    """part / whole in percent, never rounded to 100% or 0% when it is neither: 99.96% reads 99.9%."""
+    if part in (0, whole):
+        return f"{100 * part // whole}%"
+    tenths = math.floor(1000 * part / whole)
+    return f"{tenths / 10:.1f}%" if tenths else "under 0.1%"
+
+
 def init_from(model, path, log=print, backbone=None, class_names=None):
     """--init-from: copy into `model` every tensor of `path` whose name and shape match; keep clustering fresh.
 
     `path` is a train.py checkpoint or one of the original DANet code. A classifier for another number of
     classes has another shape and is skipped, and so is one for as many classes of other names (its rows would
     stand for other classes); the clustering centres and counts are never copied. The log says how much of the
-    model was loaded, and plainly when the file's backbone or classes differ from the model's (`backbone`,
-    `class_names`).
+    model was loaded (the share of its parameters that were copied), what was not and why, and plainly when the
+    file holds another model (DANet or DRANet, with or without clustering) or the file's backbone or classes
+    differ from the model's (`backbone`, `class_names`).
     """
     checkpoint = load_checkpoint(path)
     source, config = checkpoint["model"], checkpoint["args"]
@@ -1075,7 +1127,7 @@ def init_from(model, path, log=print, backbone=None, class_names=None):
     state = model.state_dict()  # its tensors share memory with the model's
     fresh = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, ClusteringLayer)
              for b, _ in m.named_buffers()}
-    loaded, other_shape, absent, renamed_classes = {}, [], [], []
+    loaded, other_shape, absent, renamed_classes = [], [], [], []
     with torch.no_grad():
         for name, tensor in state.items():
             if name in fresh:
@@ -1088,19 +1140,25 @@ def init_from(model, path, log=print, backbone=None, class_names=None):
                 renamed_classes.append(name)
             else:
                 tensor.copy_(source[name])
-                part = name.split(".")[0]
-                loaded[part] = loaded.get(part, 0) + 1
+                loaded.append(name)
     unused = [k for k in source if k not in state] + checkpoint.get("unused", [])
     parameters = dict(model.named_parameters())
-    share = sum(p.numel() for n, p in parameters.items() if n in source and source[n].shape == p.shape
-                and n not in renamed_classes) / sum(p.numel() for p in parameters.values())
+    copied = sum(parameters[name].numel() for name in loaded if name in parameters)  # buffers are not parameters
+    parts = {}  # backbone, position_branch, ...: tensors loaded
+    for name in loaded:
+        parts[name.split(".")[0]] = parts.get(name.split(".")[0], 0) + 1
 
     def some(names):
         return f"{len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
 
     kind = "the original DANet code's checkpoint" if checkpoint.get("original") else "a train.py checkpoint"
-    log(f"init from {path} ({kind}): loaded {sum(loaded.values())} of {len(state)} tensors, {share:.0%} of the "
-        f"model's parameters ({', '.join(f'{part} {n}' for part, n in loaded.items())})")
+    log(f"init from {path} ({kind}): loaded {len(loaded)} of {len(state)} tensors, "
+        f"{percent(copied, sum(p.numel() for p in parameters.values()))} of the model's parameters "
+        f"({', '.join(f'{part} {n}' for part, n in parts.items())})")
+    this_model = {"model": "dranet" if isinstance(model, DRANet) else "danet", "clustering": bool(fresh)}
+    if model_name(config) != model_name(this_model):
+        log(f"  the file holds another model, {model_name(config)} (this model is {model_name(this_model)}): only "
+            f"the tensors whose names and shapes happen to match were loaded")
     if backbone is not None and config.get("backbone") not in (None, backbone):
         log(f"  the file's backbone is {config['backbone']}, this model's {backbone}: only the tensors whose names "
             f"and shapes happen to match were loaded")
@@ -1193,6 +1251,16 @@ non_negative = whole_number(0)  # argparse type: an integer >= 0
 positive_float = real_number(0)  # argparse type: a finite number > 0
 MIN_BASE_SIZE = 16  # --base-size: the random scale's smallest (0.5x) keeps the longer side at 8 pixels
 SCALES = (0.1, 8.0)  # evaluate.py --scales: 0.1x keeps a 512-pixel image at 51 pixels; 8x is memory enough
+# --num-clusters: the multiple of K each model's attention needs (without clustering it sees the branch width C,
+# 128 or 512, a multiple of both)
+CLUSTERS_MULTIPLE = {
+    "danet": (PositionAttention.REDUCTION, "position attention reads K / 8 query dimensions"),
+    "dranet": (math.lcm(CompactChannelAttention.REDUCTION, CompactPositionAttention.REDUCTION),
+               "compact channel attention reads K / 16 compact channels, compact position attention K / 4 "
+               "query dimensions"),
+}
+# --deep-stem and --multi-grid: the Bottleneck ResNets (resnet18/34 are made of BasicBlocks)
+BOTTLENECK_BACKBONES = tuple(name for name in BACKBONES if name not in ("resnet18", "resnet34"))
 
 
 def parse_args(argv=None):
@@ -1214,9 +1282,10 @@ def parse_args(argv=None):
                    "(Cluster)DRANet, compact attention and the cross-level gating decoder (see README)")
     p.add_argument("--backbone", choices=BACKBONES, help=d("backbone"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("pretrained"))
-    p.add_argument("--num-clusters", type=whole_number(8, 4096), help="K, a multiple of 8 up to 4096; default: the "
-                   "branch width (512, or "
-                   "128 for resnet18/34)")
+    p.add_argument("--num-clusters", type=whole_number(8, 4096), help="K, the clustering centres, up to 4096: "
+                   + ", ".join(f"--model {name} a multiple of {multiple} ({why})"
+                               for name, (multiple, why) in CLUSTERS_MULTIPLE.items())
+                   + "; default: the branch width (512, or 128 for resnet18/34), which every model takes")
     p.add_argument("--temperature", type=real_number(0, 1e4), default=100.0, help="clustering softmax temperature "
                    "(> 0, at most 1e4)")
     p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
@@ -1271,9 +1340,6 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
     p.add_argument("--benchmark-steps", type=whole_number(1, 10**6), default=10)
     args = p.parse_args(argv)
-    if args.num_clusters is not None and args.num_clusters % 8:
-        p.error(f"argument --num-clusters: expected a multiple of 8 (position attention reads the K similarities "
-                f"through K / 8 query dimensions), got {args.num_clusters}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
     if args.resume and args.out_dir is None:  # a resumed run continues in its checkpoint's folder
@@ -1281,6 +1347,10 @@ def parse_args(argv=None):
     if not args.clustering and (args.num_clusters is not None or args.cluster_init != "random" or args.cluster_reseed):
         p.error("--num-clusters, --cluster-init and --cluster-reseed set the clustering layers, which --no-clustering "
                 "leaves out")
+    multiple, why = CLUSTERS_MULTIPLE[args.model]
+    if args.num_clusters is not None and args.num_clusters % multiple:
+        p.error(f"argument --num-clusters: --model {args.model} needs a multiple of {multiple} ({why}), got "
+                f"{args.num_clusters}")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
     if args.model == "dranet" and args.dense_attention:
@@ -1296,9 +1366,15 @@ def parse_args(argv=None):
         p.error("--deep-stem has no ImageNet weights here: leave out --pretrained (or start from a file: --init-from)")
     if args.deep_stem:
         args.pretrained = False  # not the recipe's ImageNet weights: there are none for the deep stem
+    backbone_given = args.backbone is not None
     for key, value in DATASETS[args.dataset][1].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for flag, wanted in (("--multi-grid", args.multi_grid), ("--deep-stem", args.deep_stem)):
+        if wanted and args.backbone not in BOTTLENECK_BACKBONES:
+            default = "" if backbone_given else f" (the {args.dataset}'s default)"
+            p.error(f"{flag} needs a Bottleneck ResNet (--backbone {', '.join(BOTTLENECK_BACKBONES)}), not "
+                    f"{args.backbone}{default}")
     return args
 
 
@@ -1844,8 +1920,8 @@ def start_out_dir(run):
                                  "iteration": last[1]}
         run.held = True
     log(run, record, defer=True)
-    model = ("Cluster" if run.args.clustering else "") + {"danet": "DANet", "dranet": "DRANet"}[run.args.model]
-    print(f"training {model} ({run.args.backbone}) on {type(run.train_set).__name__} {len(run.train_set)} images, "
+    print(f"training {model_name(vars(run.args))} ({run.args.backbone}) on {type(run.train_set).__name__} "
+          f"{len(run.train_set)} images, "
           f"{run.world_size} process(es) on {run.device.type}, {run.args.precision}, {run.args.iters} iterations "
           f"from {run.iteration}, run {run.run_id} in {run.out_dir}", flush=True)
 
