@@ -24,10 +24,11 @@ Learning", ICLR 2021), which replaces each pixel's feature by its cosine similar
 (the attention modules then see the C branch channels instead of K similarities). `multi_grid=True` dilates
 layer4's three blocks 4, 8 and 16 instead of 2, 4, 4, as the original repository's DANet101 checkpoint.
 
-Two departures from the original code, both keeping what it computes: position attention runs through
-`F.scaled_dot_product_attention`, so the HW x HW attention matrix is never stored (the dense formula is
-kept as `dense=True` for reading and comparison), and the clustering update never divides by the
-cluster mass, which the original does and which turns centres into NaN when a cluster gets no mass.
+Two departures from the original code, both keeping what it computes: position attention never stores
+the HW x HW attention matrix (by default it runs block by block of query rows on the CPU and through
+`F.scaled_dot_product_attention` on CUDA; the dense formula is kept as `attention="dense"` for reading and
+comparison, see PositionAttention), and the clustering update never divides by the cluster mass, which the
+original does and which turns centres into NaN when a cluster gets no mass.
 One addition, off by default as in the original: ClusteringLayer can draw its centres from the data and
 re-seed centres that stay dead (see its docstring). ClusteringLayer, PositionAttention and
 ChannelAttention each work copied alone into a file that imports torch, torch.nn as nn and
@@ -239,49 +240,155 @@ class PositionAttention(nn.Module):
     in d = C / REDUCTION dims, v = Wv x in C:
         energy_ij = q_i . k_j   (no 1/sqrt(d) scaling),   A = softmax_j(energy),
         out_i = gamma * sum_j A_ij v_j + x_i,   gamma a learnable scalar initialised to 0.
-    By default this runs through F.scaled_dot_product_attention, whose fused kernels never store the
-    N x N matrix A (memory linear in N). Those kernels need q, k and v with one head size, so the C value
-    channels are split into C / d = REDUCTION heads of d channels that all share the one q and k: the same
-    sum, in 8 heads. `dense=True` computes the formula literally, storing A, as the reference to read and compare.
+    `attention` chooses how A v is computed; the four give the same numbers to float rounding:
+    - "blocked": q . k once, block_size query rows at a time, the rows of A recomputed in the backward pass
+      instead of stored (Blocked): the dense formula's multiply-adds plus one more q . k, memory linear in N.
+    - "heads": F.scaled_dot_product_attention, whose fused kernels never store A either. They need q, k and v
+      with one head size, so the C value channels are split into C / d = REDUCTION heads of d channels that all
+      share the one q and k: the same sum, but q . k is computed once per head, 8 times.
+    - "dense": the formula literally, storing the N x N matrix A: the reference to read and compare.
+    - "auto" (the default): the one measured fastest on the input's device, FASTEST. train.py
+      --benchmark-attention times them all; on CUDA "heads" stays the choice until .ci/gpu, which runs that
+      benchmark on a GPU, has been run and its table picks another.
     """
 
     REDUCTION = 8  # q and k have C / 8 channels, as in the paper
+    ATTENTIONS = ("auto", "blocked", "heads", "dense")
+    FASTEST = {"cpu": "blocked", "cuda": "heads"}  # what "auto" runs (cuda: not yet measured); elsewhere "blocked"
 
-    def __init__(self, channels, dense=False):
+    def __init__(self, channels, attention="auto", block_size=1024):
         super().__init__()
         if channels % self.REDUCTION:
             raise ValueError(f"PositionAttention needs channels divisible by {self.REDUCTION}, got {channels}")
+        if attention not in self.ATTENTIONS:
+            raise ValueError(f"PositionAttention attention must be one of {', '.join(self.ATTENTIONS)}, "
+                             f"got {attention!r}")
+        if block_size < 1:
+            raise ValueError(f"PositionAttention block_size must be at least 1, got {block_size}")
         self.query = nn.Conv2d(channels, channels // self.REDUCTION, kernel_size=1)
         self.key = nn.Conv2d(channels, channels // self.REDUCTION, kernel_size=1)
         self.value = nn.Conv2d(channels, channels, kernel_size=1)
         self.gamma = nn.Parameter(torch.zeros(1))
-        self.dense = dense
+        self.attention, self.block_size = attention, block_size
+
+    @classmethod
+    def resolve(cls, attention, device_type):
+        """The computation `attention` stands for on a device type ("cpu", "cuda"): "blocked", "heads" or "dense"."""
+        return cls.FASTEST.get(device_type, "blocked") if attention == "auto" else attention
 
     def forward(self, x):
         B, C, H, W = x.shape
         N, d = H * W, C // self.REDUCTION
-        heads = C // d  # value heads of q's size d (= REDUCTION = 8): the fused kernels need one head size
         q = self.query(x).flatten(2).transpose(1, 2)  # [B, d, H, W] -> [B, N, d]
         k = self.key(x).flatten(2).transpose(1, 2)  # [B, d, H, W] -> [B, N, d]
         v = self.value(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, N, C]
-        if self.dense:
-            energy = torch.bmm(q, k.transpose(1, 2))  # [B, N, d] x [B, d, N] -> [B, N, N]
-            attention = torch.softmax(energy, dim=-1)  # [B, N, N], rows sum to 1
-            out = torch.bmm(attention, v)  # [B, N, N] x [B, N, C] -> [B, N, C]
-        else:
+        path = self.resolve(self.attention, x.device.type)
+        if path == "blocked":
+            out = self.Blocked.apply(q, k, v, self.block_size)  # [B, N, C]
+        elif path == "heads":
+            heads = C // d  # value heads of q's size d (= REDUCTION = 8): the fused kernels need one head size
             q = q.contiguous().unsqueeze(1).expand(B, heads, N, d)  # [B, 8, N, d], one q shared by 8 heads (no copy)
             k = k.contiguous().unsqueeze(1).expand(B, heads, N, d)  # [B, 8, N, d]
             v = v.contiguous().view(B, N, heads, d).transpose(1, 2)  # [B, N, C] -> [B, 8, N, d]
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, 8, N, d]
             out = out.transpose(1, 2).reshape(B, N, C)  # [B, 8, N, d] -> [B, N, C]
+        elif path == "dense":
+            energy = torch.bmm(q, k.transpose(1, 2))  # [B, N, d] x [B, d, N] -> [B, N, N]
+            attention = torch.softmax(energy, dim=-1)  # [B, N, N], rows sum to 1
+            out = torch.bmm(attention, v)  # [B, N, N] x [B, N, C] -> [B, N, C]
+        else:
+            raise ValueError(f"PositionAttention attention must be one of {', '.join(self.ATTENTIONS)}, "
+                             f"got {self.attention!r}")
         out = out.transpose(1, 2).reshape(B, C, H, W)  # [B, N, C] -> [B, C, H, W]
         return (self.gamma * out + x).to(x.dtype)  # the fp32 gamma would promote a bf16 result to fp32
 
     def attention_rows(self, x, rows):
-        """The rows A_i of the query pixels i in `rows` (flat indices y * W + x): [B, len(rows), N], each summing to 1."""
+        """The rows A_i of the query pixels i in `rows` (flat indices y * W + x): [B, len(rows), N], each summing
+        to 1."""
         q = self.query(x).flatten(2).transpose(1, 2)[:, rows]  # [B, d, H, W] -> [B, N, d] -> [B, R, d]
         k = self.key(x).flatten(2)  # [B, d, H, W] -> [B, d, N]
         return torch.softmax(torch.bmm(q, k).float(), dim=-1)  # [B, R, N]
+
+    class Blocked(torch.autograd.Function):
+        """softmax(q k^T) v for q, k [B, N, d] and v [B, N, C], block by block of query rows, in memory linear in N.
+
+        Forward, for each block b of rows (at most block_size queries):
+            S = q_b k^T [B, rows, N],   m = rowmax(S),   l = rowsum(exp(S - m)),
+            out_b = exp(S - m) v / l,   lse_b = m + log(l)   (the log-sum-exp of each row, kept)
+        Backward, with dO the gradient of out and D = rowsum(dO * out) [B, N, 1]; A_b = exp(q_b k^T - lse_b) are
+        the block's attention rows, recomputed:
+            dV += A_b^T dO_b,   dS = A_b * (dO_b v^T - D_b),   dq_b = dS k,   dK += dS^T q_b
+        (dS is the softmax's backward: dA = dO v^T, and dS_ij = A_ij (dA_ij - sum_l A_il dA_il), where
+        sum_l A_il dA_il = dO_i . out_i = D_i.) Only q, k, v, out and lse are kept for the backward pass, and one
+        block's S and dS are the largest temporaries, so block_size bounds the memory: a block's rows are the
+        same numbers whatever the block size (to float rounding).
+
+        Precision: q . k, the softmax statistics (m, l, lse, D), dS, dq and dk, and the dV sum are computed in
+        fp32 (or fp64 for fp64 inputs) whatever the autocast state: the energies are unscaled sums of d products
+        and would lose too much in 16 bits. The products with v and dO (A v, A^T dO, dO v^T) run in v's dtype
+        (bf16 under autocast, as in the fused kernels), with A cast to it; out has v's dtype.
+        """
+
+        @staticmethod
+        def forward(ctx, q, k, v, block_size):
+            B, N, _ = q.shape
+            dtype, dtypes = torch.promote_types(q.dtype, torch.float32), (q.dtype, k.dtype)
+            product_into = PositionAttention.Blocked.product_into
+            with torch.autocast(q.device.type, enabled=False):
+                q, k = q.to(dtype), k.to(dtype)  # [B, N, d]; the energies in fp32 (fp64 stays)
+                out = v.new_empty(v.shape)  # [B, N, C]
+                lse = q.new_empty(B, N, 1)  # [B, N, 1]
+                buffer = q.new_empty(B, min(block_size, N), N)  # [B, rows, N], one block's energies, reused
+                for start in range(0, N, block_size):
+                    rows = slice(start, start + block_size)
+                    S = product_into(buffer, q[:, rows], k.transpose(1, 2))  # [B, rows, d] x [B, d, N]
+                    m = S.amax(dim=-1, keepdim=True)  # [B, rows, 1]
+                    E = S.sub_(m).exp_()  # [B, rows, N], exp(S - m) in place: rows of A up to their sum
+                    l = E.sum(dim=-1, keepdim=True)  # [B, rows, 1]
+                    out[:, rows] = torch.bmm(E.to(v.dtype), v) / l  # [B, rows, N] x [B, N, C] -> [B, rows, C]
+                    lse[:, rows] = m + l.log()
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.block_size, ctx.dtypes = block_size, dtypes
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse = ctx.saved_tensors
+            B, N, _ = q.shape
+            block_size, dtype = ctx.block_size, q.dtype
+            product_into = PositionAttention.Blocked.product_into
+            with torch.autocast(q.device.type, enabled=False):
+                dout = dout.to(v.dtype)  # [B, N, C]
+                dq, dk = torch.empty_like(q), torch.zeros_like(k)  # [B, N, d]
+                dv = torch.zeros(v.shape, dtype=dtype, device=v.device)  # [B, N, C], summed over blocks in fp32
+                A_buffer = q.new_empty(B, min(block_size, N), N)  # [B, rows, N], reused by every block
+                dS_buffer = torch.empty_like(A_buffer)  # [B, rows, N]
+                for start in range(0, N, block_size):
+                    rows = slice(start, start + block_size)
+                    A = product_into(A_buffer, q[:, rows], k.transpose(1, 2))  # [B, rows, d] x [B, d, N]
+                    A = A.sub_(lse[:, rows]).exp_()  # [B, rows, N], the block's attention rows
+                    dO = dout[:, rows]  # [B, rows, C]
+                    A_v = A.to(v.dtype)  # [B, rows, N], what multiplies v and dO
+                    if dv.dtype == v.dtype:
+                        dv.baddbmm_(A_v.transpose(1, 2), dO)  # [B, N, rows] x [B, rows, C] -> [B, N, C]
+                    else:
+                        dv += torch.bmm(A_v.transpose(1, 2), dO)  # a block's share in bf16, the sum in fp32
+                    D = (dO.to(dtype) * out[:, rows].to(dtype)).sum(dim=-1, keepdim=True)  # [B, rows, 1]
+                    dS = product_into(dS_buffer, dO, v.transpose(1, 2))  # dA = dO v^T: [B, rows, C] x [B, C, N]
+                    dS = dS.sub_(D).mul_(A)  # [B, rows, N], A * (dA - D)
+                    dq[:, rows] = torch.bmm(dS, k)  # [B, rows, N] x [B, N, d] -> [B, rows, d]
+                    dk.baddbmm_(dS.transpose(1, 2), q[:, rows])  # [B, N, rows] x [B, rows, d] -> [B, N, d]
+            return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(v.dtype), None
+
+        @staticmethod
+        def product_into(buffer, a, b):
+            """a b ([B, rows, n] x [B, n, N]) written into buffer [B, block_size, N] (a fresh tensor for a last,
+            shorter block), in a's dtype and stored in buffer's: [B, rows, N]."""
+            if a.shape[1] != buffer.shape[1]:
+                buffer = buffer.new_empty(a.shape[0], a.shape[1], b.shape[2])  # [B, rows, N]
+            if a.dtype == buffer.dtype:
+                return buffer.baddbmm_(a, b, beta=0)  # in place: no new block-sized tensor per block
+            return buffer.copy_(torch.bmm(a, b))  # dO v^T in bf16 under autocast, then fp32
 
 
 class ChannelAttention(nn.Module):
@@ -609,7 +716,8 @@ class ClusterDANet(SegmentationNet):
     multiples of 8 are padded with zeros (the mean colour of normalised images) at the bottom and right,
     so the 8x8 cells of the feature grid sit on the image's pixels, and the logits are cropped back.
     num_clusters (K) defaults to the branch width C = C_in / 4 (512 for ResNet-50/101, 128 for 18/34).
-    pretrained=True loads the backbone's ImageNet weights; cluster_init and cluster_reseed are ClusteringLayer's.
+    pretrained=True loads the backbone's ImageNet weights; cluster_init and cluster_reseed are ClusteringLayer's;
+    attention is PositionAttention's ("auto", "blocked", "heads" or "dense": how it is computed, the same numbers).
     Each branch is an nn.Sequential of named steps: model.position_branch.clustering,
     model.channel_branch.attention, ... clustering=False builds plain DANet (no clustering layer: the attention
     runs on the C branch channels); multi_grid=True dilates layer4 4, 8, 16 (Bottleneck backbones),
@@ -618,14 +726,14 @@ class ClusterDANet(SegmentationNet):
     """
 
     def __init__(self, num_classes=21, backbone="resnet101", pretrained=False, num_clusters=None,
-                 temperature=100.0, dense_attention=False, cluster_init="random", cluster_reseed=0, clustering=True,
+                 temperature=100.0, attention="auto", cluster_init="random", cluster_reseed=0, clustering=True,
                  multi_grid=False, align_corners=False, deep_stem=False):
         super().__init__()
         in_channels, channels = self.build_backbone_and_branches(
             backbone=backbone, pretrained=pretrained, multi_grid=multi_grid, deep_stem=deep_stem,
             clustering=clustering, num_clusters=num_clusters, temperature=temperature,
             cluster_init=cluster_init, cluster_reseed=cluster_reseed,
-            position_attention=lambda width: PositionAttention(width, dense=dense_attention),
+            position_attention=lambda width: PositionAttention(width, attention=attention),
             channel_attention=lambda width: ChannelAttention())
         self.position_classifier = classifier(channels, num_classes)
         self.channel_classifier = classifier(channels, num_classes)
@@ -633,12 +741,15 @@ class ClusterDANet(SegmentationNet):
         self.align_corners = align_corners
 
     @property
-    def dense_attention(self):
-        return self.position_branch.attention.dense
+    def attention(self):
+        """How the position attention is computed (PositionAttention's `attention`); may be changed at any time."""
+        return self.position_branch.attention.attention
 
-    @dense_attention.setter
-    def dense_attention(self, dense):
-        self.position_branch.attention.dense = dense
+    @attention.setter
+    def attention(self, attention):
+        if attention not in PositionAttention.ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(PositionAttention.ATTENTIONS)}, got {attention!r}")
+        self.position_branch.attention.attention = attention
 
     def forward(self, images):
         size = images.shape[-2:]

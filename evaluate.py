@@ -51,6 +51,7 @@ from train import MEAN, STD, UserError, save_atomic
 PICTURE_MARK = ("Software", "ClusterDANet evaluate.py")  # a PNG text chunk in each picture: what --save-dir replaces
 RESULTS_KEYS = {"checkpoint", "dataset", "mode", "scales", "flip"}  # in every --json summary: what --json replaces
 LARGE_IMAGE = 2048 * 1024  # pixels: above this, --image in whole mode suggests --mode slide
+PROGRESS_SECONDS = 10  # --image in slide mode: a line on the windows done at most this often
 MIN_PANEL, MAX_PANEL = 256, 2048  # pixels: the height pictures of small images are enlarged to, the largest side
 CAPTION_SIZE = 16  # pixels: the text of captions, colour bars and legends
 BAR_HEIGHT = 10  # pixels: the colour bar under an attention panel
@@ -91,9 +92,9 @@ STYLES = {"demo": VOC_STYLE, "voc": VOC_STYLE, "folder": VOC_STYLE, "cityscapes"
 
 # ----------------------------------------------------------------------------- protocols
 
-def predict_slide(model, images, crop_size):
-    """Average the logits of crop_size windows at stride 2/3 crop_size; one window if it covers the image."""
-    B, _, H, W = images.shape
+def slide_windows(H, W, crop_size):
+    """The windows of crop_size over an H x W image at stride 2/3 crop_size, the last one flush with the far side
+    (one window where crop_size covers a side): (h, w, [(y, x), ...]), each window's size and top-left corner."""
     stride = math.ceil(crop_size * 2 / 3)
     h, w = min(crop_size, H), min(crop_size, W)
 
@@ -101,15 +102,40 @@ def predict_slide(model, images, crop_size):
         positions = list(range(0, size - window + 1, stride))
         return positions if positions[-1] + window == size else positions + [size - window]
 
-    logits, counts = None, torch.zeros(1, 1, H, W, device=images.device)
-    for y in starts(H, h):
-        for x in starts(W, w):
-            window = train.predict_logits(model, images[..., y:y + h, x:x + w])  # [B, K, h, w]
-            if logits is None:
-                logits = torch.zeros(B, window.shape[1], H, W, device=images.device)
-            logits[..., y:y + h, x:x + w] += window
-            counts[..., y:y + h, x:x + w] += 1
-    return logits / counts  # [B, K, H, W]
+    return h, w, [(y, x) for y in starts(H, h) for x in starts(W, w)]
+
+
+def predict_slide(model, images, crop_size, flip=False, batch_size=1, on_windows=None):
+    """The logits of the crop_size windows (slide_windows), averaged where they overlap: a tuple of [B, K, H, W],
+    one for the image and, with flip, one for its mirror image, flipped back (the windows of the mirror image
+    are the mirrored windows of the image at mirrored places).
+
+    The windows, and with flip their mirrored copies, go through the model together, batch_size at a time
+    (each window counting once per image of `images`): the scores are those of one window per call, to float
+    rounding. on_windows(n), if given, is told after each model call how many windows it held."""
+    B, _, H, W = images.shape
+    h, w, corners = slide_windows(H, W, crop_size)
+    views = [False, True] if flip else [False]  # mirrored?
+    windows = [(mirrored, y, x) for mirrored in views for y, x in corners]
+    logits = [None] * len(views)  # [B, K, H, W] sums of window logits, in the image's orientation
+    counts = [torch.zeros(1, 1, H, W, device=images.device) for _ in views]  # [1, 1, H, W] windows per pixel
+    per_call = max(1, batch_size // B)  # windows per model call
+    for first in range(0, len(windows), per_call):
+        group = windows[first:first + per_call]
+        # the mirror image's window at x is the image's window at W - w - x, mirrored
+        crops = [images[..., y:y + h, W - w - x:W - x].flip(-1) if mirrored else images[..., y:y + h, x:x + w]
+                 for mirrored, y, x in group]  # each [B, 3, h, w]
+        outputs = train.predict_logits(model, torch.cat(crops)).split(B)  # [n B, K, h, w] -> n x [B, K, h, w]
+        for (mirrored, y, x), output in zip(group, outputs):
+            left = W - w - x if mirrored else x  # where it lies on the image
+            view = views.index(mirrored)
+            if logits[view] is None:
+                logits[view] = torch.zeros(B, output.shape[1], H, W, device=images.device)
+            logits[view][..., y:y + h, left:left + w] += output.flip(-1) if mirrored else output
+            counts[view][..., y:y + h, left:left + w] += 1
+        if on_windows is not None:
+            on_windows(len(group))
+    return tuple(total / count for total, count in zip(logits, counts))  # each [B, K, H, W]
 
 
 def rescale(images, scale):
@@ -122,23 +148,34 @@ def rescale(images, scale):
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)  # [B, 3, h, w]
 
 
-def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=512):
+def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop_size=512, batch_size=1, progress=None):
     """Scores [B, K, H, W]: logits for one scale without flip, else softmax averaged over scales and flips.
-    A scale that would shrink a side below one pixel shrinks it to one pixel (see rescale)."""
+    A scale that would shrink a side below one pixel shrinks it to one pixel (see rescale). In slide mode the
+    windows of each scale, and with flip their mirrored copies, go through the model batch_size windows at a time
+    (predict_slide), and progress(done, total), if given, is told after each call how many windows of all scales
+    are done."""
     H, W = images.shape[-2:]
+    done, total = 0, 0
+    if mode == "slide":  # each scale's windows, counted on a meta tensor (only its shape is computed)
+        sizes = [rescale(torch.empty(1, 1, H, W, device="meta"), scale).shape[-2:] for scale in scales]
+        total = sum(len(slide_windows(*size, crop_size)[2]) for size in sizes) * (2 if flip else 1)
 
-    def run(x):
-        return train.predict_logits(model, x) if mode == "whole" else predict_slide(model, x, crop_size)
+    def on_windows(n):
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    def run(x):  # the logits of x, and with flip those of its mirror image flipped back
+        if mode == "slide":
+            return predict_slide(model, x, crop_size, flip, batch_size, on_windows)
+        return (train.predict_logits(model, x),) + ((train.predict_logits(model, x.flip(-1)).flip(-1),) if flip else ())
 
     if list(scales) == [1.0] and not flip:
-        return run(images)
+        return run(images)[0]
     scores = 0
     for scale in scales:
-        scaled = images if scale == 1 else rescale(images, scale)
-        for flipped in ([False, True] if flip else [False]):
-            x = scaled.flip(-1) if flipped else scaled
-            logits = run(x)
-            logits = logits.flip(-1) if flipped else logits
+        for logits in run(images if scale == 1 else rescale(images, scale)):
             probabilities = torch.softmax(F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False), 1)
             scores = scores + probabilities  # [B, K, H, W]
     return scores / (len(scales) * (2 if flip else 1))
@@ -348,7 +385,10 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["whole", "slide"], default="whole")
     p.add_argument("--crop-size", type=train.whole_number(1, 8192), default=512, help="window size for --mode slide")
     p.add_argument("--batch-size", type=train.whole_number(1, 4096), default=1,
-                   help="images of a batch are padded to one size; 1 is exact")
+                   help="--mode whole: images per batch, padded to one size (1 is exact); --mode slide: windows per "
+                   "batch (with --flip their mirrored copies too), each image on its own, exact for any value")
+    p.add_argument("--attention", choices=train.PositionAttention.ATTENTIONS, default="auto",
+                   help=train.ATTENTION_HELP + "; whatever the checkpoint trained with")
     p.add_argument("--workers", type=train.whole_number(0, 256), default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
@@ -497,16 +537,16 @@ def save_json(path, summary):
     save_atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
-def load_model(path, device):
+def load_model(path, device, attention="auto"):
     """A train.py checkpoint (either model), or one of the original DANet code (DANet101.pth.tar, dran101.pth.tar)
-    read as it is; one whose weights are not finite is refused (train.load_checkpoint). Returns (model, its config,
-    its class names)."""
+    read as it is, its position attention computed by `attention`; one whose weights are not finite is refused
+    (train.load_checkpoint). Returns (model, its config, its class names)."""
     checkpoint = train.load_checkpoint(path)
     config = checkpoint["args"]
     if checkpoint.get("original"):
         print(train.describe(checkpoint, path))
     try:
-        model = train.build_model({**config, "pretrained": False})
+        model = train.build_model({**config, "pretrained": False, "attention": attention})
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {path} has an unusable model configuration ({e})") from None
     train.load_model_state(model, checkpoint, path)
@@ -529,7 +569,7 @@ def print_table(result, class_names):
 def main(argv=None):
     args = parse_args(argv)
     device, _, _, autocast = train.setup_device(args)
-    model, config, class_names = load_model(args.checkpoint, device)
+    model, config, class_names = load_model(args.checkpoint, device, args.attention)
     if args.show_clusters and not config.get("clustering", True):
         raise UserError(f"--show-clusters draws the clustering layer, and {args.checkpoint} is plain "
                         f"{'DRANet' if config.get('model') == 'dranet' else 'DANet'}")
@@ -538,10 +578,12 @@ def main(argv=None):
         dataset_name = "voc"  # as in train.py: --data-root without --dataset is VOC
     style = STYLES[dataset_name]
     save_dir = Path(args.save_dir) if args.save_dir else None
-    options = dict(scales=args.scales, flip=args.flip, mode=args.mode, crop_size=args.crop_size)
+    options = dict(scales=args.scales, flip=args.flip, mode=args.mode, crop_size=args.crop_size,
+                   batch_size=args.batch_size)
     protocol = f"{args.mode}, scales {' '.join(map(str, args.scales))}{', flip' if args.flip else ''}"
     if args.batch_size > 1:
-        protocol += f", batch size {args.batch_size} (images padded to one size)"
+        protocol += (f", {args.batch_size} windows per batch" if args.mode == "slide" else
+                     f", batch size {args.batch_size} (images padded to one size)")
 
     def save_pictures(image, prediction, name, target=None):
         """DIR/labels/<name>.png, DIR/overlays/<name>.png (and DIR/clusters/<name>.png): {folder: path}."""
@@ -552,6 +594,18 @@ def main(argv=None):
         if args.show_clusters:
             save_clusters(model, image, paths["clusters"])
         return paths
+
+    def progress(i, path):
+        """progress(done, total) for predict: a line on the windows done every PROGRESS_SECONDS (a long image)."""
+        start = last = time.perf_counter()
+
+        def report(done, total):
+            nonlocal last
+            now = time.perf_counter()
+            if now - last >= PROGRESS_SECONDS and done < total:
+                print(f"[{i}/{len(args.image)}] {path}: {done}/{total} windows, {now - start:.0f} s", flush=True)
+                last = now
+        return report
 
     if args.image:  # arbitrary files: no ground truth, no metric
         train.check_files_exist(args.image, "--image file")
@@ -565,7 +619,7 @@ def main(argv=None):
             with out_of_memory_is_one_line(args, device, lambda: (f"{path} ({W}x{H})", i - 1), save_dir):
                 image = transform(train.read_image(path)).to(device)  # [3, H, W]
                 with torch.inference_mode(), autocast():
-                    prediction = predict(model, image[None], **options).argmax(1)[0]  # [H, W]
+                    prediction = predict(model, image[None], **options, progress=progress(i, path)).argmax(1)[0]
                 paths = save_pictures(image, prediction, name) if save_dir else {}
             counts = prediction.flatten().bincount(minlength=len(class_names)).tolist()  # [H, W] -> [num_classes]
             shares = {class_names[c]: n / prediction.numel() for c, n in enumerate(counts) if n}
@@ -593,7 +647,8 @@ def main(argv=None):
     class_names, ids = dataset.class_names, dataset.ids
     train.check_masks(dataset, workers=args.workers)  # every mask, before the first prediction
 
-    loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, collate_fn=train.pad_collate,
+    images_per_batch = 1 if args.mode == "slide" else args.batch_size  # slide: --batch-size counts windows
+    loader = DataLoader(dataset, images_per_batch, num_workers=args.workers, collate_fn=train.pad_collate,
                         pin_memory=device.type == "cuda")
     start, done = time.perf_counter(), [0]
 

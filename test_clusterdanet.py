@@ -37,8 +37,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import clusterdanet
 import evaluate
 import train
-from clusterdanet import (ChannelAttention, ClusterDANet, ClusteringLayer, CompactChannelAttention, CompactPositionAttention,
-                          CrossLevelGatingDecoder, DilatedResNet, DRANet, PositionAttention)
+from clusterdanet import (ChannelAttention, ClusterDANet, ClusteringLayer, CompactChannelAttention,
+                          CompactPositionAttention, CrossLevelGatingDecoder, DilatedResNet, DRANet, PositionAttention)
 
 REPO = Path(__file__).resolve().parent
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, written out again
@@ -76,7 +76,8 @@ def test_module_shapes():
     assert ClusteringLayer(64, 24)(x).shape == (2, 24, H, W)
     assert ClusteringLayer(64, 24).eval()(x).shape == (2, 24, H, W)
     assert PositionAttention(64)(x).shape == (2, 64, H, W)
-    assert PositionAttention(64, dense=True)(x).shape == (2, 64, H, W)
+    for attention in ("blocked", "heads", "dense"):
+        assert PositionAttention(64, attention)(x).shape == (2, 64, H, W)
     assert ChannelAttention()(x).shape == (2, 64, H, W)
 
 
@@ -123,15 +124,15 @@ def test_unknown_backbone():
 @pytest.mark.parametrize("device", DEVICES)
 @FP32_BF16
 def test_position_attention_efficient_equals_dense(dtype, device):
-    """Outputs and gradients of the two paths agree, in fp32 and under bf16 autocast (there both also stay
-    within 1% of the float64 formula)."""
-    attention = PositionAttention(64).to(device)
+    """Outputs and gradients of the blocked and heads paths agree with the dense one's, in fp32 and under bf16
+    autocast (there all also stay within 1% of the float64 formula)."""
+    attention = PositionAttention(64, block_size=50).to(device)  # 143 pixels: 3 blocks, the last one shorter
     attention.gamma.data.fill_(0.7)  # gamma starts at 0, which would hide the attention term
     x = torch.randn(2, 64, H, W, device=device)
     weights = torch.linspace(-1, 1, x.numel(), device=device).view_as(x)
     outputs, grads = [], []
-    for dense in (False, True):
-        attention.dense = dense
+    for path in ("blocked", "heads", "dense"):
+        attention.attention = path
         x_ = x.clone().requires_grad_()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             y = attention(x_)
@@ -140,20 +141,22 @@ def test_position_attention_efficient_equals_dense(dtype, device):
         grads.append(torch.autograd.grad((y * weights).sum(), x_)[0])
     if dtype == torch.float32:
         tolerance = 1e-5 if device == "cpu" else 1e-4
-        torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance)
-        torch.testing.assert_close(grads[0], grads[1], rtol=tolerance, atol=tolerance)
+        for output, grad in zip(outputs[:2], grads[:2]):
+            torch.testing.assert_close(output, outputs[2], rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(grad, grads[2], rtol=tolerance, atol=tolerance)
         return
     reference = copy.deepcopy(attention).double()  # dense, float64
     x_ = x.double().requires_grad_()
     y = reference(x_)
     grad = torch.autograd.grad((y * weights.double()).sum(), x_)[0]
-    assert relative_error(outputs[0], outputs[1]) < 1e-2 and relative_error(grads[0], grads[1]) < 1e-2
+    assert all(relative_error(o, outputs[2]) < 1e-2 and relative_error(g, grads[2]) < 1e-2
+               for o, g in zip(outputs[:2], grads[:2]))
     assert all(relative_error(o, y) < 1e-2 for o in outputs) and all(relative_error(g, grad) < 1e-2 for g in grads)
 
 
 def test_position_attention_dense_matches_equation():
     """Eq. 2 written pixel by pixel in float64 numpy, against the module's dense path."""
-    attention = PositionAttention(16, dense=True).double()
+    attention = PositionAttention(16, "dense").double()
     attention.gamma.data.fill_(0.5)
     x = torch.randn(1, 16, 3, 5, dtype=torch.float64)
     with torch.no_grad():
@@ -174,7 +177,7 @@ def test_position_attention_uses_a_fused_kernel(dtype, device):
     pass (q and k expanded over the heads without a copy) must be accepted: a fallback to the math kernel, which
     stores the N x N matrix, raises here. The output has the input's dtype, also under autocast."""
     backends = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if device == "cuda" else [])
-    attention = PositionAttention(64).to(device)
+    attention = PositionAttention(64, "heads").to(device)
     attention.gamma.data.fill_(0.5)
     x = torch.randn(1, 64, H, W, device=device, dtype=dtype, requires_grad=True)
     with sdpa_kernel(backends), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
@@ -510,9 +513,11 @@ def test_model_default_clusters_and_dense_switch():
     assert isinstance(model.channel_branch.attention, ChannelAttention)
     assert model.position_branch.clustering.centers.shape == (128, 128)  # K = C = 512 / 4
     assert ClusterDANet(backbone="resnet18", num_clusters=64).channel_branch.clustering.centers.shape == (64, 128)
-    assert not model.dense_attention
-    model.dense_attention = True
-    assert model.position_branch.attention.dense
+    assert model.attention == model.position_branch.attention.attention == "auto"
+    model.attention = "dense"
+    assert model.position_branch.attention.attention == "dense"
+    with pytest.raises(ValueError, match="attention must be one of auto, blocked, heads, dense, got 'fast'"):
+        model.attention = "fast"
     model = ClusterDANet(backbone="resnet18", cluster_init="data", cluster_reseed=7)
     for branch in (model.position_branch, model.channel_branch):
         assert branch.clustering.cluster_init == "data" and branch.clustering.cluster_reseed == 7
@@ -667,7 +672,8 @@ def test_train_step_channels_last_bf16(device):
     (losses, losses_ref) = results
     assert losses.keys() == {"loss", "out", "position", "channel"}
     for key in losses:
-        assert losses[key].dtype == torch.float32 and losses[key].item() == pytest.approx(losses_ref[key].item(), rel=2e-2)
+        assert losses[key].dtype == torch.float32
+        assert losses[key].item() == pytest.approx(losses_ref[key].item(), rel=2e-2)
     assert relative_error(model.classifier[1].weight.grad, reference.classifier[1].weight.grad) < 2e-2
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     assert model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -1788,12 +1794,12 @@ def test_distributed_validation_counts_every_image_once(tmp_path):
 
 # ----------------------------------------------------------------------------- 6. benchmark
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_benchmark_prints_speed_and_memory(dense, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("attention, path", [("auto", "blocked"), ("dense", "dense")])
+def test_benchmark_prints_speed_and_memory(attention, path, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the benchmark writes nothing, not even the default out dir
     capsys.readouterr()
     train.main(["--benchmark", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
-                "--benchmark-steps", "1", "--device", "cpu", *(["--dense-attention"] if dense else [])])
+                "--benchmark-steps", "1", "--device", "cpu", "--attention", attention])
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
@@ -1801,7 +1807,7 @@ def test_benchmark_prints_speed_and_memory(dense, tmp_path, capsys, monkeypatch)
                          r"([\d.]+) images/s, peak memory ([\d.]+) GiB", lines[0])
     assert match, lines[0]
     attention, ms, images_per_s, memory = match[1], float(match[2]), float(match[3]), float(match[4])
-    assert attention == ("dense" if dense else "efficient")
+    assert attention == path  # what --attention computes on the CPU
     assert ms > 0 and images_per_s == pytest.approx(2 * 1000 / ms, rel=0.01, abs=0.01)  # printed rounded
     assert 0 < memory <= rss_gib + 0.005  # peak RSS of this process when it printed
     assert list(tmp_path.iterdir()) == []
@@ -1899,7 +1905,7 @@ def test_slide_window_covering_the_image_equals_whole_image():
     images = torch.randn(2, 3, 45, 61)
     with torch.inference_mode():
         whole = train.predict_logits(model, images)
-        assert torch.equal(evaluate.predict_slide(model, images, crop_size=64), whole)
+        assert torch.equal(evaluate.predict_slide(model, images, crop_size=64)[0], whole)
         assert torch.equal(evaluate.predict(model, images, mode="slide", crop_size=61), whole)
 
 
@@ -1907,7 +1913,7 @@ def test_slide_window_averages_overlapping_windows():
     model = tiny_model()
     images = torch.randn(1, 3, 40, 72)
     with torch.inference_mode():
-        scores = evaluate.predict_slide(model, images, crop_size=40)  # stride 27: windows at x = 0, 27, 32
+        [scores] = evaluate.predict_slide(model, images, crop_size=40)  # stride 27: windows at x = 0, 27, 32
         windows = {x: train.predict_logits(model, images[..., x:x + 40]) for x in (0, 27, 32)}
     assert scores.shape == (1, 3, 40, 72)
     torch.testing.assert_close(scores[..., 10], windows[0][..., 10])  # one window
@@ -2526,7 +2532,8 @@ def save_as_original(model, path, epoch, best_pred):
     """Save `model` as the original code saved its published checkpoints; returns path. PyTorch < 0.4.1 had no
     num_batches_tracked, and < 1.6 wrote the pickle format, not zip."""
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    torch.save({"epoch": epoch, "state_dict": state, "best_pred": best_pred}, path, _use_new_zipfile_serialization=False)
+    torch.save({"epoch": epoch, "state_dict": state, "best_pred": best_pred}, path,
+               _use_new_zipfile_serialization=False)
     return path
 
 
@@ -3418,7 +3425,6 @@ def test_resume_refuses_a_change_of_model_loss_data_or_numerics(demo_run, tmp_pa
              (["--cluster-init", "data"], "with --cluster-init random", "keeps its model"),
              (["--cluster-reseed", "3"], "with --cluster-reseed 0", "keeps its model"),
              (["--num-clusters", "64"], "with the default --num-clusters", "keeps its model"),
-             (["--multi-grid"], "without --multi-grid", "keeps its model"),
              (["--precision", "bf16"], "with --precision fp32", "keeps its numerics"),
              (["--seed", "3"], "with --seed 0", "keeps its data"),
              (["--crop-size", "48"], "with --crop-size 32", "keeps its data"),
@@ -3426,10 +3432,17 @@ def test_resume_refuses_a_change_of_model_loss_data_or_numerics(demo_run, tmp_pa
     for flags, text, why in cases:
         line = cli_error(capsys, [*base, *flags])
         assert line == f"error: checkpoint {path} was trained {text}: resume {text} (a resumed run {why})", flags
+    # --multi-grid needs a Bottleneck ResNet (refused at parse time for this resnet18 run): the check alone
+    args = train.parse_args([*map(str, base)])
+    args.multi_grid = True
+    text = "without --multi-grid"
+    with pytest.raises(train.UserError) as refused:
+        train.check_same_run(args, train.load_checkpoint(path))
+    assert str(refused.value) == f"checkpoint {path} was trained {text}: resume {text} (a resumed run keeps its model)"
     assert not (tmp_path / "out").exists()
     # the flags that may change are accepted (nothing left to train: iteration 20 of 20)
     assert train.main([*map(str, base), "--device", "cpu", "--workers", "1", "--log-every", "3", "--val-every", "7",
-                       "--dense-attention", "--out-dir", str(tmp_path / "out")]) == 0
+                       "--attention", "dense", "--out-dir", str(tmp_path / "out")]) == 0
 
 
 def test_every_flag_is_classified_for_resume(capsys):
@@ -3442,7 +3455,8 @@ def test_every_flag_is_classified_for_resume(capsys):
     assert {"backbone", "resume", "benchmark_steps"} <= flags
     must = {key for key, _, _ in train.RESUME_MUST_MATCH}
     may = set(train.RESUME_MAY_CHANGE)
-    starts = set(train.RESUME_KEEPS) | {"resume", "overwrite", "download", "benchmark", "benchmark_steps"}
+    starts = set(train.RESUME_KEEPS) | {"resume", "overwrite", "download", "benchmark", "benchmark_steps",
+                                         "benchmark_attention", "benchmark_channels"}
     assert not must & may and not (must | may) & starts
     assert flags <= must | may | starts, flags - (must | may | starts)
     listed = " ".join(text.split())
@@ -3679,7 +3693,8 @@ def test_dranet_modules_follow_the_equations(name):
         inputs = [torch.randn(2, 12, 10, 14, dtype=torch.float64), torch.randn(2, 16, 5, 7, dtype=torch.float64)]
     else:
         inputs = [torch.relu(torch.randn(2, 32, 5, 7, dtype=torch.float64))]
-    weights = torch.randn(2, 16 if name == "CrossLevelGatingDecoder" else 32, *inputs[0].shape[-2:], dtype=torch.float64)
+    width = 16 if name == "CrossLevelGatingDecoder" else 32
+    weights = torch.randn(2, width, *inputs[0].shape[-2:], dtype=torch.float64)
     results = []
     for function in (module, lambda *x: reference(module, *x)):
         xs = [x.clone().requires_grad_() for x in inputs]
@@ -3718,7 +3733,8 @@ def test_cpam_regions_are_the_pooling_weights():
 
 @pytest.mark.parametrize("name", ["CompactPositionAttention", "CompactChannelAttention", "CrossLevelGatingDecoder"])
 def test_dranet_modules_work_copied_alone_at_any_size_and_keep_bf16(name):
-    """Each class's source alone (torch / nn / F) trains like the module's class at 33 x 47; bf16 autocast keeps bf16."""
+    """Each class's source alone (torch / nn / F) trains like the module's class at 33 x 47; bf16 autocast keeps
+    bf16."""
     namespace = {"torch": torch, "nn": nn, "F": F}
     exec(inspect.getsource(getattr(__import__("clusterdanet"), name)), namespace)
     build = {"CrossLevelGatingDecoder": lambda cls: cls(8, 16)}.get(name, lambda cls: cls(32))
@@ -3987,8 +4003,9 @@ def test_init_from_original_dranet_loads_backbone_and_head(original_dranet, caps
              "head.cpam_dec.conv_value": "position_branch.attention.value",
              **{f"head.cpam_enc.conv{i + 1}": f"position_branch.attention.centres.{i}" for i in range(4)},
              "head.conv_ccam_b": "channel_branch.conv_in", "head.ccam_enc": "channel_branch.attention.reduce",
-             "head.conv_ccam_e": "channel_branch.conv_out", "head.conv_cat": "fusion", "head.clgd.conv_low": "decoder.low",
-             "head.clgd.conv_att": "decoder.gate", "head.clgd.conv_cat": "decoder.fuse", "head.clgd.conv_out": "decoder.out",
+             "head.conv_ccam_e": "channel_branch.conv_out", "head.conv_cat": "fusion",
+             "head.clgd.conv_low": "decoder.low", "head.clgd.conv_att": "decoder.gate",
+             "head.clgd.conv_cat": "decoder.fuse", "head.clgd.conv_out": "decoder.out",
              "cls_aux.0": "aux_conv.0", "cls_aux.1": "aux_conv.1"}
     expected = {"position_branch.attention.gamma": "head.cpam_dec.scale",
                 "channel_branch.attention.gamma": "head.ccam_dec.scale", "decoder.gamma": "head.clgd.gamma"}
@@ -4043,11 +4060,11 @@ def test_dranet_flags(tmp_path, capsys, monkeypatch):
     assert train.parse_args([]).aux_weight == 1.0
     assert train.parse_args(["--model", "dranet", "--aux-weight", "0.5"]).aux_weight == 0.5
     assert train.parse_args(["--deep-stem", "--data-root", str(tmp_path)]).pretrained is False  # VOC's recipe: True
-    for flags, fragment in ((["--model", "dranet", "--dense-attention"], "DRANet's attends to 50 pooled centres"),
+    for flags, fragment in ((["--model", "dranet", "--attention", "dense"], "DRANet's attends to 50 pooled centres"),
                             (["--deep-stem", "--pretrained"], "--deep-stem has no ImageNet weights here"),
                             (["--model", "dranet", "--batch-size", "1"], "needs a batch of 2 or more"),
-                            (["--model", "dranet", "--num-clusters", "24"], "divisible by 16, got 24"),
-                            (["--deep-stem"], "the deep stem needs a Bottleneck ResNet")):
+                            (["--model", "dranet", "--num-clusters", "24"], "--model dranet needs a multiple of 16"),
+                            (["--deep-stem"], "--deep-stem needs a Bottleneck ResNet")):
         argv = [a for a in tiny(tmp_path / "out", "--iters", "1", "--demo-images", "2") if a != "--no-pretrained"]
         line = cli_error(capsys, [*argv, *flags])
         assert fragment in line, line
@@ -5185,3 +5202,303 @@ def test_image_of_a_kind_not_read_is_named_when_its_partner_is_refused(tmp_path,
     (voc / "JPEGImages" / "2007_000002.jpg").unlink()
     assert cli_error(capsys, flags) == (f"error: image listed in {split} not found: {jpeg} (and 1 more): found "
                                         f"{jpeg.with_suffix('.JPG')}, which is not read (readable: .jpg)")
+
+
+# ----------------------------------------------------------------------------- attention paths, batched windows
+
+def position_attention_reference(attention, x):
+    """Eq. 2 written out in float64 with the module's weights: gamma * softmax(q k^T) v + x, [B, C, H, W]."""
+    B, C, H, W = x.shape
+    q, k, v = (F.conv2d(x, conv.weight.double(), conv.bias.double()).flatten(2)  # [B, c, H, W] -> [B, c, N]
+               for conv in (attention.query, attention.key, attention.value))
+    A = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # [B, N, d] x [B, d, N] -> [B, N, N]
+    out = (v @ A.transpose(1, 2)).view(B, C, H, W)  # [B, C, N] x [B, N, N] -> [B, C, H, W]
+    return attention.gamma.double() * out + x
+
+
+def attention_gradients(attention, x, call=None):
+    """(output, {"x": dx, parameter name: gradient}) of sum(y * fixed weights), for float32 or float64 x."""
+    x = x.clone().requires_grad_()
+    y = (call or attention)(x)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=torch.float64, device=x.device).view(y.shape)
+    names, parameters = zip(*attention.named_parameters())
+    grads = torch.autograd.grad((y.double() * weights).sum(), [x, *parameters])
+    return y, dict(zip(("x", *names), grads))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocked_attention_equals_the_formula(device):
+    """The blocked path in fp32 at an odd size (33 x 47 = 1551 pixels) against Eq. 2 in float64: the output and the
+    gradients of x, of the query / key / value weights and biases and of gamma within 1e-5 relative, for two
+    block sizes (16 blocks, the last one shorter; and 2), which also agree with each other."""
+    torch.manual_seed(0)
+    attention = PositionAttention(64, "blocked").to(device)
+    attention.gamma.data.fill_(0.7)
+    x = torch.randn(2, 64, 33, 47, device=device)
+    reference = copy.deepcopy(attention).double()
+    y_ref, grads_ref = attention_gradients(reference, x.double(), lambda x: position_attention_reference(reference, x))
+    key_bias = grads_ref.pop("key.bias")  # 0 in exact arithmetic: it adds q_i . b to a whole row of energies
+    assert key_bias.abs().max() < 1e-9 * grads_ref["key.weight"].abs().max()
+    results = []
+    for block_size in (100, 1024):
+        attention.block_size = block_size
+        y, grads = attention_gradients(attention, x)
+        assert y.dtype == torch.float32 and relative_error(y, y_ref) < 1e-5
+        assert grads["key.bias"].abs().max() < 1e-5 * grads["key.weight"].abs().max()
+        assert all(relative_error(grads[name], grads_ref[name]) < 1e-5 for name in grads_ref), \
+            {name: relative_error(grads[name], grads_ref[name]) for name in grads_ref}
+        results.append((y, grads))
+    (y1, g1), (y2, g2) = results
+    assert relative_error(y1, y2) < 1e-6 and all(relative_error(g1[name], g2[name]) < 1e-6 for name in grads_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocked_attention_under_bf16_autocast_channels_last(device):
+    """A bf16 channels_last input under bf16 autocast: a bf16 output, every gradient finite and within 2% of the
+    float64 formula's (the energies and softmax statistics are fp32 inside)."""
+    torch.manual_seed(0)
+    attention = PositionAttention(64, "blocked", block_size=64).to(device)
+    attention.gamma.data.fill_(0.7)
+    x = torch.randn(2, 64, 19, 23, device=device).to(torch.bfloat16)
+    reference = copy.deepcopy(attention).double()
+    y_ref, grads_ref = attention_gradients(reference, x.double(), lambda x: position_attention_reference(reference, x))
+    grads_ref.pop("key.bias")  # 0 in exact arithmetic
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, grads = attention_gradients(attention, x.to(memory_format=torch.channels_last))
+    assert y.dtype == torch.bfloat16 and grads["x"].dtype == torch.bfloat16
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert relative_error(y, y_ref) < 1e-2
+    assert all(relative_error(grads[name], grads_ref[name]) < 2e-2 for name in grads_ref), \
+        {name: relative_error(grads[name], grads_ref[name]) for name in grads_ref}
+
+
+def test_attention_option_and_block_size_are_checked():
+    assert PositionAttention(16).attention == "auto"
+    assert PositionAttention.resolve("auto", "cpu") == PositionAttention.FASTEST["cpu"] == "blocked"
+    assert PositionAttention.resolve("auto", "cuda") == "heads"
+    assert PositionAttention.resolve("dense", "cuda") == "dense"
+    with pytest.raises(ValueError, match="attention must be one of auto, blocked, heads, dense, got 'flash'"):
+        PositionAttention(16, "flash")
+    with pytest.raises(ValueError, match="block_size must be at least 1, got 0"):
+        PositionAttention(16, block_size=0)
+    with pytest.raises(ValueError, match="attention must be one of auto, blocked, heads, dense, got 'sparse'"):
+        ClusterDANet(backbone="resnet18", attention="sparse")
+
+
+def test_tensor_memory_counts_live_tensors():
+    """TensorMemory's peak against sizes known here: views share their storage, a freed tensor stops counting."""
+    with train.TensorMemory() as memory:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a[:10]  # no new storage
+        b = torch.ones(500, dtype=torch.float64)  # 4000 bytes: 8000 live
+        del a, view, b
+        c = torch.zeros(1500)  # 6000 bytes, after the 8000 were freed
+    assert memory.peak == 8000 and c.numel() == 1500
+
+
+def test_blocked_attention_memory_is_linear():
+    """Forward + backward at 48 x 48 (N = 2304): the dense path holds at least two N x N fp32 matrices at once (A
+    kept for the backward pass and its gradient), the blocked one with blocks of 256 queries (its two largest
+    temporaries are 256 x N) less than half of one, and less than half that again with blocks of 64."""
+    attention = PositionAttention(16)
+    attention.gamma.data.fill_(0.5)
+    x = torch.randn(1, 16, 48, 48)
+    matrix = 2304 ** 2 * 4  # bytes of one N x N fp32 matrix
+
+    def peak(path, block_size=256):
+        attention.attention, attention.block_size = path, block_size
+        return train.peak_extra_memory(lambda: attention_gradients(attention, x), torch.device("cpu"))
+
+    dense, blocked, small = peak("dense"), peak("blocked"), peak("blocked", 64)
+    assert dense >= 2 * matrix
+    assert blocked < 0.5 * matrix and small < 0.5 * blocked
+
+
+def test_clusterdanet_paths_agree():
+    """ClusterDANet with its clustering layers, training mode: each path's logits and gradients equal the dense
+    one's (both gammas at 0.5, no dropout); the clustering updates are the same too."""
+    torch.manual_seed(0)
+    model = ClusterDANet(num_classes=3, backbone="resnet18", num_clusters=32)
+    model.position_branch.attention.gamma.data.fill_(0.5)
+    model.channel_branch.attention.gamma.data.fill_(0.5)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout2d):
+            module.p = 0.0
+    images = torch.randn(2, 3, 40, 56)
+    results = {}
+    for path in ("blocked", "heads", "dense"):
+        net = copy.deepcopy(model)
+        net.attention = path
+        outputs = net(images)
+        sum(o.logsumexp(1).mean() for o in outputs.values()).backward()
+        results[path] = outputs, {n: p.grad for n, p in net.named_parameters()}, net.state_dict()
+    outputs_ref, grads_ref, state_ref = results.pop("dense")
+    for outputs, grads, state in results.values():
+        torch.testing.assert_close(outputs, outputs_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blocked_attention_compiles_cuda():
+    """torch.compile of the blocked path on CUDA against eager (test_compile covers it on the CPU, where auto is
+    the blocked path)."""
+    torch.manual_seed(0)
+    attention = PositionAttention(64, "blocked", block_size=50).cuda()
+    attention.gamma.data.fill_(0.7)
+    x = torch.randn(2, 64, H, W, device="cuda")
+    y, grads = attention_gradients(attention, x, torch.compile(attention))
+    y_ref, grads_ref = attention_gradients(attention, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads, grads_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_build_model_reads_the_attention_of_old_checkpoints():
+    """Checkpoints written before --attention hold dense_attention: True is the dense path, False the default; DRANet
+    has no PositionAttention, so a path for it is refused."""
+    config = {**vars(train.parse_args(tiny("unused"))), "num_classes": 3}
+    del config["attention"]
+    for dense, attention in ((True, "dense"), (False, "auto")):
+        assert train.build_model({**config, "dense_attention": dense}).attention == attention
+    assert train.build_model({**config, "dense_attention": True, "attention": "heads"}).attention == "heads"
+    with pytest.raises(train.UserError, match="--attention is DANet's position attention; DRANet's attends to 50"):
+        train.build_model({**config, "model": "dranet", "attention": "dense"})
+
+
+def test_benchmark_attention_prints_a_table(tmp_path, capsys, monkeypatch):
+    """One row per size and channel count, each path's time and peak extra memory, and the auto path against dense;
+    the dense path's memory is at least its two N x N matrices (N = 32 * 32: 4 MiB each)."""
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    train.main(["--benchmark-attention", "8", "32", "--benchmark-channels", "16", "--batch-size", "1",
+                "--benchmark-steps", "2", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"benchmark attention: PositionAttention forward + backward, cpu fp32, "
+                        f"{torch.get_num_threads()} threads, best of 2; auto = blocked here; time, peak extra memory")
+    assert lines[1:3] == ["| input [B, C, H, W] | blocked | heads | dense | blocked (auto) / dense |",
+                          "| --- | --- | --- | --- | --- |"]
+    cell = r"(\d+) ms, (\d+) MiB"
+    ratio = r"([\d.]+)x time, ([\d.]+)x memory"
+    rows = [re.fullmatch(rf"\| \[1, 16, (\d+), \1\] \| {cell} \| {cell} \| {cell} \| {ratio} \|", line)
+            for line in lines[3:]]
+    assert len(rows) == 2 and all(rows), lines
+    assert [row[1] for row in rows] == ["8", "32"]
+    blocked, dense = int(rows[1][3]), int(rows[1][7])
+    assert dense >= 8 and blocked < dense and float(rows[1][9]) == pytest.approx(blocked / dense, abs=0.15)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--benchmark-attention", "8", "--benchmark-channels", "12"],
+     "argument --benchmark-channels: expected multiples of 8, got 12"),
+    (["--benchmark-attention", "0"], "argument --benchmark-attention: expected a whole number >= 1, got '0'"),
+    (["--benchmark-attention", "8", "--benchmark"], "--benchmark times training steps, --benchmark-attention"),
+    (["--model", "dranet", "--attention", "heads"], "--attention is DANet's position attention"),
+    (["--attention", "flash"], "argument --attention: invalid choice: 'flash'"),
+])
+def test_attention_flags_exit_2(flags, message, capsys):
+    assert message in cli_error(capsys, ["--device", "cpu", *flags])
+
+
+def window_by_window(model, images, crop_size, flip):
+    """The slide protocol one window per model call, written out: the scores predict(mode="slide") returns for one
+    scale (logits without flip, else the softmax averaged over the image and its mirror image)."""
+    def slide(x):
+        H, W = x.shape[-2:]
+        h, w, stride = min(crop_size, H), min(crop_size, W), math.ceil(crop_size * 2 / 3)
+        ys = sorted(set(list(range(0, H - h + 1, stride)) + [H - h]))
+        xs = sorted(set(list(range(0, W - w + 1, stride)) + [W - w]))
+        total, count = 0, torch.zeros(1, 1, H, W)
+        for y in ys:
+            for x0 in xs:
+                total = total + F.pad(train.predict_logits(model, x[..., y:y + h, x0:x0 + w]),
+                                      (x0, W - w - x0, y, H - h - y))  # the window's logits placed on the image
+                count[..., y:y + h, x0:x0 + w] += 1
+        return total / count, len(ys) * len(xs)
+
+    logits, windows = slide(images)
+    if not flip:
+        return logits, windows
+    mirrored, _ = slide(images.flip(-1))
+    return (logits.softmax(1) + mirrored.flip(-1).softmax(1)) / 2, 2 * windows
+
+
+@pytest.mark.parametrize("size", [(50, 70), (24, 70)], ids=["larger-both-ways", "smaller-in-height"])
+@pytest.mark.parametrize("flip", [False, True], ids=["no-flip", "flip"])
+def test_batched_slide_windows_equal_window_by_window(size, flip, monkeypatch):
+    """predict(mode="slide") with batches of 1, 3 and 16 windows equals the windows predicted one by one (also for
+    2 images at once), in fewer model calls: ceil(windows / batch) of them, and progress counts every window."""
+    model = tiny_model()
+    images = torch.randn(2, 3, *size)
+    with torch.inference_mode():
+        expected, windows = window_by_window(model, images[:1], 32, flip)
+        expected_two = window_by_window(model, images, 32, flip)[0]
+        calls, predict_logits = [], train.predict_logits
+        monkeypatch.setattr(train, "predict_logits", lambda m, x: calls.append(len(x)) or predict_logits(m, x))
+        for batch_size in (1, 3, 16):
+            calls.clear()
+            seen = []
+            scores = evaluate.predict(model, images[:1], flip=flip, mode="slide", crop_size=32, batch_size=batch_size,
+                                      progress=lambda done, total: seen.append((done, total)))
+            torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+            assert len(calls) == math.ceil(windows / batch_size) and sum(calls) == windows
+            assert max(calls) == min(batch_size, windows) and seen[-1] == (windows, windows) and len(seen) == len(calls)
+        scores = evaluate.predict(model, images, flip=flip, mode="slide", crop_size=32, batch_size=4)
+        torch.testing.assert_close(scores, expected_two, rtol=1e-5, atol=1e-5)
+    assert windows == {(50, 70): 6, (24, 70): 3}[size] * (2 if flip else 1)
+
+
+def test_multi_scale_slide_counts_windows_over_scales():
+    """--scales with --mode slide: progress counts the windows of every scale (and flip), as predicted."""
+    model = tiny_model()
+    seen = []
+    with torch.inference_mode():
+        evaluate.predict(model, torch.randn(1, 3, 40, 60), scales=[0.5, 1.0], flip=True, mode="slide", crop_size=32,
+                         batch_size=5, progress=lambda done, total: seen.append((done, total)))
+    # scale 0.5: 20 x 30, one window; scale 1.0: 40 x 60, 2 x 3 windows (stride 22: y = 0, 8; x = 0, 22, 28); each
+    # with its mirrored copy, in batches of up to 5 windows of one scale
+    assert seen == [(2, 14), (7, 14), (12, 14), (14, 14)]
+
+
+def test_image_in_slide_mode_prints_progress(voc_checkpoint, tmp_path, capsys, monkeypatch):
+    """A long --image prediction prints the windows done every PROGRESS_SECONDS (here: after every batch but the
+    last); its result is that of one window per call."""
+    random_png(tmp_path / "a.png", 70, 50)
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0)
+    capsys.readouterr()
+    argv = ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu", "--mode", "slide",
+            "--crop-size", "32", "--flip", "--json", tmp_path / "r.json"]
+    evaluate.main([str(a) for a in argv + ["--batch-size", "5"]])
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.sub(r", \d+ s$", "", line) for line in lines[:2]] == [
+        f"[1/1] {tmp_path / 'a.png'}: 5/12 windows", f"[1/1] {tmp_path / 'a.png'}: 10/12 windows"]
+    assert lines[2].startswith(f"[1/1] {tmp_path / 'a.png'}: ") and "windows" not in lines[2]
+    batched = json.loads((tmp_path / "r.json").read_text())["images"][0]["classes"]
+    evaluate.main([str(a) for a in argv + ["--batch-size", "1"]])
+    assert json.loads((tmp_path / "r.json").read_text())["images"][0]["classes"] == pytest.approx(batched, abs=1e-3)
+
+
+def test_evaluate_slide_batches_count_windows(voc_checkpoint, tmp_path):
+    """On a dataset in slide mode --batch-size counts windows (each image on its own): the same mIoU as with
+    --batch-size 1, and the protocol line says so."""
+    make_voc(tmp_path / "data", n_train=1, n_val=2)
+    results = []
+    for batch_size in ("1", "6"):
+        result = run_evaluate("--checkpoint", voc_checkpoint, "--data-root", tmp_path / "data", "--workers", "0",
+                              "--mode", "slide", "--crop-size", "48", "--flip", "--batch-size", batch_size,
+                              "--json", tmp_path / f"r{batch_size}.json")
+        assert result.returncode == 0, result.stderr
+        results.append(json.loads((tmp_path / f"r{batch_size}.json").read_text()))
+    assert "slide, scales 1.0, flip, 6 windows per batch" in result.stdout
+    assert results[1]["miou"] == pytest.approx(results[0]["miou"], abs=1e-4)
+    assert results[1]["pixel_accuracy"] == pytest.approx(results[0]["pixel_accuracy"], abs=1e-4)
+
+
+def test_evaluate_attention_flag_sets_the_path(voc_checkpoint, capsys):
+    """evaluate.py --attention chooses the path whatever the checkpoint trained with; a wrong one is one line."""
+    for attention in ("auto", "dense"):
+        model, _, _ = evaluate.load_model(voc_checkpoint, torch.device("cpu"), attention)
+        assert model.attention == attention
+    line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--image", "unused.png", "--attention", "fast"],
+                     main=evaluate.main)
+    assert line.startswith("error: argument --attention: invalid choice: 'fast'"), line

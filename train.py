@@ -6,6 +6,7 @@
     python train.py --dataset folder --data-root my_data               # your images: see README for the layout
     torchrun --standalone --nproc_per_node=8 train.py --data-root data --train-split train_aug --batch-size 2
     python train.py --benchmark --backbone resnet50 --crop-size 256 --batch-size 2 --device cpu
+    python train.py --benchmark-attention 64 96 128 --batch-size 1 --device cpu  # the position attention's paths
     python train.py --out-dir runs/demo_danet --no-clustering          # plain DANet, the same recipe
     python train.py --out-dir runs/demo_dranet --model dranet          # ClusterDRANet: DRANet's compact attention
     python train.py --data-root data --multi-grid --init-from DANet101.pth.tar  # from the original's weights
@@ -65,7 +66,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -967,9 +970,17 @@ def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=p
 
 # ----------------------------------------------------------------------------- model and checkpoints
 
+ATTENTION_HELP = ("how position attention is computed, the same numbers by each: blocked (q.k once, block by block "
+                  "of query rows recomputed in the backward pass), heads (fused scaled_dot_product_attention kernels, "
+                  "v in 8 heads sharing q and k), dense (the formula, storing the HW x HW matrix), auto (the fastest "
+                  "measured on the device: " + ", ".join(f"{device} {path}" for device, path in
+                                                          PositionAttention.FASTEST.items()) + ")")
+NO_POSITION_ATTENTION = "--attention is DANet's position attention; DRANet's attends to 50 pooled centres"
+
+
 def build_model(config):
     """ClusterDANet or DRANet from a train.py args dict (as stored in every checkpoint; older ones lack the last
-    keys: they are ClusterDANets)."""
+    keys: they are ClusterDANets; those before `attention` hold `dense_attention`, True meaning "dense")."""
     pretrained = config.get("pretrained", False)
     kwargs = dict(num_classes=config["num_classes"], backbone=config["backbone"], pretrained=pretrained,
                   num_clusters=config["num_clusters"], temperature=config["temperature"],
@@ -977,8 +988,11 @@ def build_model(config):
                   clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
                   align_corners=config.get("align_corners", False), deep_stem=config.get("deep_stem", False))
     name = config.get("model", "danet")
+    attention = config.get("attention") or ("dense" if config.get("dense_attention") else "auto")
     if name == "danet":
-        kwargs["dense_attention"] = config["dense_attention"]
+        kwargs["attention"] = attention
+    elif attention != "auto":
+        raise UserError(NO_POSITION_ATTENTION)
     try:
         return MODELS[name](**kwargs)
     except ValueError as e:  # a configuration the model refuses (multi-grid on resnet18, K not divisible by 8)
@@ -1076,7 +1090,7 @@ def read_original(checkpoint, path):
         raise UserError(str(e)) from None
     num_classes = config["num_classes"]
     dataset = {len(Cityscapes.class_names): "cityscapes", len(VOC_CLASSES): "voc"}.get(num_classes, "folder")
-    config = dict(num_clusters=None, temperature=100.0, dense_attention=False, **config, dataset=dataset)
+    config = dict(num_clusters=None, temperature=100.0, **config, dataset=dataset)
     class_names = {"cityscapes": list(Cityscapes.class_names), "voc": list(VOC_CLASSES)}.get(dataset)
     return {"model": model, "args": config, "iteration": checkpoint.get("epoch", 0), "class_names": class_names,
             "original": True, "unused": unused}
@@ -1288,7 +1302,7 @@ def parse_args(argv=None):
                    + "; default: the branch width (512, or 128 for resnet18/34), which every model takes")
     p.add_argument("--temperature", type=real_number(0, 1e4), default=100.0, help="clustering softmax temperature "
                    "(> 0, at most 1e4)")
-    p.add_argument("--dense-attention", action="store_true", help="position attention by the dense formula")
+    p.add_argument("--attention", choices=PositionAttention.ATTENTIONS, default="auto", help=ATTENTION_HELP)
     p.add_argument("--cluster-init", choices=["random", "data"], default="random", help="clustering centres: "
                    "random unit vectors (the original) or drawn from the first batch, k-means++ style")
     p.add_argument("--cluster-reseed", type=non_negative, default=0, metavar="N", help="draw again the centres that "
@@ -1300,8 +1314,8 @@ def parse_args(argv=None):
     p.add_argument("--deep-stem", action="store_true", help="three 3x3 convolutions instead of the 7x7 stem, as the "
                    "original DRANet101 (resnet50/101/152; no ImageNet weights for it here)")
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
-                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) where names and shapes "
-                   "match; "
+                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) "
+                   "where names and shapes match; "
                    "a new run, not --resume")
     p.add_argument("--crop-size", type=whole_number(1, 8192), help=d("crop_size"))
     p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x "
@@ -1338,7 +1352,14 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=positive, help=d("log_every"))
     p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0)
     p.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
-    p.add_argument("--benchmark-steps", type=whole_number(1, 10**6), default=10)
+    p.add_argument("--benchmark-attention", type=whole_number(1, 4096), nargs="+", metavar="SIZE", help="time "
+                   "PositionAttention alone, forward + backward, by each --attention path on random [--batch-size, C, "
+                   "SIZE, SIZE] maps (the paths interleaved, best of --benchmark-steps), print their time and peak "
+                   "extra memory as a table, and exit")
+    p.add_argument("--benchmark-channels", type=whole_number(8, 65536), nargs="+", default=[512], metavar="C",
+                   help="the channels C of --benchmark-attention, multiples of 8; default: 512")
+    p.add_argument("--benchmark-steps", type=whole_number(1, 10**6), help="timed steps of --benchmark (default 10), "
+                   "or repeats of each path of --benchmark-attention (default 3)")
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
@@ -1353,11 +1374,18 @@ def parse_args(argv=None):
                 f"{args.num_clusters}")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
-    if args.model == "dranet" and args.dense_attention:
-        p.error("--dense-attention is DANet's position attention; DRANet's attends to 50 pooled centres")
+    if args.model == "dranet" and args.attention != "auto":
+        p.error(NO_POSITION_ATTENTION)
+    if args.benchmark and args.benchmark_attention:
+        p.error("--benchmark times training steps, --benchmark-attention the position attention alone: give only one")
+    if any(c % PositionAttention.REDUCTION for c in args.benchmark_channels):
+        p.error(f"argument --benchmark-channels: expected multiples of {PositionAttention.REDUCTION}, got "
+                f"{' '.join(map(str, args.benchmark_channels))}")
+    if args.benchmark_steps is None:
+        args.benchmark_steps = 3 if args.benchmark_attention else 10
     if args.aux_weight is None:
         args.aux_weight = {"danet": 1.0, "dranet": 0.2}[args.model]
-    if args.dataset and not args.data_root and not args.benchmark:
+    if args.dataset and not args.data_root and not (args.benchmark or args.benchmark_attention):
         raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
     args.dataset = args.dataset or ("voc" if args.data_root else "demo")
     if args.download and args.dataset != "voc":
@@ -1478,12 +1506,102 @@ def benchmark(args, model, optimizer, scaler, device, autocast, master=True):
         train_step(model, images, masks, optimizer, scaler, autocast, args.aux_weight)
     sync()
     ms = (time.perf_counter() - start) / args.benchmark_steps * 1000
-    attention = "compact" if args.model == "dranet" else "dense" if args.dense_attention else "efficient"
+    attention = "compact" if args.model == "dranet" else PositionAttention.resolve(args.attention, device.type)
     model_name = "dranet " if args.model == "dranet" else ""  # the DANet line as it always was
     if master:
-        print(f"benchmark {model_name}{args.backbone} crop {args.crop_size} batch {args.batch_size} {args.precision} {device.type} "
-              f"{attention} attention: {ms:.1f} ms/step, {args.batch_size * 1000 / ms:.2f} images/s, "
-              f"peak memory {peak_memory_gib(device):.2f} GiB")
+        print(f"benchmark {model_name}{args.backbone} crop {args.crop_size} batch {args.batch_size} "
+              f"{args.precision} {device.type} {attention} attention: {ms:.1f} ms/step, "
+              f"{args.batch_size * 1000 / ms:.2f} images/s, peak memory {peak_memory_gib(device):.2f} GiB")
+
+
+class TensorMemory(TorchDispatchMode):
+    """Inside it, the peak bytes of the tensors created there and alive at once (`peak`), read after every operation.
+
+    Every tensor an operation returns is tracked by its storage (views share one) until that storage is freed, so
+    what autograd saves for the backward pass counts as long as it is kept, and a temporary as long as it lives.
+    Only the scratch memory a kernel allocates and frees inside itself is not seen. This is the CPU's measure; on
+    CUDA the caching allocator's own peak counts everything (peak_extra_memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0  # {data_ptr: (StorageWeakRef, bytes)}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.live = {ptr: (ref, size) for ptr, (ref, size) in self.live.items() if not ref.expired()}
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return result
+
+
+def peak_extra_memory(step, device):
+    """The peak memory step() allocates beyond what was allocated before it, in bytes: the CUDA allocator's peak, or
+    on the CPU the peak of the tensors created inside (TensorMemory)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with TensorMemory() as memory:
+        step()
+    return memory.peak
+
+
+def benchmark_attention(args, device, autocast):
+    """PositionAttention alone, forward + backward (the gradients of x and of its weights), by each path on random
+    channels_last [batch, C, SIZE, SIZE] maps: the paths interleaved in this process, the best time of
+    --benchmark-steps repeats, and the peak extra memory of one step (peak_extra_memory), as a Markdown table."""
+    paths = [path for path in PositionAttention.ATTENTIONS if path != "auto"]
+    auto = PositionAttention.resolve("auto", device.type)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"benchmark attention: PositionAttention forward + backward, {device.type} {args.precision}{threads}, "
+          f"best of {args.benchmark_steps}; auto = {auto} here; time, peak extra memory")
+    print("| input [B, C, H, W] | " + " | ".join(paths) + f" | {auto} (auto) / dense |")
+    print("| --- " * (len(paths) + 2) + "|")
+    for channels in args.benchmark_channels:
+        for size in args.benchmark_attention:
+            torch.manual_seed(0)
+            module = PositionAttention(channels).to(device)
+            module.gamma.data.fill_(0.5)
+            x = torch.randn(args.batch_size, channels, size, size, device=device).to(memory_format=torch.channels_last)
+            x.requires_grad_()
+            weights = torch.randn(x.shape, device=device)  # the loss sum(y * weights): a gradient of every element
+
+            def step():
+                with autocast():
+                    y = module(x)
+                torch.autograd.grad((y.float() * weights).sum(), [x, *module.parameters()])
+
+            seconds, memory = {}, {}
+            for path in paths:  # a warm-up step each, which also measures the memory
+                module.attention = path
+                try:
+                    memory[path] = peak_extra_memory(step, device)
+                    seconds[path] = math.inf
+                except Exception as e:
+                    if not is_out_of_memory(e):
+                        raise
+            for _ in range(args.benchmark_steps):
+                for path in [p for p in paths if p in seconds]:
+                    module.attention = path
+                    sync()
+                    start = time.perf_counter()
+                    step()
+                    sync()
+                    seconds[path] = min(seconds[path], time.perf_counter() - start)
+            cells = [f"{seconds[p] * 1000:.0f} ms, {memory[p] / 2**20:.0f} MiB" if p in seconds else "out of memory"
+                     for p in paths]
+            ratio = (f"{seconds[auto] / seconds['dense']:.2f}x time, {memory[auto] / memory['dense']:.3f}x memory"
+                     if auto in seconds and "dense" in seconds else "")
+            print(f"| [{args.batch_size}, {channels}, {size}, {size}] | " + " | ".join(cells) + f" | {ratio} |",
+                  flush=True)
+            del module, x, weights
 
 
 class Interrupts:
@@ -1568,10 +1686,11 @@ RESUME_MUST_MATCH = (
 )
 # Where and how fast the run goes and what it logs. --batch-size: the images per step of each process, as the number
 # of processes may change (the data position counts images, see EpochSampler); a lower one continues a run that ran
-# out of memory. --dense-attention computes the same attention (to float rounding) by another formula.
+# out of memory. --attention computes the same attention (to float rounding) by another path (the checkpoints written
+# before it hold dense_attention instead, see build_model).
 # --pretrained and --init-from only choose a new run's first weights: a resumed run keeps the checkpoint's.
 RESUME_MAY_CHANGE = ("device", "workers", "batch_size", "compile", "log_every", "val_every", "out_dir", "data_root",
-                     "dense_attention")
+                     "attention")
 RESUME_KEEPS = ("pretrained", "init_from")  # what the resumed run records: the checkpoint's values
 
 
@@ -2262,6 +2381,8 @@ def main(argv=None):
     checkpoint = load_resume_checkpoint(args) if args.resume else None
     run = None
     try:
+        if args.benchmark_attention:
+            return benchmark_attention(args, device, autocast)
         if args.benchmark:
             args.num_classes = len(VOC_CLASSES)
             model, _, optimizer, _, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
