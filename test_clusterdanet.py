@@ -2952,7 +2952,7 @@ def test_every_numeric_flag_has_a_range(script, tmp_path, capsys):
             image, mask = item[0]
             assert image.shape == (3, 16, 16) and mask.shape == (16, 16)
     else:  # the smallest scale on a 10 x 10 image leaves one pixel to predict
-        scores = evaluate.predict(tiny_model(), torch.randn(1, 3, 10, 10), scales=[train.SCALES[0], 1.0])
+        scores = evaluate.predict(tiny_model(), torch.randn(1, 3, 10, 10), scales=[evaluate.SCALES[0], 1.0])
         assert scores.shape == (1, 3, 10, 10) and torch.allclose(scores.sum(1), torch.ones(1, 10, 10))
 
 

@@ -968,6 +968,9 @@ def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=p
     return metric
 
 
+accumulate_confusion = evaluate  # renamed in the restructure
+
+
 # ----------------------------------------------------------------------------- model and checkpoints
 
 ATTENTION_HELP = ("how position attention is computed, the same numbers by each: blocked (q.k once, block by block "
@@ -1096,16 +1099,6 @@ def read_original(checkpoint, path):
             "original": True, "unused": unused}
 
 
-def describe(checkpoint, path):
-    """One line on an original checkpoint: what it is evaluated as, and the tensors that have no place here."""
-    config, unused = checkpoint["args"], checkpoint["unused"]
-    text = (f"{path}: a checkpoint of the original DANet code (epoch {checkpoint['iteration']}), read as plain "
-            f"{'DRANet' if config['model'] == 'dranet' else 'DANet'}, {config['backbone']}"
-            f"{', deep stem' if config['deep_stem'] else ''}, multi-grid 4 8 16, {config['num_classes']} classes")
-    return text + (f"; {len(unused)} tensors unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})"
-                   if unused else "")
-
-
 CLASSIFIERS = ("classifier.", "position_classifier.", "channel_classifier.")  # the tensors of the class list
 
 
@@ -1217,6 +1210,11 @@ DATASETS = {
 }
 
 
+def dataset_name(dataset, data_root):
+    """The dataset a command line means: --dataset if given, else VOC when --data-root is given, else the demo."""
+    return dataset or ("voc" if data_root else "demo")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors end like every other user error: one line, exit code 2 (run_main)."""
 
@@ -1264,7 +1262,6 @@ positive = whole_number(1)  # argparse type: an integer >= 1
 non_negative = whole_number(0)  # argparse type: an integer >= 0
 positive_float = real_number(0)  # argparse type: a finite number > 0
 MIN_BASE_SIZE = 16  # --base-size: the random scale's smallest (0.5x) keeps the longer side at 8 pixels
-SCALES = (0.1, 8.0)  # evaluate.py --scales: 0.1x keeps a 512-pixel image at 51 pixels; 8x is memory enough
 # --num-clusters: the multiple of K each model's attention needs (without clustering it sees the branch width C,
 # 128 or 512, a multiple of both)
 CLUSTERS_MULTIPLE = {
@@ -1387,7 +1384,7 @@ def parse_args(argv=None):
         args.aux_weight = {"danet": 1.0, "dranet": 0.2}[args.model]
     if args.dataset and not args.data_root and not (args.benchmark or args.benchmark_attention):
         raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
-    args.dataset = args.dataset or ("voc" if args.data_root else "demo")
+    args.dataset = dataset_name(args.dataset, args.data_root)
     if args.download and args.dataset != "voc":
         raise UserError(f"--download fetches VOC only; put the {args.dataset} data in place by hand (see README)")
     if args.deep_stem and args.pretrained:
