@@ -1,6 +1,9 @@
 """Tests for ClusterDANet: the model, train.py and evaluate.py. CPU only, random weights, tiny inputs.
 
 Nothing is downloaded: the data are a tiny VOC tree the tests write and the synthetic demo set.
+The tests follow the code: the shared helpers (command lines and runs, tiny datasets, the original code's models),
+then clusterdanet.py's classes top to bottom, train.py's parts 1 to 4, evaluate.py, and the whole program at the end.
+Each section opens with a `# ---- name` banner.
 Run: python -m pytest -q
 """
 
@@ -81,29 +84,8 @@ def read_log(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
 
 
-def cli_error(capsys, argv, main=train.main):
-    """Run main(argv) as the command line does; it must exit 2 with one line on stderr. Returns the line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train.run_main(lambda: main([str(a) for a in argv]))
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
-def cli_exit(capsys, argv, main=evaluate.main):
-    """Run main(argv) as the command line does; it must fail with one `error:` line. Returns (exit code, line)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train.run_main(lambda: main([str(a) for a in argv]))
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return exit_info.value.code, lines[0]
-
-
-def run_code(argv, capsys, main=train.main):
-    """(exit code, stdout, stderr lines) of main(argv) run as the command line runs it (run_main)."""
+def run_cli(capsys, argv, main=train.main):
+    """Run main(argv) as the command line runs it (train.run_main). Returns (exit code, stdout, stderr lines)."""
     capsys.readouterr()
     try:
         train.run_main(lambda: main([str(a) for a in argv]))
@@ -112,6 +94,14 @@ def run_code(argv, capsys, main=train.main):
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err.splitlines()
+
+
+def cli_error(capsys, argv, main=train.main, code=2):
+    """run_cli that must end with exit code `code` and one `error:` line on stderr. Returns the line."""
+    exit_code, _, lines = run_cli(capsys, argv, main)
+    assert exit_code == code, (exit_code, lines)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 def run_script(args, cwd, timeout=120, module=()):
@@ -2417,11 +2407,11 @@ def test_voc_split_files_saved_on_windows_train_and_evaluate(tmp_path, capsys):
     (splits / "trainval.txt").write_bytes("\r\n".join(ids["train"] + ids["val"]).encode("utf-16"))
     assert train.VOCSegmentation(tmp_path / "data", "trainval").ids == ids["train"] + ids["val"]
     out = tmp_path / "out"
-    assert run_code(tiny(out, "--data-root", tmp_path / "data", "--train-split", "train", "--iters", "1",
-                         "--val-every", "1"), capsys)[0] == 0
+    assert run_cli(capsys, tiny(out, "--data-root", tmp_path / "data", "--train-split", "train", "--iters", "1",
+                                "--val-every", "1"))[0] == 0
     argv = ["--checkpoint", out / "last.pt", "--data-root", tmp_path / "data", "--device", "cpu", "--workers", "0",
             "--json", tmp_path / "r.json"]
-    code, _, err = run_code(argv, capsys, main=evaluate.main)
+    code, _, err = run_cli(capsys, argv, main=evaluate.main)
     assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["images"] == len(ids["val"]) == 2
 
@@ -2430,7 +2420,7 @@ def test_voc_split_files_saved_on_windows_train_and_evaluate(tmp_path, capsys):
                 f"as Latin-1 or Windows-1252?): save it as UTF-8")
     assert cli_error(capsys, tiny(tmp_path / "out2", "--data-root", tmp_path / "data", "--train-split", "train",
                                   "--iters", "1")) == expected
-    assert cli_exit(capsys, argv[:-2] + ["--json", tmp_path / "r2.json"]) == (2, expected)
+    assert cli_error(capsys, argv[:-2] + ["--json", tmp_path / "r2.json"], main=evaluate.main) == expected
     (splits / "val.txt").write_bytes("\n".join(ids["val"]).encode("utf-16-le"))  # UTF-16 without its mark
     assert cli_error(capsys, tiny(tmp_path / "out2", "--data-root", tmp_path / "data", "--train-split", "train",
                                   "--iters", "1")) == (
@@ -2532,11 +2522,11 @@ def test_classes_txt_saved_on_windows_trains_and_evaluates(tmp_path, capsys):
     (root / "classes.txt").write_bytes(windows_text(["# the farm", FOLDER_CLASSES[0], "", *FOLDER_CLASSES[1:]]))
     assert train.FolderDataset(root, "val").class_names == tuple(FOLDER_CLASSES)
     out = tmp_path / "out"
-    assert run_code(tiny(out, "--dataset", "folder", "--data-root", root, "--iters", "1", "--val-every", "1"),
-                    capsys)[0] == 0
+    assert run_cli(capsys, tiny(out, "--dataset", "folder", "--data-root", root, "--iters", "1",
+                                "--val-every", "1"))[0] == 0
     assert torch.load(out / "last.pt", weights_only=True)["class_names"] == FOLDER_CLASSES
-    code, _, err = run_code(["--checkpoint", out / "last.pt", "--data-root", root, "--device", "cpu", "--workers", "0",
-                             "--json", tmp_path / "r.json"], capsys, main=evaluate.main)
+    code, _, err = run_cli(capsys, ["--checkpoint", out / "last.pt", "--data-root", root, "--device", "cpu",
+                                    "--workers", "0", "--json", tmp_path / "r.json"], main=evaluate.main)
     assert code == 0, err
     assert list(json.loads((tmp_path / "r.json").read_text())["per_class_iou"]) == FOLDER_CLASSES
 
@@ -3740,7 +3730,7 @@ def test_lock_of_a_killed_training_is_taken_over(tmp_path, capsys):
     killed = json.loads((out / "train.lock").read_text())
     assert killed["pid"] == process.pid
     assert strict_json((out / "log.jsonl").read_text().splitlines()[0])["run_id"] == killed["run_id"]
-    code, _, err = run_code(demo_args(out, "--iters", "1", "--overwrite"), capsys)
+    code, _, err = run_cli(capsys, demo_args(out, "--iters", "1", "--overwrite"))
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
     new = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -3777,20 +3767,20 @@ def test_resume_stays_in_its_folder_and_never_enters_another_run(tmp_path, monke
     b_files = folder_bytes(b)
     resume = demo_args(a, "--iters", "1")
     del resume[resume.index("--out-dir"):resume.index("--out-dir") + 2]  # no --out-dir
-    code, out, err = run_code([*resume, "--resume", a / "last.pt"], capsys)
+    code, out, err = run_cli(capsys, [*resume, "--resume", a / "last.pt"])
     assert code == 0, err
     miou = [r for r in read_log(a) if "val_miou" in r][-1]["val_miou"]
     assert out.splitlines()[-1] == f"done: best val mIoU {miou:.4f}; last.pt and best.pt in {a}"
     assert not (tmp_path / "runs").exists() and folder_bytes(b) == b_files
     ids = {f: torch.load(f / "last.pt", weights_only=True)["run_id"] for f in (a, b)}
-    code, _, err = run_code([*resume, "--resume", a / "last.pt", "--out-dir", b], capsys)
+    code, _, err = run_cli(capsys, [*resume, "--resume", a / "last.pt", "--out-dir", b])
     assert code == 2 and err == [f"error: --out-dir {b} holds the last.pt of another run (run {ids[b]}) than "
                                  f"{a / 'last.pt'} (run {ids[a]}): give the resumed run an --out-dir of its own"]
     assert folder_bytes(b) == b_files
 
     checkpoint = torch.load(a / "last.pt", weights_only=True)
     torch.save({**checkpoint, "iteration": 0}, a / "earlier.pt")
-    code, _, err = run_code([*resume, "--resume", a / "earlier.pt"], capsys)
+    code, _, err = run_cli(capsys, [*resume, "--resume", a / "earlier.pt"])
     assert code == 2 and err == [f"error: --out-dir {a} holds a later last.pt of this run (iteration 1; "
                                  f"{a / 'earlier.pt'} is from iteration 0): resume from {a / 'last.pt'}, or give "
                                  f"another --out-dir"]
@@ -3799,7 +3789,7 @@ def test_resume_stays_in_its_folder_and_never_enters_another_run(tmp_path, monke
     old.mkdir()
     legacy = {k: v for k, v in checkpoint.items() if k != "run_id"}
     torch.save({**legacy, "best_miou": -1.0}, old / "last.pt")
-    code, out, err = run_code([*resume, "--resume", old / "last.pt"], capsys)
+    code, out, err = run_cli(capsys, [*resume, "--resume", old / "last.pt"])
     assert code == 0 and out.splitlines()[-1] == f"done: no validation has run; last.pt in {old}"
     assert "-1.0" not in out
 
@@ -3851,17 +3841,17 @@ def test_diverged_run_logs_strict_json_and_a_new_run_does_not_append(tmp_path, c
     refused unless --overwrite; an --overwrite run that diverges before its first save leaves it byte for byte."""
     out = tmp_path / "out"
     args = demo_args(out, "--iters", "6", "--lr", "1e9", "--val-every", "100")
-    code, _, err = run_code(args, capsys)
+    code, _, err = run_cli(capsys, args)
     assert code == 1 and "this run has saved no checkpoint" in err[0]
     lines = (out / "log.jsonl").read_text().splitlines()
     records = [strict_json(line) for line in lines]
     assert records[0]["start"] == "new" and records[-1]["diverged"] is True
     assert any(r.get("loss", 0) is None for r in records)  # a nan loss, written as null
-    code, _, err = run_code(args, capsys)
+    code, _, err = run_cli(capsys, args)
     assert code == 2 and err == [f"error: --out-dir {out} holds the log.jsonl of an earlier run (which saved no "
                                  f"checkpoint): choose another --out-dir, or give --overwrite to replace it"]
     before = folder_bytes(out)
-    code, _, err = run_code([*args, "--overwrite"], capsys)
+    code, _, err = run_cli(capsys, [*args, "--overwrite"])
     assert code == 1 and err[0].endswith(f"this run has saved no checkpoint; the earlier run in {out} is as it was; "
                                          f"try a lower --lr than 1e+09")
     assert folder_bytes(out) == before
@@ -3958,8 +3948,8 @@ def test_fp16_steps_the_scaler_skips_do_not_stop_the_run(tmp_path, monkeypatch, 
     exit 0, its checkpoints, and log records that average the finite losses and count what was left out."""
     returned = break_steps(monkeypatch, inf_loss={2}, inf_gradient={3})
     out = tmp_path / "out"
-    code, stdout, err = run_code(demo_args(out, "--precision", "fp16", "--iters", "4", "--log-every", "2",
-                                           "--val-every", "4"), capsys)
+    code, stdout, err = run_cli(capsys, demo_args(out, "--precision", "fp16", "--iters", "4", "--log-every", "2",
+                                                  "--val-every", "4"))
     assert code == 0, err
     losses = [float(r["loss"]) for r in returned]
     assert [math.isfinite(loss) for loss in losses] == [True, False, True, True]
@@ -3982,8 +3972,8 @@ def test_fp16_loss_that_stays_infinite_ends_as_diverged(tmp_path, monkeypatch, c
     monkeypatch.setattr(train, "DIVERGED_STEPS", 3)
     break_steps(monkeypatch, from_step=2)
     out = tmp_path / "out"
-    code, _, err = run_code(demo_args(out, "--precision", "fp16", "--iters", "20", "--log-every", "2",
-                                      "--val-every", "100"), capsys)
+    code, _, err = run_cli(capsys, demo_args(out, "--precision", "fp16", "--iters", "20", "--log-every", "2",
+                                             "--val-every", "100"))
     stopped = next(t for t in range(2, 21, 2) if t - 1 >= train.DIVERGED_STEPS)  # steps 2..t failed
     assert code == 1 and err[0].startswith(f"error: training diverged (the loss or the weights became nan or "
                                            f"infinite by iteration {stopped}): stopped without saving")
@@ -4029,7 +4019,7 @@ def test_data_error_after_training_started_saves_last_first_and_exits_5(tmp_path
         return original(self, index)
 
     monkeypatch.setattr(train.SyntheticShapes, "__getitem__", getitem)
-    code, _, err = run_code(demo_args(out, "--iters", "4", "--val-every", "4", "--overwrite"), capsys)
+    code, _, err = run_cli(capsys, demo_args(out, "--iters", "4", "--val-every", "4", "--overwrite"))
     last = out / "last.pt"
     assert code == train.EXIT_DATA_ERROR == 5
     assert err == [f"error: cannot read image shapes_003.png: truncated (after iteration 1): saved {last} at "
@@ -4054,7 +4044,7 @@ def test_data_error_during_validation_saves_last_first_and_exits_5(tmp_path, mon
 
     monkeypatch.setattr(train.SyntheticShapes, "__getitem__", getitem)
     out = tmp_path / "out"
-    code, _, err = run_code(demo_args(out, "--iters", "4", "--val-every", "2"), capsys)
+    code, _, err = run_cli(capsys, demo_args(out, "--iters", "4", "--val-every", "2"))
     assert code == 5
     assert err == [f"error: mask shapes_003.png is not a 32x32 map of labels (found [9]) (during the validation of "
                    f"iteration 2): saved {out / 'last.pt'} at iteration 2 first; fix the file, then continue with "
@@ -4095,7 +4085,7 @@ def test_full_disk_while_saving_ends_in_one_line_naming_the_checkpoint_kept(tmp_
 
     monkeypatch.setattr(train, "open", open_, raising=False)
     out = tmp_path / "out"
-    code, _, err = run_code(demo_args(out, "--iters", "1", "--val-every", "1"), capsys)
+    code, _, err = run_cli(capsys, demo_args(out, "--iters", "1", "--val-every", "1"))
     last = out / "last.pt"
     assert code == train.EXIT_DISK_FULL == 3
     assert err == [f"error: no space left on the device while writing {out / 'best.pt'}: the latest checkpoint is "
@@ -4115,7 +4105,7 @@ def test_out_of_memory_ends_in_one_line_naming_the_flags_and_the_checkpoint(tmp_
 
     monkeypatch.setattr(train, "train_step", train_step)
     out = tmp_path / "out"
-    code, _, err = run_code(demo_args(out, "--iters", "4", "--val-every", "1", "--log-every", "100"), capsys)
+    code, _, err = run_cli(capsys, demo_args(out, "--iters", "4", "--val-every", "1", "--log-every", "100"))
     assert code == train.EXIT_OUT_OF_MEMORY == 4
     assert err == [f"error: out of memory on cpu in step 2: lower --batch-size (now 2), --crop-size (now 32) or use "
                    f"--precision bf16; the latest checkpoint is {out / 'last.pt'} from iteration 1: --resume it with a "
@@ -4129,17 +4119,17 @@ def test_done_and_other_messages_name_checkpoints_that_exist(tmp_path, monkeypat
     one it resumed from."""
     b, c, d = (tmp_path / name for name in "bcd")
     interrupt_after(monkeypatch, 1, [0])
-    assert run_code(demo_args(b, "--iters", "2"), capsys)[0] == 130  # last.pt of iteration 1, no validation yet
+    assert run_cli(capsys, demo_args(b, "--iters", "2"))[0] == 130  # last.pt of iteration 1, no validation yet
     monkeypatch.undo()
     torch.save({**torch.load(b / "last.pt", weights_only=True), "best_miou": 1.0}, b / "best.pt")  # a best that no
     # validation beats (an mIoU is at most 1), as a best.pt of iteration 1
-    code, out, _ = run_code(demo_args(c, "--iters", "2", "--val-every", "2", "--resume", b / "best.pt"), capsys)
+    code, out, _ = run_cli(capsys, demo_args(c, "--iters", "2", "--val-every", "2", "--resume", b / "best.pt"))
     assert code == 0 and out.splitlines()[-1] == f"done: last.pt in {c}; the best, val mIoU 1.0000, is {b / 'best.pt'}"
     assert sorted(p.name for p in c.iterdir()) == ["last.pt", "log.jsonl"]
     assert [r["val_miou"] < 1 for r in read_log(c) if "val_miou" in r] == [True]
 
     # resumed at its last iteration: nothing to do, nothing saved in d
-    code, out, _ = run_code(demo_args(d, "--iters", "2", "--val-every", "2", "--resume", c / "last.pt"), capsys)
+    code, out, _ = run_cli(capsys, demo_args(d, "--iters", "2", "--val-every", "2", "--resume", c / "last.pt"))
     assert code == 0 and out.splitlines()[-1] == (
         f"done: the latest checkpoint is {c / 'last.pt'} from iteration 2 (resumed from; none saved since); the "
         f"best, val mIoU 1.0000, was saved by the run that {c / 'last.pt'} continues, and there is no best.pt next "
@@ -4151,8 +4141,8 @@ def test_done_and_other_messages_name_checkpoints_that_exist(tmp_path, monkeypat
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "train_step", out_of_memory)
-    code, _, err = run_code(demo_args(tmp_path / "e", "--iters", "2", "--val-every", "2", "--resume", b / "best.pt"),
-                            capsys)
+    code, _, err = run_cli(capsys, demo_args(tmp_path / "e", "--iters", "2", "--val-every", "2", "--resume",
+                                             b / "best.pt"))
     assert code == train.EXIT_OUT_OF_MEMORY and err[-1].endswith(
         f"; the latest checkpoint is {b / 'best.pt'} from iteration 1 (resumed from; none saved since): --resume it "
         f"with a lower --batch-size (the other flags must stay)")
@@ -4160,108 +4150,101 @@ def test_done_and_other_messages_name_checkpoints_that_exist(tmp_path, monkeypat
 
 # --------------------------------------------------------------------- train.py 4d: the command line and the benchmarks
 
-@pytest.mark.parametrize("flags, message", [
-    (["--log-every", "0"], "argument --log-every: expected a whole number >= 1, got '0'"),
-    (["--val-every", "0"], "argument --val-every: expected a whole number >= 1, got '0'"),
-    (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
-    (["--benchmark", "--benchmark-steps", "0"], "argument --benchmark-steps: expected a whole number >= 1, got '0'"),
-    (["--workers", "-1"], "argument --workers: expected a whole number >= 0, got '-1'"),
-    (["--num-clusters", "12"], "argument --num-clusters: --model danet needs a multiple of 8 (position attention "
-                               "reads K / 8 query dimensions), got 12"),
-    (["--device", "gpu"], "--device gpu is not supported: use cuda, cuda:N or cpu"),
-    (["--device", "mps"], "--device mps is not supported: use cuda, cuda:N or cpu"),
-    (["--device", "tpu3"], "--device tpu3 is not supported: use cuda, cuda:N or cpu"),
-    (["--lr", "0"], "argument --lr: expected a number > 0, got '0'"),
-    (["--lr", "-0.01"], "argument --lr: expected a number > 0, got '-0.01'"),
-    (["--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
-    (["--lr", "inf"], "argument --lr: expected a number > 0, got 'inf'"),
-    (["--lr", "fast"], "argument --lr: expected a number > 0, got 'fast'"),
-    (["--crop-size", "8", "--batch-size", "1"], "--crop-size 8 with --batch-size 1 leaves BatchNorm one value "
-                                                "per channel (a 1x1 feature map at output stride 8): use a larger "
-                                                "crop or batch"),
-    (["--resume", "last.pt", "--overwrite"], "--resume continues the run in --out-dir and --overwrite starts a new "
-                                             "one: give only one"),
-    (["--bacbone", "resnet18"], "unrecognized arguments: --bacbone resnet18"),
-    (["--cluster-reseed", "-1"], "argument --cluster-reseed: expected a whole number >= 0, got '-1'"),
-    (["--cluster-init", "kmeans"], "argument --cluster-init: invalid choice: 'kmeans'"),
-])
-def test_bad_flags_exit_2_in_one_line(flags, message, tmp_path, capsys):
-    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", *flags))
-    assert line.startswith(f"error: {message}"), line
-    assert_nothing_half_written(tmp_path, tmp_path / "out")
+BOTTLENECK = "needs a Bottleneck ResNet (--backbone resnet50, resnet101, resnet152), not"
+# Every flag mistake of train.py that the command line refuses before any work: (command line, flags added to it,
+# fragments of the one error line; a fragment that starts with "error: " is how the line starts). The command lines
+# are in FLAG_COMMAND_LINES.
+FLAG_ERRORS = [
+    # numbers, choices and spellings
+    ("tiny", ["--log-every", "0"], ["error: argument --log-every: expected a whole number >= 1, got '0'"]),
+    ("tiny", ["--val-every", "0"], ["error: argument --val-every: expected a whole number >= 1, got '0'"]),
+    ("tiny", ["--batch-size", "0"], ["error: argument --batch-size: expected a whole number >= 1, got '0'"]),
+    ("tiny", ["--benchmark", "--benchmark-steps", "0"],
+     ["error: argument --benchmark-steps: expected a whole number >= 1, got '0'"]),
+    ("tiny", ["--workers", "-1"], ["error: argument --workers: expected a whole number >= 0, got '-1'"]),
+    ("tiny", ["--device", "gpu"], ["error: --device gpu is not supported: use cuda, cuda:N or cpu"]),
+    ("tiny", ["--device", "mps"], ["error: --device mps is not supported: use cuda, cuda:N or cpu"]),
+    ("tiny", ["--device", "tpu3"], ["error: --device tpu3 is not supported: use cuda, cuda:N or cpu"]),
+    ("tiny", ["--lr", "0"], ["error: argument --lr: expected a number > 0, got '0'"]),
+    ("tiny", ["--lr", "-0.01"], ["error: argument --lr: expected a number > 0, got '-0.01'"]),
+    ("tiny", ["--lr", "nan"], ["error: argument --lr: expected a number > 0, got 'nan'"]),
+    ("tiny", ["--lr", "inf"], ["error: argument --lr: expected a number > 0, got 'inf'"]),
+    ("tiny", ["--lr", "fast"], ["error: argument --lr: expected a number > 0, got 'fast'"]),
+    ("tiny", ["--crop-size", "8", "--batch-size", "1"],
+     ["error: --crop-size 8 with --batch-size 1 leaves BatchNorm one value per channel (a 1x1 feature map at output "
+      "stride 8): use a larger crop or batch"]),
+    ("tiny", ["--resume", "last.pt", "--overwrite"],
+     ["error: --resume continues the run in --out-dir and --overwrite starts a new one: give only one"]),
+    ("tiny", ["--bacbone", "resnet18"], ["error: unrecognized arguments: --bacbone resnet18"]),
+    ("tiny", ["--cluster-reseed", "-1"], ["error: argument --cluster-reseed: expected a whole number >= 0, got '-1'"]),
+    ("tiny", ["--cluster-init", "kmeans"], ["error: argument --cluster-init: invalid choice: 'kmeans'"]),
+    # --num-clusters: the multiple each model's attention needs; none without clustering
+    ("tiny", ["--num-clusters", "12"], ["error: argument --num-clusters: --model danet needs a multiple of 8 (position "
+                                        "attention reads K / 8 query dimensions), got 12"]),
+    ("tiny", ["--num-clusters", "20"], ["argument --num-clusters: --model danet needs a multiple of 8 (position "
+                                        "attention reads K / 8 query dimensions), got 20"]),
+    ("tiny", ["--model", "dranet", "--num-clusters", "24"],
+     ["argument --num-clusters: --model dranet needs a multiple of 16 (compact channel attention reads K / 16",
+      "got 24 (see --help)"]),
+    ("tiny", ["--model", "dranet", "--num-clusters", "8"],
+     ["--num-clusters: --model dranet needs a multiple of 16", "got 8"]),
+    ("tiny", ["--model", "dranet", "--num-clusters", "40", "--benchmark"],
+     ["--model dranet needs a multiple of 16", "got 40"]),
+    ("pretrained", ["--model", "dranet", "--num-clusters", "24"], ["--model dranet needs a multiple of 16"]),
+    ("tiny", ["--no-clustering", "--num-clusters", "24"], ["--num-clusters, --cluster-init and --cluster-reseed set "
+                                                           "the clustering layers, which --no-clustering leaves out"]),
+    ("tiny", ["--no-clustering", "--num-clusters", "64"], ["which --no-clustering leaves out"]),
+    ("tiny", ["--no-clustering", "--cluster-init", "data"], ["which --no-clustering leaves out"]),
+    # the Bottleneck ResNets' flags, DRANet's rules
+    ("tiny", ["--multi-grid"], [f"--multi-grid {BOTTLENECK} resnet18"]),
+    ("tiny", ["--model", "dranet", "--multi-grid", "--backbone", "resnet34"], [f"--multi-grid {BOTTLENECK} resnet34"]),
+    ("tiny", ["--deep-stem"], [f"--deep-stem {BOTTLENECK} resnet18 (see --help)"]),
+    ("pretrained", ["--deep-stem"], ["--deep-stem needs a Bottleneck ResNet"]),
+    ("pretrained", ["--deep-stem", "--pretrained"], ["--deep-stem has no ImageNet weights here"]),
+    ("pretrained", ["--model", "dranet", "--batch-size", "1"], ["needs a batch of 2 or more"]),
+    ("pretrained", ["--model", "dranet", "--attention", "dense"], ["DRANet's attends to 50 pooled centres"]),
+    # --attention and its benchmark
+    ("bare", ["--model", "dranet", "--attention", "heads"], ["--attention is DANet's position attention"]),
+    ("bare", ["--attention", "flash"], ["argument --attention: invalid choice: 'flash'"]),
+    ("bare", ["--benchmark-attention", "8", "--benchmark-channels", "12"],
+     ["argument --benchmark-channels: expected multiples of 8, got 12"]),
+    ("bare", ["--benchmark-attention", "0"], ["argument --benchmark-attention: expected a whole number >= 1, got '0'"]),
+    ("bare", ["--benchmark-attention", "8", "--benchmark"],
+     ["--benchmark times training steps, --benchmark-attention"]),
+    # where a run starts from
+    ("tiny", ["--init-from", "a.pt", "--resume", "b.pt"], ["--init-from starts a new run"]),
+    ("tiny", ["--init-from", "nowhere.pt"], ["checkpoint nowhere.pt not found"]),
+]
+FLAG_COMMAND_LINES = {  # name -> the command line a row's flags are added to, given the --out-dir
+    "tiny": lambda out: tiny(out, "--iters", "2", "--demo-images", "4"),
+    "pretrained": lambda out: [a for a in tiny(out, "--iters", "1", "--demo-images", "2") if a != "--no-pretrained"],
+    "bare": lambda out: ["--device", "cpu"],
+}
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--multi-grid"], "--multi-grid needs a Bottleneck ResNet (--backbone resnet50, resnet101, resnet152), not "
-                       "resnet18"),
-    (["--no-clustering", "--num-clusters", "64"], "which --no-clustering leaves out"),
-    (["--no-clustering", "--cluster-init", "data"], "which --no-clustering leaves out"),
-    (["--init-from", "a.pt", "--resume", "b.pt"], "--init-from starts a new run"),
-    (["--init-from", "nowhere.pt"], "checkpoint nowhere.pt not found"),
-])
-def test_model_flags_exit_2(flags, fragment, tmp_path, capsys):
-    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "2", "--demo-images", "4", *flags))
-    assert fragment in line
+@pytest.mark.parametrize("command, flags, fragments", FLAG_ERRORS,
+                         ids=[" ".join([*(c != "tiny") * [c + ":"], *f]) for c, f, _ in FLAG_ERRORS])
+def test_bad_flags_exit_2_in_one_line_before_any_work(command, flags, fragments, tmp_path, capsys):
+    """Exit code 2 and one line holding every fragment, in the flags' words and not the model classes'; nothing
+    written, not even the --out-dir."""
+    line = cli_error(capsys, [*FLAG_COMMAND_LINES[command](tmp_path / "out"), *flags])
+    for fragment in fragments:
+        assert line.startswith(fragment) if fragment.startswith("error: ") else fragment in line, (fragment, line)
+    assert "Attention" not in line and "channels divisible" not in line  # not the model classes' words
     assert_nothing_half_written(tmp_path, tmp_path / "out")
 
 
 def test_dranet_flags(tmp_path, capsys, monkeypatch):
-    """--aux-weight follows --model; the DRANet flag mistakes are one line, exit 2; the benchmark line."""
+    """--aux-weight follows --model; the benchmark line (DRANet's flag mistakes are rows of FLAG_ERRORS)."""
     assert train.parse_args(["--model", "dranet"]).aux_weight == 0.2
     assert train.parse_args([]).aux_weight == 1.0
     assert train.parse_args(["--model", "dranet", "--aux-weight", "0.5"]).aux_weight == 0.5
     assert train.parse_args(["--deep-stem", "--data-root", str(tmp_path)]).pretrained is False  # VOC's recipe: True
-    for flags, fragment in ((["--model", "dranet", "--attention", "dense"], "DRANet's attends to 50 pooled centres"),
-                            (["--deep-stem", "--pretrained"], "--deep-stem has no ImageNet weights here"),
-                            (["--model", "dranet", "--batch-size", "1"], "needs a batch of 2 or more"),
-                            (["--model", "dranet", "--num-clusters", "24"], "--model dranet needs a multiple of 16"),
-                            (["--deep-stem"], "--deep-stem needs a Bottleneck ResNet")):
-        argv = [a for a in tiny(tmp_path / "out", "--iters", "1", "--demo-images", "2") if a != "--no-pretrained"]
-        line = cli_error(capsys, [*argv, *flags])
-        assert fragment in line, line
     monkeypatch.chdir(tmp_path)
     train.main(["--benchmark", "--model", "dranet", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
                 "--benchmark-steps", "1", "--device", "cpu"])
     assert re.fullmatch(r"benchmark dranet resnet18 crop 32 batch 2 fp32 cpu compact attention: [\d.]+ ms/step, "
                         r"[\d.]+ images/s, peak memory [\d.]+ GiB", capsys.readouterr().out.strip())
-
-
-BOTTLENECK = "needs a Bottleneck ResNet (--backbone resnet50, resnet101, resnet152), not"
-
-
-FLAG_ERRORS = [  # train.py flags (after tiny's) -> fragments of the one error line
-    (["--model", "dranet", "--num-clusters", "24"],
-     ["argument --num-clusters: --model dranet needs a multiple of 16 (compact channel attention reads K / 16",
-      "got 24 (see --help)"]),
-    (["--model", "dranet", "--num-clusters", "8"], ["--num-clusters: --model dranet needs a multiple of 16", "got 8"]),
-    (["--model", "dranet", "--num-clusters", "40", "--benchmark"], ["--model dranet needs a multiple of 16", "got 40"]),
-    (["--num-clusters", "20"], ["argument --num-clusters: --model danet needs a multiple of 8 (position attention "
-                                "reads K / 8 query dimensions), got 20"]),
-    (["--no-clustering", "--num-clusters", "24"], ["--num-clusters, --cluster-init and --cluster-reseed set the "
-                                                   "clustering layers, which --no-clustering leaves out"]),
-    (["--deep-stem"], [f"--deep-stem {BOTTLENECK} resnet18 (see --help)"]),
-    (["--model", "dranet", "--multi-grid", "--backbone", "resnet34"], [f"--multi-grid {BOTTLENECK} resnet34"]),
-]
-
-
-@pytest.mark.parametrize("flags, fragments", FLAG_ERRORS, ids=[" ".join(f) for f, _ in FLAG_ERRORS])
-def test_bad_flag_combination_is_one_line_naming_the_flag_before_any_work(flags, fragments, tmp_path, capsys):
-    line = cli_error(capsys, tiny(tmp_path / "out", "--iters", "1", *flags))
-    assert all(f in line for f in fragments), line
-    assert "Attention" not in line and "channels divisible" not in line  # not the model classes' words
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--benchmark-attention", "8", "--benchmark-channels", "12"],
-     "argument --benchmark-channels: expected multiples of 8, got 12"),
-    (["--benchmark-attention", "0"], "argument --benchmark-attention: expected a whole number >= 1, got '0'"),
-    (["--benchmark-attention", "8", "--benchmark"], "--benchmark times training steps, --benchmark-attention"),
-    (["--model", "dranet", "--attention", "heads"], "--attention is DANet's position attention"),
-    (["--attention", "flash"], "argument --attention: invalid choice: 'flash'"),
-])
-def test_attention_flags_exit_2(flags, message, capsys):
-    assert message in cli_error(capsys, ["--device", "cpu", *flags])
 
 
 def test_deep_stem_on_the_demo_names_the_default_backbone(tmp_path, capsys):
@@ -4963,8 +4946,8 @@ def test_undecodable_image_after_a_good_one_writes_nothing(voc_checkpoint, tmp_p
         assert cut.size == (40, 30)  # it opens
     argv = ["--checkpoint", voc_checkpoint, "--image", tmp_path / "good.png", tmp_path / "cut.png", "--device", "cpu",
             "--save-dir", tmp_path / "out", "--json", tmp_path / "r.json"]
-    code, line = cli_exit(capsys, argv)
-    assert code == 2 and line.startswith(f"error: cannot read image {tmp_path / 'cut.png'}: "), line
+    line = cli_error(capsys, argv, main=evaluate.main)
+    assert line.startswith(f"error: cannot read image {tmp_path / 'cut.png'}: "), line
     assert capsys.readouterr().out == ""  # no progress line: nothing was predicted
     assert not (tmp_path / "out").exists() and not (tmp_path / "r.json").exists()
 
@@ -4983,9 +4966,10 @@ def test_out_of_memory_exits_4_naming_the_flags(voc_checkpoint, tmp_path, capsys
         return predict_logits(model, images)
 
     monkeypatch.setattr(train, "predict_logits", fails_on_b)
-    code, line = cli_exit(capsys, ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", tmp_path / "b.png",
-                                   "--device", "cpu", "--save-dir", tmp_path / "out"])
-    assert code == train.EXIT_OUT_OF_MEMORY == 4
+    line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", tmp_path / "b.png",
+                              "--device", "cpu", "--save-dir", tmp_path / "out"], main=evaluate.main,
+                     code=train.EXIT_OUT_OF_MEMORY)
+    assert train.EXIT_OUT_OF_MEMORY == 4
     assert line == (f"error: out of memory on cpu while predicting {tmp_path / 'b.png'} (24x20): lower the memory with "
                     f"--mode slide --crop-size 512; the pictures of the 1 image before it are in {tmp_path / 'out'}")
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["a.png", "a.png"]  # labels, overlays
@@ -4995,10 +4979,9 @@ def test_out_of_memory_exits_4_naming_the_flags(voc_checkpoint, tmp_path, capsys
 
     monkeypatch.setattr(train, "predict_logits", allocates_too_much)
     make_voc(tmp_path / "data", n_train=1, n_val=2)
-    code, line = cli_exit(capsys, ["--checkpoint", voc_checkpoint, "--data-root", tmp_path / "data", "--device", "cpu",
-                                   "--workers", "0", "--batch-size", "2", "--mode", "slide", "--crop-size", "300",
-                                   "--scales", "1.0", "1.5"])
-    assert code == 4
+    line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--data-root", tmp_path / "data", "--device", "cpu",
+                              "--workers", "0", "--batch-size", "2", "--mode", "slide", "--crop-size", "300",
+                              "--scales", "1.0", "1.5"], main=evaluate.main, code=4)
     val = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
     first = val.read_text().split()[0]
     assert line == (f"error: out of memory on cpu while predicting image 1 of 2 ({first}): lower the memory with "
@@ -5017,9 +5000,10 @@ def test_full_disk_while_writing_a_picture_exits_3(voc_checkpoint, tmp_path, cap
         return save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", disk_fills_in_overlays)
-    code, line = cli_exit(capsys, ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu",
-                                   "--save-dir", tmp_path / "out", "--json", tmp_path / "r.json"])
-    assert code == train.EXIT_DISK_FULL == 3
+    line = cli_error(capsys, ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu",
+                              "--save-dir", tmp_path / "out", "--json", tmp_path / "r.json"], main=evaluate.main,
+                     code=train.EXIT_DISK_FULL)
+    assert train.EXIT_DISK_FULL == 3
     assert line == (f"error: no space left on the device while writing {tmp_path / 'out' / 'overlays' / 'a.png'}: "
                     f"no a.png was written; free some space")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
@@ -5042,22 +5026,23 @@ def test_evaluate_never_writes_over_what_it_reads(voc_checkpoint, tmp_path, caps
     assert_script_error(result, f"error: --json {best} would overwrite the --checkpoint file {best}: nothing was "
                                 f"written; choose another --json")
     for json_path in (run / ".." / "run" / "best.pt", tmp_path / "link.json"):
-        code, line = cli_exit(capsys, ["--checkpoint", best, "--json", json_path, "--device", "cpu"])
-        assert code == 2 and line == (f"error: --json {json_path} would overwrite the --checkpoint file {best}: "
-                                      f"nothing was written; choose another --json")
-    code, line = cli_exit(capsys, ["--checkpoint", best, "--image", pictures / "labels" / "a.png", "--save-dir",
-                                   pictures, "--device", "cpu"])
-    assert code == 2 and line == (f"error: --save-dir {pictures}: its picture {pictures / 'labels' / 'a.png'} would "
-                                  f"overwrite the --image file {pictures / 'labels' / 'a.png'}: nothing was written; "
-                                  f"choose another --save-dir")
+        line = cli_error(capsys, ["--checkpoint", best, "--json", json_path, "--device", "cpu"], main=evaluate.main)
+        assert line == (f"error: --json {json_path} would overwrite the --checkpoint file {best}: "
+                      f"nothing was written; choose another --json")
+    line = cli_error(capsys, ["--checkpoint", best, "--image", pictures / "labels" / "a.png", "--save-dir",
+                              pictures, "--device", "cpu"], main=evaluate.main)
+    assert line == (f"error: --save-dir {pictures}: its picture {pictures / 'labels' / 'a.png'} would "
+                  f"overwrite the --image file {pictures / 'labels' / 'a.png'}: nothing was written; "
+                  f"choose another --save-dir")
     random_png(tmp_path / "b.png", 20, 14)
-    code, line = cli_exit(capsys, ["--checkpoint", best, "--image", tmp_path / "b.png", "--save-dir", pictures,
-                                   "--json", pictures / "overlays" / "b.png", "--device", "cpu"])
-    assert code == 2 and line == (f"error: --json {pictures / 'overlays' / 'b.png'}: its folder is the picture folder "
-                                  f"of --save-dir {pictures / 'overlays'}: nothing was written; choose another --json")
+    line = cli_error(capsys, ["--checkpoint", best, "--image", tmp_path / "b.png", "--save-dir", pictures,
+                              "--json", pictures / "overlays" / "b.png", "--device", "cpu"], main=evaluate.main)
+    assert line == (f"error: --json {pictures / 'overlays' / 'b.png'}: its folder is the picture folder "
+                  f"of --save-dir {pictures / 'overlays'}: nothing was written; choose another --json")
     assert {k: v for k, v in tree_bytes(tmp_path).items() if k != "b.png"} == before
-    code, _, err = run_code(["--checkpoint", best, "--image", tmp_path / "b.png", "--save-dir", run, "--device", "cpu"],
-                            capsys, main=evaluate.main)  # pictures in the run's folder: fine, its checkpoint stays
+    code, _, err = run_cli(capsys, ["--checkpoint", best, "--image", tmp_path / "b.png", "--save-dir", run,
+                                    "--device", "cpu"], main=evaluate.main)  # pictures in the run's folder: fine, its
+    # checkpoint stays
     assert code == 0, err
     assert best.read_bytes() == before["run/best.pt"] and (run / "labels" / "b.png").is_file()
 
@@ -5075,15 +5060,15 @@ def test_save_dir_in_a_dataset_is_refused_and_its_masks_stay(tmp_path, capsys):
                                       "--data-root", "unused")
     before = tree_bytes(root)
     argv = ["--checkpoint", checkpoint, "--data-root", root, "--device", "cpu", "--workers", "0"]
-    code, line = cli_exit(capsys, argv + ["--save-dir", root])
-    assert code == 2 and line == (f"error: --save-dir {root}: its picture {root / 'labels' / 'val_0.png'} would "
-                                  f"overwrite a mask of the dataset {root / 'masks' / 'val' / 'val_0.png'}: nothing "
-                                  f"was written; choose another --save-dir")
+    line = cli_error(capsys, argv + ["--save-dir", root], main=evaluate.main)
+    assert line == (f"error: --save-dir {root}: its picture {root / 'labels' / 'val_0.png'} would "
+                  f"overwrite a mask of the dataset {root / 'masks' / 'val' / 'val_0.png'}: nothing "
+                  f"was written; choose another --save-dir")
     inside = root / "masks" / "val" / "pictures"
-    code, line = cli_exit(capsys, argv + ["--save-dir", inside])
-    assert code == 2 and line == (f"error: --save-dir {inside}: its picture folder {inside / 'labels'} is inside the "
-                                  f"dataset's mask folder {root / 'masks' / 'val'}: nothing was written; choose "
-                                  f"another --save-dir")
+    line = cli_error(capsys, argv + ["--save-dir", inside], main=evaluate.main)
+    assert line == (f"error: --save-dir {inside}: its picture folder {inside / 'labels'} is inside the "
+                  f"dataset's mask folder {root / 'masks' / 'val'}: nothing was written; choose "
+                  f"another --save-dir")
     out = root / "masks" / "train"
     line = cli_error(capsys, tiny(out, "--dataset", "folder", "--data-root", root, "--iters", "1"))
     assert line == (f"error: --out-dir {out} is the dataset's mask folder {out}: nothing was written; choose another "
@@ -5097,13 +5082,13 @@ def test_save_dir_in_a_dataset_is_refused_and_its_masks_stay(tmp_path, capsys):
         (plain / "labels" / f"{name}.png").write_bytes((plain / "masks" / "val" / f"{name}.png").read_bytes())
     before = tree_bytes(plain)
     argv = ["--checkpoint", checkpoint, "--data-root", plain, "--device", "cpu", "--workers", "0"]
-    code, line = cli_exit(capsys, argv + ["--save-dir", plain])
-    assert code == 2 and line == (f"error: --save-dir {plain} holds {plain / 'labels' / 'val_0.png'} (and 1 more), "
-                                  f"which is not a picture of evaluate.py: it is not replaced; choose another "
-                                  f"--save-dir, or move the file away")
+    line = cli_error(capsys, argv + ["--save-dir", plain], main=evaluate.main)
+    assert line == (f"error: --save-dir {plain} holds {plain / 'labels' / 'val_0.png'} (and 1 more), "
+                  f"which is not a picture of evaluate.py: it is not replaced; choose another "
+                  f"--save-dir, or move the file away")
     assert tree_bytes(plain) == before
     for _ in range(2):  # the second run replaces the first one's pictures
-        code, _, err = run_code(argv + ["--save-dir", plain / "predictions"], capsys, main=evaluate.main)
+        code, _, err = run_cli(capsys, argv + ["--save-dir", plain / "predictions"], main=evaluate.main)
         assert code == 0, err
     assert sorted(p.name for p in (plain / "predictions" / "labels").iterdir()) == ["val_0.png", "val_1.png"]
     assert {k: v for k, v in tree_bytes(plain).items() if not k.startswith("predictions/")} == before
@@ -5116,30 +5101,30 @@ def test_existing_files_that_evaluate_did_not_write_are_kept(voc_checkpoint, tmp
     out, results = tmp_path / "out", tmp_path / "r.json"
     argv = ["--checkpoint", voc_checkpoint, "--image", tmp_path / "a.png", "--device", "cpu", "--save-dir", out,
             "--json", results]
-    assert run_code(argv, capsys, main=evaluate.main)[0] == 0
+    assert run_cli(capsys, argv, main=evaluate.main)[0] == 0
     written = tree_bytes(tmp_path)
     with Image.open(out / "labels" / "a.png") as picture:
         assert picture.info["Software"] == "ClusterDANet evaluate.py" and evaluate.is_picture(out / "labels" / "a.png")
-    assert run_code(argv, capsys, main=evaluate.main)[0] == 0  # its own files: replaced, the same again
+    assert run_cli(capsys, argv, main=evaluate.main)[0] == 0  # its own files: replaced, the same again
     assert tree_bytes(tmp_path) == written
 
     notes = tmp_path / "notes.json"
     notes.write_text('{"todo": "evaluate the model"}\n')
-    code, line = cli_exit(capsys, argv[:-1] + [notes])
-    assert code == 2 and line == (f"error: --json {notes} exists and is not a results file of evaluate.py: it is not "
-                                  f"replaced; remove it or choose another --json")
+    line = cli_error(capsys, argv[:-1] + [notes], main=evaluate.main)
+    assert line == (f"error: --json {notes} exists and is not a results file of evaluate.py: it is not "
+                  f"replaced; remove it or choose another --json")
     random_png(out / "overlays" / "a.png", 20, 14)  # a PNG evaluate.py did not write
     foreign = (out / "overlays" / "a.png").read_bytes()
-    code, line = cli_exit(capsys, argv)
-    assert code == 2 and line == (f"error: --save-dir {out} holds {out / 'overlays' / 'a.png'}, which is not a picture "
-                                  f"of evaluate.py: it is not replaced; choose another --save-dir, or move the file "
-                                  f"away")
+    line = cli_error(capsys, argv, main=evaluate.main)
+    assert line == (f"error: --save-dir {out} holds {out / 'overlays' / 'a.png'}, which is not a picture "
+                  f"of evaluate.py: it is not replaced; choose another --save-dir, or move the file "
+                  f"away")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "labels").write_text("")
-    code, line = cli_exit(capsys, argv[:-4] + ["--save-dir", tmp_path / "other"])
-    assert code == 2 and line == (f"error: --save-dir {tmp_path / 'other'}: {tmp_path / 'other' / 'labels'} is a "
-                                  f"file, and pictures go into a folder there: move it away or choose another "
-                                  f"--save-dir")
+    line = cli_error(capsys, argv[:-4] + ["--save-dir", tmp_path / "other"], main=evaluate.main)
+    assert line == (f"error: --save-dir {tmp_path / 'other'}: {tmp_path / 'other' / 'labels'} is a "
+                  f"file, and pictures go into a folder there: move it away or choose another "
+                  f"--save-dir")
     assert notes.read_text() == '{"todo": "evaluate the model"}\n' and (tmp_path / "other" / "labels").read_text() == ""
     assert (out / "overlays" / "a.png").read_bytes() == foreign and results.read_bytes() == written["r.json"]
 
