@@ -652,9 +652,15 @@ class OriginalDANet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def original_checkpoint(tmp_path_factory):
-    """(path, model): a random 19-class original-layout DANet saved as the original code saves it."""
+    """(path, model): a random 19-class original-layout DANet (ResNet-50) saved as the original code saves it."""
+    return save_original_danet(tmp_path_factory.mktemp("original") / "DANet50.pth.tar")
+
+
+def save_original_danet(path, blocks=(3, 4, 6, 3)):
+    """(path, model): a random 19-class original-layout DANet on a ResNet of `blocks`, saved at `path` as the original
+    code saves DANet101.pth.tar."""
     torch.manual_seed(0)
-    model = OriginalDANet().eval()
+    model = OriginalDANet(blocks=blocks).eval()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():  # BN statistics and affine away from 0 / 1
             if name.endswith(("running_mean", "bn3.bias")):
@@ -664,7 +670,7 @@ def original_checkpoint(tmp_path_factory):
         model.head.sa.gamma.fill_(0.7)
         model.head.sc.gamma.fill_(0.5)
         model.head.sa.query_conv.weight.mul_(8)  # a peaked position attention, not a uniform one
-    return save_as_original(model, tmp_path_factory.mktemp("original") / "DANet50.pth.tar", 240, 0.87), model
+    return save_as_original(model, path, 240, 0.87), model
 
 
 # The original code's DRANet, written from its description: the default ResNet of the original code (deep stem),
@@ -781,15 +787,21 @@ class OriginalDRANet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def original_dranet(tmp_path_factory):
-    """(path, model): a random 19-class original-layout DRANet saved as the original code saves dran101.pth.tar."""
+    """(path, model): a random 19-class original-layout DRANet (ResNet-50) saved as the original code saves it."""
+    return save_original_dranet(tmp_path_factory.mktemp("original") / "dran50.pth.tar")
+
+
+def save_original_dranet(path, blocks=(3, 4, 6, 3)):
+    """(path, model): a random 19-class original-layout DRANet on a deep-stem ResNet of `blocks`, saved at `path` as
+    the original code saves dran101.pth.tar."""
     torch.manual_seed(0)
-    model = randomise_bn(OriginalDRANet()).eval()
+    model = randomise_bn(OriginalDRANet(blocks=blocks)).eval()
     with torch.no_grad():
         model.head.cpam_dec.scale.fill_(0.7)
         model.head.ccam_dec.scale.fill_(0.5)
         model.head.clgd.gamma.fill_(0.8)
         model.head.cpam_dec.conv_query.weight.mul_(8)  # a peaked attention over the centres, not a uniform one
-    return save_as_original(model, tmp_path_factory.mktemp("original") / "dran50.pth.tar", 180, 0.81), model
+    return save_as_original(model, path, 180, 0.81), model
 
 
 # -------------------------------------------------------------------------------- clusterdanet.py: the clustering layer
@@ -1783,35 +1795,37 @@ assert os.path.dirname(os.path.abspath(clusterdanet.__file__)) == os.getcwd(), c
 assert importlib.util.find_spec("train") is None and importlib.util.find_spec("evaluate") is None
 images = torch.load("images.pt", weights_only=True)
 summary = {}
-for name in ("DANet50.pth.tar", "dran50.pth.tar"):
+for name in ("DANet101.pth.tar", "dran101.pth.tar"):
     model = clusterdanet.from_original(name)
     with torch.no_grad():
         torch.save(model(images)["out"], name + ".out.pt")
     summary[name] = dict(model=type(model).__name__, training=model.training, align_corners=model.align_corners,
                          layer4=[block.conv2.dilation[0] for block in model.backbone.layer4],
-                         deep_stem=model.backbone.deep_stem, classes=model.classifier[1].out_channels,
+                         layer3=len(model.backbone.layer3), deep_stem=model.backbone.deep_stem, classes=model.classifier[1].out_channels,
                          clustering=any(isinstance(m, clusterdanet.ClusteringLayer) for m in model.modules()))
 print(json.dumps(summary))
 """
 
 
-def test_from_original_with_clusterdanet_py_alone(original_checkpoint, original_dranet, tmp_path):
-    """clusterdanet.py copied alone into an empty folder, with the two original-layout files: in a process that can
-    import nothing else of this repository, from_original(path) gives plain DANet / DRANet in eval mode with the
-    original's settings, whose logits are those of evaluate.py's loading and of the stand-ins themselves."""
+def test_from_original_with_clusterdanet_py_alone(tmp_path):
+    """clusterdanet.py copied alone into an empty folder, with original-layout DANet101 and DRANet101 stand-ins
+    written there: in a process that can import nothing else of this repository, from_original(path) gives plain
+    DANet / DRANet (ResNet-101) in eval mode with the original's settings, whose logits are those of evaluate.py's
+    loading and of the stand-ins themselves."""
     (tmp_path / "clusterdanet.py").write_bytes((REPO / "clusterdanet.py").read_bytes())
-    files = {"DANet50.pth.tar": original_checkpoint, "dran50.pth.tar": original_dranet}
-    for name, (path, _) in files.items():
-        (tmp_path / name).write_bytes(path.read_bytes())
+    resnet101 = (3, 4, 23, 3)
+    files = {"DANet101.pth.tar": save_original_danet(tmp_path / "DANet101.pth.tar", resnet101),
+             "dran101.pth.tar": save_original_dranet(tmp_path / "dran101.pth.tar", resnet101)}
     images = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     torch.save(images, tmp_path / "images.pt")
     result = subprocess.run([sys.executable, "-E", "-s", "-c", ALONE_CODE], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)  # -E: no PYTHONPATH; -c puts only the folder on the path
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.splitlines()[-1])
-    for name, model_name, deep_stem in (("DANet50.pth.tar", "ClusterDANet", False), ("dran50.pth.tar", "DRANet", True)):
+    for name, model_name, deep_stem in (("DANet101.pth.tar", "ClusterDANet", False),
+                                        ("dran101.pth.tar", "DRANet", True)):
         assert summary[name] == dict(model=model_name, training=False, align_corners=True, layer4=[4, 8, 16],
-                                     deep_stem=deep_stem, classes=19, clustering=False)
+                                     layer3=23, deep_stem=deep_stem, classes=19, clustering=False)
         got = torch.load(tmp_path / f"{name}.out.pt", weights_only=True)
         model, _, _ = evaluate.load_model(tmp_path / name, torch.device("cpu"))
         with torch.no_grad():
