@@ -666,7 +666,7 @@ def main(argv=None):
         return f"image {done[0] + 1} of {len(dataset)} ({ids[min(done[0], len(ids) - 1)]})", done[0]
 
     with out_of_memory_is_one_line(args, device, current, save_dir):
-        metric = train.evaluate(model, loader, config["num_classes"], device, autocast,
+        metric = train.accumulate_confusion(model, loader, config["num_classes"], device, autocast,
                                 lambda m, images: predict(m, images, **options), on_batch)
     result = metric.compute()
     print_table(result, class_names)
