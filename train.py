@@ -239,11 +239,9 @@ def train_batches(run):
 
 
 def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
-    """Log the loss terms averaged over the processes and the `steps` steps since the last log step whose loss was
-    finite (`sums` holds their sums; an all_reduce, at log steps only), the LR of the last step, speed, ETA and peak
-    memory. Losses that were not finite (`nonfinite`, one per step and process) are left out of the means and
-    counted in the record as nonfinite_losses, the steps fp16's GradScaler skipped (`skipped`, the same on every
-    process) as skipped_steps; either only when there were some. Returns the record."""
+    """Log the mean loss terms of the `steps` finite steps since the last log step (`sums`: their sums, all-reduced
+    over the processes), the LR, speed, ETA and peak memory; the non-finite losses left out of the means
+    (`nonfinite`) and the steps fp16's GradScaler skipped (`skipped`) are counted when there are some."""
     args = run.args
     counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
     totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
@@ -305,12 +303,9 @@ def build_run(args, checkpoint, device, rank, world_size, autocast, folder):
 
 
 def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=None):
-    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given (checked
-    against the command line by load_resume_checkpoint), or started from --init-from's weights.
-
-    The model to train is wrapped in DDP, then compiled with --compile (so the gradient all_reduce overlaps the
-    backward pass); the raw model, unwrapped, is the one validated and saved.
-    """
+    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given, or started
+    from --init-from's weights. The model to train is wrapped in DDP, then compiled with --compile (so the gradient
+    all_reduce overlaps the backward pass); the raw model, unwrapped, is the one validated and saved."""
     raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None and not args.init_from})
     if args.init_from:  # every rank reads the same file: the models start equal
         init_from(raw_model, args.init_from, backbone=args.backbone, class_names=class_names)
@@ -464,12 +459,9 @@ def predict_logits(model, images):
 @torch.inference_mode()
 def accumulate_confusion(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits,
                          on_batch=None, stop=None):
-    """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix.
-
-    on_batch(images, masks, logits, sizes), if given, sees every batch (evaluate.py saves pictures there).
-    stop(), if given, is asked before each batch: once it says yes on any process, the pass is abandoned and
-    None is returned (the processes agree before the metric's all_reduce).
-    """
+    """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix. on_batch(images, masks,
+    logits, sizes) sees every batch (evaluate.py saves pictures there); once stop() says yes on any process, the pass
+    is abandoned and None is returned."""
     model.eval()
     metric = ConfusionMatrix(num_classes, device)
     abandoned = False
@@ -490,11 +482,8 @@ def accumulate_confusion(model, loader, num_classes, device, autocast=nullcontex
 
 
 class ConfusionMatrix:
-    """The segmentation metric: a num_classes x num_classes confusion matrix accumulated on the device.
-
-    matrix[t, p] counts pixels of true class t predicted as p; pixels labelled 255 are ignored.
-    IoU_c = TP / (TP + FP + FN); mIoU averages over the classes present in ground truth or prediction.
-    """
+    """The segmentation metric: matrix[t, p] counts the pixels of true class t predicted as p (255 is ignored), on
+    the device. IoU_c = TP / (TP + FP + FN); mIoU averages over the classes present in ground truth or prediction."""
 
     def __init__(self, num_classes, device="cpu"):
         self.num_classes = num_classes
@@ -542,11 +531,9 @@ def and_more(count):
 
 
 def read_lines(path):
-    """The lines of a text file the project reads (VOC split lists, classes.txt), as editors save it: UTF-8 with or
-    without a byte-order mark (also marks left in the middle by joining such files), or UTF-16 with its mark
-    (Windows Notepad's "Unicode", PowerShell's `>`); LF, CRLF or CR line ends; each line stripped of blanks at both
-    ends, blank lines left out. A file that is not such text is a UserError naming it: no code page is
-    guessed, since a wrong guess turns names into other names."""
+    """The stripped, non-blank lines of a text file (VOC split lists, classes.txt) as editors save it: UTF-8 with or
+    without byte-order marks, or UTF-16 with one (Notepad's "Unicode", PowerShell's `>`); any line ends. Other text
+    is a UserError naming the file: a guessed code page would turn names into other names."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -702,11 +689,8 @@ def image_size(path):
 
 
 def pair_files(images, masks, mask_of, image_of):
-    """Match {id: image path} with {id: mask path}: (ids, image paths, mask paths), sorted by id.
-
-    A file without its partner is a UserError naming it and where the partner was looked for (mask_of(id),
-    image_of(id)).
-    """
+    """Match {id: image path} with {id: mask path}: (ids, image paths, mask paths), sorted by id. A file without
+    its partner is a UserError naming it and where the partner was looked for (mask_of(id), image_of(id))."""
     for i in sorted(images.keys() - masks.keys()):
         raise UserError(f"image {images[i]} has no mask {mask_of(i)}")
     for i in sorted(masks.keys() - images.keys()):
@@ -834,12 +818,9 @@ CITYSCAPES_CLASSES = (
 
 
 class Cityscapes(SegmentationFiles):
-    """Cityscapes with its fine annotations, in the layout torchvision.datasets.Cityscapes reads:
-    leftImg8bit/<split>/<city>/<id>_leftImg8bit.png and gtFine/<split>/<city>/<id>_gtFine_labelIds.png.
-
-    Splits: train, val, trainval. The masks hold label ids 0..33; items hold the 19 train ids (0..18) and 255.
-    `ids` are the <id> parts of the file names (city_sequence_frame).
-    """
+    """Cityscapes' fine annotations in torchvision's layout: leftImg8bit/<split>/<city>/<id>_leftImg8bit.png with
+    gtFine/<split>/<city>/<id>_gtFine_labelIds.png (`ids`: the <id>s, city_sequence_frame). The masks hold label
+    ids 0..33, items the 19 train ids (0..18) and 255. Splits: train, val, trainval."""
 
     class_names = tuple(name for name, _, _ in CITYSCAPES_CLASSES)
     label_ids = tuple(label_id for _, label_id, _ in CITYSCAPES_CLASSES)  # train id -> label id
@@ -961,12 +942,9 @@ class FolderDataset(SegmentationFiles):
 
 
 class SyntheticShapes(Dataset):
-    """A deterministic in-memory dataset for the demo: discs, squares and triangles on a textured background.
-
-    Image `index` is drawn from a generator seeded with (seed, index), so every run sees the same data.
-    Each class has its own colour (jittered) on a grey, textured background, so a small network without
-    pretrained weights learns it in minutes.
-    """
+    """The demo's data, drawn in memory: discs, squares and triangles, each class in its own (jittered) colour on a
+    grey, textured background, which a small network learns without pretrained weights. Image `index` comes from a
+    generator seeded with (seed, index): every run sees the same data."""
 
     COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.25, 0.2], [0.2, 0.8, 0.3], [0.25, 0.35, 0.95]])  # [4, 3]
 
@@ -1026,12 +1004,10 @@ class MaskScan(Dataset):
 
 
 def check_masks(val_set, train_set=None, workers=0, log=None):
-    """Check the masks before any work: every mask of `val_set` is read (values, W x H size, EXIF orientation as
-    its image's) and the set must hold a labelled pixel; `train_set`'s masks are read in a random order until every
-    class has occurred, and a class that occurs in none of them is a warning (the 0/255 binary-mask mistake when 255
-    covers much of the images). Masks only, in `workers` processes; a bad mask is a UserError naming it. Datasets
-    without mask files (the demo) pass. Logs one line (print0 unless `log`): the images of each split, and the time
-    the check took."""
+    """Check the masks before any work, in `workers` processes (a bad one is a UserError naming it): every mask of
+    `val_set` (values, W x H size, EXIF orientation), which must hold a labelled pixel; `train_set`'s in a random
+    order until every class has occurred, a class in none of them a warning (and the 0/255 binary-mask mistake when
+    255 covers much of them). Logs (print0 unless `log`) the images of each split and the time the check took."""
     log = log or print0
     sets = [d for d in (train_set, val_set) if d is not None and hasattr(d, "masks")]
     if not sets:
@@ -1107,13 +1083,9 @@ def pad_collate(batch):
 
 
 class ResumableSampler(Sampler):
-    """The training order: a new random permutation of the dataset each epoch (from seed + epoch, as
-    DistributedSampler), of which process `rank` takes the positions rank, rank + world_size, ... (as many for
-    every process), starting `skip` images into the epoch.
-
-    After k steps of batch B on W processes the epoch has shown exactly the first k B W images of its permutation,
-    whatever W, so a resumed run sets skip = k B W and goes on with the images that epoch has not shown yet.
-    """
+    """The training order: a random permutation each epoch (from seed + epoch, as DistributedSampler), of which
+    process `rank` takes positions rank, rank + world_size, ..., starting `skip` images into the epoch. After k steps
+    of batch B on W processes the epoch has shown its first k B W images, whatever W: a resumed run skips them."""
 
     def __init__(self, length, seed=0, rank=0, world_size=1):
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
@@ -1131,7 +1103,7 @@ class ResumableSampler(Sampler):
         return max(0, self.length - self.skip) // self.world_size
 
 
-# ---- 4b checkpoints
+# ---- 4b checkpoints: save, load, the original code's, --init-from, --resume's checks ---------------------------------
 
 def save_atomic(path, write):
     """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file. The
@@ -1212,7 +1184,7 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-# The args a checkpoint may lack, and the value it was trained with then: the flag's first default.
+# The args a checkpoint may lack, and the value a checkpoint without them was trained with.
 ARGS_ADDED = dict(model="danet", clustering=True, cluster_init="random", cluster_reseed=0, multi_grid=False,
                   deep_stem=False, pretrained=False)
 
@@ -1271,15 +1243,9 @@ def percent(part, whole):
 
 
 def init_from(model, path, log=None, backbone=None, class_names=None):
-    """--init-from: copy into `model` every tensor of `path` whose name and shape match; keep clustering fresh.
-
-    `path` is a train.py checkpoint or one of the original DANet code. A classifier for another number of
-    classes has another shape and is skipped, and so is one for as many classes of other names (its rows would
-    stand for other classes); the clustering centres and counts are never copied. The log says how much of the
-    model was loaded (the share of its parameters that were copied), what was not and why, and plainly when the
-    file holds another model (DANet or DRANet, with or without clustering) or the file's backbone or classes
-    differ from the model's (`backbone`, `class_names`).
-    """
+    """--init-from: copy into `model` every tensor of `path` (ours or the original code's checkpoint) whose name and
+    shape match, but never the clustering state, nor a classifier for other classes (`class_names`). The log says
+    the share of the parameters loaded, what was not and why, and when the file holds another model or backbone."""
     log = log or print0
     checkpoint = load_checkpoint(path)
     source, config = checkpoint["model"], checkpoint["args"]
@@ -1346,7 +1312,8 @@ def load_model_state(model, checkpoint, path):
 RESUME_MUST_MATCH = {key: kept for kept, keys in (
     ("data", "dataset train_split val_split demo_images crop_size base_size seed"),
     ("model", "model backbone deep_stem num_clusters temperature clustering cluster_init cluster_reseed multi_grid"),
-    ("loss", "aux_weight"), ("numerics", "precision"), ("schedule", "iters lr momentum weight_decay")) for key in keys.split()}
+    ("loss", "aux_weight"), ("numerics", "precision"), ("schedule", "iters lr momentum weight_decay"))
+    for key in keys.split()}
 # where and how fast the run goes and what it logs. --batch-size: the images per step of each process, as the number
 # of processes may change (the data position counts images, see ResumableSampler); a lower one continues a run that ran
 # out of memory. --attention computes the same attention (to float rounding) by another path.
@@ -1409,7 +1376,7 @@ def check_classes(path, num_classes, stored_names, class_names, hint=""):
                         f"{differ[0]}{and_more(len(differ) - 1)}{hint}")
 
 
-# ---- 4c what keeps a run safe
+# ---- 4c what keeps a run safe ----------------------------------------------------------------------------------------
 
 class UserError(Exception):
     """Something the user can fix (a path, a file, a flag): main() prints one line and exits with code 2."""
@@ -1417,8 +1384,6 @@ class UserError(Exception):
 
 # Exit codes of train.py and evaluate.py (the README and --help list them the same way).
 EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_DISK_FULL, EXIT_OUT_OF_MEMORY, EXIT_DATA_ERROR = 1, 2, 3, 4, 5
-
-
 EXIT_BUG = 70  # an unexpected exception (sysexits' EX_SOFTWARE): Python's own exit code for it, 1, means diverged
 
 
@@ -1437,11 +1402,9 @@ def error_line(error):
 
 
 def run_main(main):
-    """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
-    worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
-    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143: a KeyboardInterrupt, so
-    that what is open is closed on the way out (exit_on_signal, before, could not). Any other exception is a bug: its
-    traceback and EXIT_BUG."""
+    """Run main() as a command; what it returns is the exit code. A UserError (also from a DataLoader worker) is one
+    line and exit code 2. Ctrl-C or SIGTERM outside the training loop is a KeyboardInterrupt, so that what is open is
+    closed on the way out: one line, 130 or 143. Any other exception is a bug: its traceback and EXIT_BUG."""
     def on_signal(signum, frame):
         raise KeyboardInterrupt(signum)
 
@@ -1479,15 +1442,10 @@ def run_main(main):
 
 
 class Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and torchrun send) while training, in a `with` block.
-
-    The first signal asks the loop to stop: it finishes the step in flight (a validation in progress is
-    abandoned), saves last.pt and exits with 128 + the signal number: 130 for SIGINT, 143 for SIGTERM. A second
-    one stops at once (KeyboardInterrupt): last.pt is then saved only if the run is not half-way through a step
-    or a save (see stop_at_once). Under torchrun the processes stop together when any of them received a signal;
-    each one reports and exits with the signal it received or, if it received none, with that of the first process
-    that did (agree).
-    """
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and torchrun send) while training, in a `with` block. The
+    first signal asks the loop to stop after the step in flight (abandoning a validation), save last.pt and exit
+    with 128 + the signal number; a second one stops at once (KeyboardInterrupt, stop_at_once). Under torchrun the
+    processes stop together, each with its own signal or that of the first process that received one (agree)."""
 
     def __init__(self, message=None):
         self.message, self.signum, self.pid = message, None, os.getpid()
@@ -1747,13 +1705,9 @@ def check_earlier_run(args, checkpoint, found):
 
 
 class FolderLock:
-    """The lock of a run folder: OUT_DIR/train.lock, held with fcntl.flock for the life of the training process.
-
-    The OS releases a flock when its process ends, however it ends (also SIGKILL, or a machine restart, after which
-    no lock is held at all), so the lock of a dead process is simply taken over. The file records the holder (pid,
-    host, start time, run id) for the refusal to name. It is removed when the holder ends; a process that locked a
-    file removed meanwhile tries again on the new one. Without fcntl (Windows) folders are not locked.
-    """
+    """The lock of a run folder: OUT_DIR/train.lock, held with fcntl.flock by the training process. The OS releases
+    it however the process ends (also SIGKILL), so a dead process's lock is simply taken over. The file names the
+    holder for the refusal and is removed when the holder ends. Without fcntl (Windows) folders are not locked."""
 
     NAME = "train.lock"
 
@@ -1893,12 +1847,10 @@ def file_identity(path):
 
 
 def check_apart(outputs, inputs, input_folders=(), output_folders=()):
-    """Before any work, a UserError if what a command writes would destroy or mix with what it reads. `outputs`:
-    (file, description, flag) of each file to be written; `inputs`: (file, description) of each file read; none of
-    the outputs may be one of the inputs, compared as files (os.stat's device and inode: the same file also through
-    a symbolic or hard link, `..` or another spelling). `output_folders` (folder, description, flag), the folders
-    written into, may be neither equal to nor inside one of `input_folders` (folder, description), the folders of
-    a dataset, compared as resolved paths: what is written there would become part of the data."""
+    """Before any work, a UserError if what a command writes would destroy or mix with what it reads: none of the
+    `outputs` (file, description, flag) may be one of the `inputs` (file, description), as files (device and inode:
+    also through a link or another spelling), and none of the `output_folders` (folder, description, flag) may be or
+    be inside one of the `input_folders` (folder, description) of a dataset: it would become part of the data."""
     written = {}
     for path, description, flag in outputs:
         identity = file_identity(path)
@@ -1989,7 +1941,8 @@ def save(run, name):
                                  "run_id": run.run_id}, path)
             except RunError as e:
                 kept = f"the previous {name} is kept, " if name != "last.pt" and path.is_file() else ""
-                resume = f", then continue with --resume {run.out_dir / 'last.pt'}" if run.saved_iteration is not None else ""
+                saved = run.saved_iteration is not None
+                resume = f", then continue with --resume {run.out_dir / 'last.pt'}" if saved else ""
                 raise RunError(f"no space left on the device while writing {path}: {kept}{checkpoint_kept(run)}; "
                                f"free some space{resume}", e.code) from None
             if run.earlier_run_kept:  # --overwrite: this run has a checkpoint now, the earlier run's files go
@@ -2175,7 +2128,7 @@ def run_ending(args, device):
             remove_created(end.folder.created)  # stopped before its first save: an empty folder goes
 
 
-# ---- 4d the command line and benchmarks
+# ---- 4d the command line and benchmarks ------------------------------------------------------------------------------
 
 ATTENTION_HELP = ("how position attention is computed, the same numbers by each: blocked (q.k once, block by block "
                   "of query rows recomputed in the backward pass), heads (fused scaled_dot_product_attention kernels, "
@@ -2231,20 +2184,10 @@ def real_number(low, high=math.inf, low_open=True, high_open=False):
 
 
 positive = whole_number(1)  # argparse type: an integer >= 1
-
-
 non_negative = whole_number(0)  # argparse type: an integer >= 0
-
-
 positive_float = real_number(0)  # argparse type: a finite number > 0
-
-
 MIN_BASE_SIZE = 16  # --base-size: the random scale's smallest (0.5x) keeps the longer side at 8 pixels
-
-
 SCALES = (0.1, 8.0)  # evaluate.py --scales: 0.1x keeps a 512-pixel image at 51 pixels; 8x is memory enough
-
-
 # --num-clusters: the multiple of K each model's attention needs (without clustering it sees the branch width C,
 # 128 or 512, a multiple of both)
 CLUSTERS_MULTIPLE = {
@@ -2253,18 +2196,20 @@ CLUSTERS_MULTIPLE = {
                "compact channel attention reads K / 16 compact channels, compact position attention K / 4 "
                "query dimensions"),
 }
-
-
 # --deep-stem and --multi-grid: the Bottleneck ResNets (resnet18/34 are made of BasicBlocks)
 BOTTLENECK_BACKBONES = tuple(name for name in BACKBONES if name not in ("resnet18", "resnet34"))
+
+
+def dataset_name(dataset, data_root):
+    """The dataset a command line means: --dataset if given, else VOC when --data-root is given, else the demo."""
+    return dataset or ("voc" if data_root else "demo")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def d(key):  # the defaults of a flag, dataset by dataset
-        return "default: " + ", ".join(f"{name} {recipe[key]}" for name, (_, recipe) in DATASETS.items()
-                                       if key in recipe)
+        return "default: " + ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items() if key in recipe)
 
     p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"],
                    help="default: voc with --data-root, else the demo")
@@ -2343,48 +2288,51 @@ def parse_args(argv=None):
     p.add_argument("--benchmark-steps", type=whole_number(1, 10**6), help="timed steps of --benchmark (default 10), "
                    "or repeats of each path of --benchmark-attention (default 3)")
     args = p.parse_args(argv)
-    if args.resume and args.overwrite:
-        p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
+    dataset, benchmarking = dataset_name(args.dataset, args.data_root), args.benchmark or args.benchmark_attention
+    backbone = args.backbone or RECIPES[dataset]["backbone"]
+    multiple, why = CLUSTERS_MULTIPLE[args.model]
+    for wrong, message in (  # the rules across flags: the first one broken is the error
+            (args.resume and args.overwrite,
+             "--resume continues the run in --out-dir and --overwrite starts a new one: give only one"),
+            (not args.clustering and (args.num_clusters is not None or args.cluster_init != "random"
+                                      or args.cluster_reseed),
+             "--num-clusters, --cluster-init and --cluster-reseed set the clustering layers, which --no-clustering "
+             "leaves out"),
+            (args.num_clusters is not None and args.num_clusters % multiple,
+             f"argument --num-clusters: --model {args.model} needs a multiple of {multiple} ({why}), got "
+             f"{args.num_clusters}"),
+            (args.init_from and args.resume,
+             "--init-from starts a new run from weights, --resume continues a run: give only one"),
+            (args.model == "dranet" and args.attention != "auto", NO_POSITION_ATTENTION),
+            (args.benchmark and args.benchmark_attention,
+             "--benchmark times training steps, --benchmark-attention the position attention alone: give only one"),
+            (any(c % PositionAttention.REDUCTION for c in args.benchmark_channels),
+             f"argument --benchmark-channels: expected multiples of {PositionAttention.REDUCTION}, got "
+             f"{' '.join(map(str, args.benchmark_channels))}"),
+            (args.dataset and not args.data_root and not benchmarking,
+             f"--dataset {args.dataset} needs --data-root (see README)"),
+            (args.download and dataset != "voc",
+             f"--download fetches VOC only; put the {dataset} data in place by hand (see README)"),
+            (args.deep_stem and args.pretrained,
+             "--deep-stem has no ImageNet weights here: leave out --pretrained (or start from a file: --init-from)"),
+            *(((wanted and backbone not in BOTTLENECK_BACKBONES),
+               f"{flag} needs a Bottleneck ResNet (--backbone {', '.join(BOTTLENECK_BACKBONES)}), not {backbone}"
+               + ("" if args.backbone else f" (the {dataset}'s default)"))
+              for flag, wanted in (("--multi-grid", args.multi_grid), ("--deep-stem", args.deep_stem)))):
+        if wrong:  # a message that points to the README needs no --help
+            raise UserError(message if message.endswith("(see README)") else f"{message} (see --help)")
+    args.dataset = dataset
     if args.resume and args.out_dir is None:  # a resumed run continues in its checkpoint's folder
         args.out_dir = os.path.dirname(args.resume) or "."
-    if not args.clustering and (args.num_clusters is not None or args.cluster_init != "random" or args.cluster_reseed):
-        p.error("--num-clusters, --cluster-init and --cluster-reseed set the clustering layers, which --no-clustering "
-                "leaves out")
-    multiple, why = CLUSTERS_MULTIPLE[args.model]
-    if args.num_clusters is not None and args.num_clusters % multiple:
-        p.error(f"argument --num-clusters: --model {args.model} needs a multiple of {multiple} ({why}), got "
-                f"{args.num_clusters}")
-    if args.init_from and args.resume:
-        p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
-    if args.model == "dranet" and args.attention != "auto":
-        p.error(NO_POSITION_ATTENTION)
-    if args.benchmark and args.benchmark_attention:
-        p.error("--benchmark times training steps, --benchmark-attention the position attention alone: give only one")
-    if any(c % PositionAttention.REDUCTION for c in args.benchmark_channels):
-        p.error(f"argument --benchmark-channels: expected multiples of {PositionAttention.REDUCTION}, got "
-                f"{' '.join(map(str, args.benchmark_channels))}")
+    if args.deep_stem:
+        args.pretrained = False  # not the recipe's ImageNet weights: there are none for the deep stem
+    for key, value in RECIPES[dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.benchmark_steps is None:
         args.benchmark_steps = 3 if args.benchmark_attention else 10
     if args.aux_weight is None:
         args.aux_weight = {"danet": 1.0, "dranet": 0.2}[args.model]
-    if args.dataset and not args.data_root and not (args.benchmark or args.benchmark_attention):
-        raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
-    args.dataset = args.dataset or ("voc" if args.data_root else "demo")
-    if args.download and args.dataset != "voc":
-        raise UserError(f"--download fetches VOC only; put the {args.dataset} data in place by hand (see README)")
-    if args.deep_stem and args.pretrained:
-        p.error("--deep-stem has no ImageNet weights here: leave out --pretrained (or start from a file: --init-from)")
-    if args.deep_stem:
-        args.pretrained = False  # not the recipe's ImageNet weights: there are none for the deep stem
-    backbone_given = args.backbone is not None
-    for key, value in DATASETS[args.dataset][1].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for flag, wanted in (("--multi-grid", args.multi_grid), ("--deep-stem", args.deep_stem)):
-        if wanted and args.backbone not in BOTTLENECK_BACKBONES:
-            default = "" if backbone_given else f" (the {args.dataset}'s default)"
-            p.error(f"{flag} needs a Bottleneck ResNet (--backbone {', '.join(BOTTLENECK_BACKBONES)}), not "
-                    f"{args.backbone}{default}")
     return args
 
 
@@ -2413,12 +2361,9 @@ def benchmark(args, checkpoint, device, world_size, autocast):
 
 
 class TensorMemory(TorchDispatchMode):
-    """Inside it, the peak bytes of the tensors created there and alive at once (`peak`), read after every operation.
-
-    Every tensor an operation returns is tracked by its storage (views share one) until that storage is freed, so
-    what autograd saves for the backward pass counts as long as it is kept, and a temporary as long as it lives.
-    Only the scratch memory a kernel allocates and frees inside itself is not seen. This is the CPU's measure; on
-    CUDA the caching allocator's own peak counts everything (peak_extra_memory)."""
+    """Inside it, the peak bytes of the tensors created there and alive at once (`peak`): every tensor an operation
+    returns is tracked by its storage until that is freed, so what autograd saves counts while it is kept. Only a
+    kernel's own scratch memory is not seen. The CPU's measure; on CUDA the allocator's peak (peak_extra_memory)."""
 
     def __init__(self):
         super().__init__()
