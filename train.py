@@ -79,7 +79,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import (BACKBONES, MODELS, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer, CompactChannelAttention,
+from clusterdanet import (BACKBONES, MODELS, OUTPUT_STRIDE, ClusteringLayer, CompactChannelAttention,
                           CompactPositionAttention, DRANet, PositionAttention, is_original_checkpoint,
                           original_state_and_config)
 
@@ -123,9 +123,8 @@ RECIPES = {
 
 class RandomScale:
     """DANet's random scale of an (image, mask) pair: the longer side to base_size x U(0.5, 2), aspect ratio kept
-    (v2.ScaleJitter's draw and sizes), the mask with nearest neighbours. No side falls below one pixel: a 4000x40
-    image at base size 64 becomes 64x1 at the 1x scale, not 64x0 (the crop's padding then fills the rest with
-    void, ignored by the loss)."""
+    (v2.ScaleJitter's draw and sizes), the mask with nearest neighbours; no side below one pixel (a 4000x40 image
+    at base size 64 is 64x1, and the crop pads the rest with void)."""
 
     def __init__(self, base_size, scale_range=(0.5, 2.0)):
         self.base_size, self.scale_range = base_size, scale_range
@@ -186,7 +185,7 @@ def main(argv=None):
 
 def training_loop(run, interrupts):
     """The training loop, from run.iteration to --iters: a step on each batch, the losses logged every --log-every
-    steps, a validation every --val-every. Returns "done", "interrupted" or "diverged" (see StepCounts)."""
+    steps, a validation every --val-every. Returns "done", "interrupted" or "diverged" (see DIVERGED_STEPS)."""
     args, batches, counts = run.args, train_batches(run), StepCounts(run)
     run.model.train()
     while run.iteration < args.iters:
@@ -202,7 +201,7 @@ def training_loop(run, interrupts):
             run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
         counts.add(losses, skipped)
         log_step = run.iteration % args.log_every == 0 or run.iteration == args.iters
-        if log_step and counts.diverged(run, log_progress(run, lr=lr, **counts.since_log())):
+        if log_step and counts.log_and_check(run, lr):
             return "diverged"
         if stop_requested(run, interrupts, log_step):
             return "interrupted"
@@ -396,10 +395,9 @@ def sync_batch_norm(device):
 
 
 def check_batch_norm(args, device, world_size):
-    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step (else
-    BatchNorm's ValueError ends the first step, on every process): the images it normalises over (those of
-    this process, or of all of them with sync_batch_norm) times the pixels of its smallest map, DRANet's 1x1 pooled
-    centre or the feature map at OUTPUT_STRIDE. The training loader drops the last, smaller batch."""
+    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step (else its
+    ValueError ends the first step): the images it normalises over (this process's, or all with sync_batch_norm)
+    times the pixels of its smallest map, DRANet's 1x1 pooled centre or the feature map at OUTPUT_STRIDE."""
     synced = sync_batch_norm(device)
     images = args.batch_size * (world_size if synced else 1)
     each = "" if synced or world_size == 1 else (f" on each of the {world_size} processes (without SyncBatchNorm, on "
@@ -701,9 +699,8 @@ def pair_files(images, masks, mask_of, image_of):
 
 def check_files_exist(paths, what, readable=None):
     """A UserError naming the first of `paths` that is not a readable file (missing, a folder, a broken link, not
-    readable), and how many more are not; for datasets to call when they are built, not when a bad entry is first
-    read (hours into training). With `readable` (the suffixes read), a missing file's namesake of another suffix
-    is named too (see found_beside)."""
+    readable) and how many more are not; with `readable` (the suffixes read), also a missing file's namesake of
+    another suffix (found_beside)."""
     bad = {}  # problem -> paths
     for path in map(Path, paths):
         if path.is_file():
@@ -1070,10 +1067,8 @@ def build_datasets(args):
 
 
 def pad_collate(batch):
-    """Batch (image, mask) pairs of different sizes: images padded with 0, masks with 255 (ignored).
-
-    Returns images [B, 3, H, W], masks [B, H, W] and each pair's own size [B, 2] (height, width).
-    """
+    """Batch (image, mask) pairs of different sizes: images [B, 3, H, W] padded with 0, masks [B, H, W] with 255
+    (ignored), and each pair's own size [B, 2] (height, width)."""
     sizes = torch.tensor([image.shape[1:] for image, _ in batch])  # [B, 2]
     H, W = sizes.amax(0).tolist()
     images = torch.stack([F.pad(i, (0, W - i.shape[2], 0, H - i.shape[1])) for i, _ in batch])  # [B, 3, H, W]
@@ -1190,9 +1185,8 @@ ARGS_ADDED = dict(model="danet", clustering=True, cluster_init="random", cluster
 
 
 def upgrade(checkpoint):
-    """A checkpoint in the form this file writes, whatever version of it wrote the file (also the original code's,
-    read_original): the args it lacks (ARGS_ADDED); `attention` for `dense_attention` (True meant "dense"); a
-    best_miou of None until a validation has run, for -1.0."""
+    """A checkpoint (also the original code's, read_original) in the form this file writes, whatever version of it
+    wrote the file: the args it lacks (ARGS_ADDED), `attention` for `dense_attention`, best_miou None for -1.0."""
     args = checkpoint["args"] = {**ARGS_ADDED, **checkpoint["args"]}
     if "attention" not in args:
         args["attention"] = "dense" if args.pop("dense_attention", False) else "auto"
@@ -1363,10 +1357,9 @@ def check_same_run(args, checkpoint):
 
 
 def check_classes(path, num_classes, stored_names, class_names, hint=""):
-    """A UserError unless the model of checkpoint `path`, which predicts `num_classes` classes named `stored_names`,
-    predicts the dataset's `class_names`: as many, and the same names in the same order. A checkpoint that names no
-    classes (stored_names None: the original DANet code's for another dataset) is checked by their number only;
-    `hint` ends both messages (what to do instead)."""
+    """A UserError unless checkpoint `path`'s model, which predicts `num_classes` classes named `stored_names` (None:
+    the original code's for another dataset, checked by number only), predicts the dataset's `class_names`, in the
+    same order; `hint` (what to do instead) ends the message."""
     if num_classes is not None and num_classes != len(class_names):
         raise UserError(f"checkpoint {path} predicts {num_classes} classes, the dataset has {len(class_names)}{hint}")
     differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
@@ -1481,9 +1474,8 @@ class Interrupts:
             self.others_signum = signals[self.signalled_rank] if self.signalled_rank is not None else None
 
     def close(self):
-        """Ignore Ctrl-C and SIGTERM from now on, nothing given back (under torchrun, once this process has done its
-        part of the stop): torchrun sends SIGTERM to the processes still running as soon as one has exited, and
-        that must neither cut their exit short nor change its code (run_main keeps them ignored to the end)."""
+        """Ignore Ctrl-C and SIGTERM from now on (under torchrun, once this process has done its part of the stop):
+        the SIGTERM torchrun sends as soon as one process has exited must not cut the others' exit short."""
         for s in self.previous:
             signal.signal(s, signal.SIG_IGN)
         self.previous = {}
@@ -1556,18 +1548,16 @@ def weights_are_finite(run):
     return not any_rank(not tensors_are_finite(run.raw_model), run.device)
 
 
-# A run has diverged when, at a log step, its weights are not finite, or its last DIVERGED_STEPS steps all failed:
-# a loss that was not finite, or gradients that overflowed so that fp16's GradScaler skipped the step. One such
-# step is normal in fp16 (the scaler skips it, leaving the weights as they were, and lowers its scale); a loss that
-# stays non-finite that long does not come back. In fp32 and bf16 a non-finite loss makes the weights non-finite at
-# once, which the check of the weights (at a log step after such a step) finds.
+# A run has diverged when, at a log step, its weights are not finite, or its last DIVERGED_STEPS steps all failed
+# (a loss not finite, or gradients that overflowed so that fp16's GradScaler skipped the step). One such step is
+# normal in fp16 (the scaler skips it and lowers its scale); a loss that stays non-finite that long does not come
+# back. In fp32 and bf16 a non-finite loss makes the weights non-finite at once.
 DIVERGED_STEPS = 20
 
 
 class StepCounts:
     """What the loop counts, on the device (no sync): since the last log step, the sums of the finite loss terms,
-    the steps they come from, the steps whose loss was not finite and the fp16 steps skipped; and the steps in a row
-    that failed (not reset at log steps), for `diverged`."""
+    their steps, the steps whose loss was not finite and the fp16 steps skipped; and the steps in a row that failed."""
 
     def __init__(self, run):
         self.failing = torch.zeros((), dtype=torch.int64, device=run.device)
@@ -1580,16 +1570,12 @@ class StepCounts:
         self.steps, self.nonfinite, self.skipped = self.steps + finite, self.nonfinite + ~finite, self.skipped + skipped
         self.failing = torch.where(~finite | skipped, self.failing + 1, 0)
 
-    def since_log(self):
-        """log_progress's arguments, then a fresh count for the next log step."""
-        counts = dict(sums=self.sums, steps=self.steps, nonfinite=self.nonfinite, skipped=self.skipped,
-                      start=self.start, start_iteration=self.start_iteration)
+    def log_and_check(self, run, lr):
+        """At a log step: log the counts (log_progress) and start afresh. True if the run has diverged: steps failed,
+        DIVERGED_STEPS of them in a row or leaving weights that are not finite, on any process."""
+        record = log_progress(run, self.sums, self.steps, lr, self.start, self.start_iteration, self.nonfinite,
+                              self.skipped)
         self.sums, self.steps, self.nonfinite, self.skipped = {}, 0, 0, 0
-        return counts
-
-    def diverged(self, run, record):
-        """At a log step that counted failed steps (`record`): DIVERGED_STEPS of them in a row, or weights that are
-        not finite, on any process."""
         return bool(record.get("nonfinite_losses") or record.get("skipped_steps")) and (
             any_rank(self.failing.item() >= DIVERGED_STEPS, run.device) or not weights_are_finite(run))
 
@@ -1632,10 +1618,9 @@ RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "train.lock")  # what a run writ
 
 
 def check_run_outputs(args, datasets=()):
-    """Before any work: the files a run writes in --out-dir (RUN_FILES) are files or not there yet, and none of them
-    is a file the run reads: the --init-from file, the --resume file (unless it is that very checkpoint of the run's
-    own folder, which the resumed run goes on writing), the `datasets`' files; nor is --out-dir one of the
-    datasets' folders or inside one (check_apart)."""
+    """Before any work: the files a run writes in --out-dir (RUN_FILES) are files or not there yet, none of them is
+    a file the run reads (--init-from, --resume unless it is the run's own last.pt, the `datasets`' files), and
+    --out-dir is not one of the datasets' folders nor inside one (check_apart)."""
     out_dir = Path(args.out_dir)
     for name in RUN_FILES:
         path = out_dir / name
@@ -1775,9 +1760,8 @@ def create_folders(path):
 
 
 def remove_created(folders):
-    """Remove `folders` (create_folders' list, deepest first) as long as they are empty: what a run that stopped
-    before its first save created. A folder holding anything (its log, another run's files) stays, and so does every
-    folder above it."""
+    """Remove `folders` (create_folders' list, deepest first) as long as they are empty: a folder holding anything
+    (its log, another run's files) stays, and so does every folder above it."""
     for folder in folders:
         try:
             folder.rmdir()  # only ever removes an empty folder
@@ -1877,8 +1861,7 @@ def check_apart(outputs, inputs, input_folders=(), output_folders=()):
 
 def dataset_inputs(datasets):
     """What `datasets` read, for check_apart: ([(file, description)], [(folder, description)]): their images, masks
-    and text files (split lists, classes.txt), and the folders of the images and of the masks (the folder of each
-    file, and the folder common to all of a kind, which a folder dataset walks)."""
+    and text files, and the folders of the images and of the masks (each file's, and the one common to all)."""
     files, folders = [], []
     for dataset in datasets:
         for kind, paths in (("image", getattr(dataset, "images", ())), ("mask", getattr(dataset, "masks", ()))):
@@ -1927,9 +1910,8 @@ def log(run, record, text=None, defer=False):
 
 
 def save(run, name):
-    """The run's state as out_dir/name (rank 0), written atomically. The first save of an --overwrite run then
-    removes the earlier run's files (its other checkpoint, its log) and writes this run's log lines held so far.
-    A full disk ends the run (EXIT_DISK_FULL) with a message naming the checkpoints kept."""
+    """The run's state as out_dir/name (rank 0), written atomically; the first save of an --overwrite run then
+    replaces the earlier run's other checkpoint and log. A full disk ends the run (EXIT_DISK_FULL)."""
     if run.master:
         with in_flight(run, "while saving"):
             path = run.out_dir / name
@@ -2241,13 +2223,11 @@ def parse_args(argv=None):
     p.add_argument("--deep-stem", action="store_true", help="three 3x3 convolutions instead of the 7x7 stem, as the "
                    "original DRANet101 (resnet50/101/152; no ImageNet weights for it here)")
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
-                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) "
-                   "where names and shapes match; "
-                   "a new run, not --resume")
+                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) where names and "
+                   "shapes match; a new run, not --resume")
     p.add_argument("--crop-size", type=whole_number(1, 8192), help=d("crop_size"))
     p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x "
-                   "random scale, at least 16; "
-                   + d("base_size"))
+                   "random scale, at least 16; " + d("base_size"))
     p.add_argument("--batch-size", type=whole_number(1, 4096), help="per process; " + d("batch_size"))
     p.add_argument("--iters", type=positive, help="optimizer steps; " + d("iters"))
     p.add_argument("--lr", type=positive_float, help="backbone LR (head: 10x); " + d("lr"))
