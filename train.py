@@ -744,11 +744,9 @@ def found_beside(path, readable, prefix=None):
 
 
 class SegmentationFiles(Dataset):
-    """A dataset of image files, each paired with a mask file (VOC, Cityscapes, a folder): item i is (image [3, H, W],
-    mask [H, W]) after `transform`, the mask read the way its image is (read_pair) and turned into training labels
-    by `to_train_id` where the format stores others. Every file is checked when the dataset is built, not when a bad
-    one is first read hours into training. A subclass finds the files of each part of its split (trainval: train
-    and val) and hands them to `add`, then to `check`."""
+    """Image files paired with mask files (VOC, Cityscapes, a folder): item i is (image [3, H, W], mask [H, W]) after
+    `transform`, the mask read as its image is (read_pair), in training labels (`to_train_id`). A subclass `add`s the
+    files of each part of its split, then `check`s them all: when built, not hours into training."""
 
     to_train_id = None  # [256] uint8, mask value -> training label (Cityscapes)
     text_files = ()  # the text files the dataset reads (a split list, classes.txt)
@@ -1349,9 +1347,8 @@ def check_same_run(args, checkpoint):
     for key, kept in RESUME_MUST_MATCH.items():
         if key not in stored or key == "demo_images" and stored.get("dataset", "demo") != "demo":
             continue  # a flag the checkpoint does not record (load_state_dict checks its model); the demo's size
-        value = stored[key]
-        if value != getattr(args, key):
-            text = flag_text(key, value)
+        if stored[key] != getattr(args, key):
+            text = flag_text(key, stored[key])
             what = "continues its schedule" if kept == "schedule" else f"keeps its {kept}"
             raise UserError(f"checkpoint {args.resume} was trained {text}: resume {text} (a resumed run {what})")
 
@@ -1639,10 +1636,8 @@ def check_run_outputs(args, datasets=()):
 
 def take_out_dir(args, checkpoint, device):
     """Take the run folder before any other work (process 0): --out-dir must be writable, is created and locked
-    (FolderLock), and must belong to this run: a new run needs one that holds no earlier run (or --overwrite), a
-    run resumed from `checkpoint` one that holds only its own run's files, none of them later. Returns the run id,
-    the lock, the folders created (main removes them if the run stops before its first save) and the earlier run's
-    files (folder_runs), which --overwrite replaces at the first save."""
+    (FolderLock), and must belong to this run (check_earlier_run). Returns the run id, the lock, the folders created
+    and the earlier run's files (folder_runs), which --overwrite replaces at the first save."""
     out_dir, run_id = Path(args.out_dir), (checkpoint or {}).get("run_id") or new_run_id()
     taken, refused = SimpleNamespace(run_id=run_id, lock=None, created=[], earlier={}), None
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -1663,7 +1658,8 @@ def take_out_dir(args, checkpoint, device):
 
 
 def check_earlier_run(args, checkpoint, found):
-    """`found` (folder_runs of --out-dir) if the run may write there, else a UserError saying what it holds."""
+    """`found` (folder_runs of --out-dir) if the run may write there, else a UserError saying what it holds: a new
+    run needs a folder without an earlier run (or --overwrite), a resumed one only its own files, none later."""
     out_dir = Path(args.out_dir)
     if not found or args.overwrite:
         return found
@@ -1710,7 +1706,8 @@ class FolderLock:
                     time.sleep(0.01)
             else:  # held by a live process
                 os.close(fd)
-                raise UserError(self.in_use(out_dir, self.path))
+                raise UserError(f"--out-dir {out_dir} is in use by another training ({self.holder()}): wait for it "
+                                f"to end, or choose another --out-dir")
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:  # its holder removed it as it ended: lock the new one
@@ -1724,15 +1721,12 @@ class FolderLock:
         os.ftruncate(self.fd, 0)
         os.write(self.fd, (json.dumps(holder) + "\n").encode())
 
-    @staticmethod
-    def in_use(out_dir, path):
+    def holder(self):
         try:
-            holder = json.loads(Path(path).read_text())
-            holder = f"run {holder['run_id']}, pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+            holder = json.loads(self.path.read_text())
+            return f"run {holder['run_id']}, pid {holder['pid']} on {holder['host']}, started {holder['started']}"
         except (OSError, ValueError, KeyError, TypeError):  # being written at this very moment
-            holder = "its lock file names no holder yet"
-        return f"--out-dir {out_dir} is in use by another training ({holder}): wait for it to end, or choose another " \
-               f"--out-dir"
+            return "its lock file names no holder yet"
 
     def release(self):
         if self.fd is not None:
@@ -1777,13 +1771,12 @@ def start_log(run):
         return
     record = {"run_id": run.run_id, "start": "resumed" if run.args.resume else "new",
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    earlier = run.earlier
     if run.args.resume:
         record.update({"from": str(run.args.resume), "from_iteration": run.iteration})
-    elif earlier:
-        last = earlier.get("last.pt", earlier.get("best.pt", (None, None)))
-        record["overwriting"] = {"run_id": last[0] or earlier.get("log.jsonl", (None,))[0], "files": sorted(earlier),
-                                 "iteration": last[1]}
+    elif run.earlier:  # --overwrite: what the earlier run was
+        last = run.earlier.get("last.pt", run.earlier.get("best.pt", (None, None)))
+        record["overwriting"] = {"run_id": last[0] or run.earlier.get("log.jsonl", (None,))[0],
+                                 "files": sorted(run.earlier), "iteration": last[1]}
     log(run, record, defer=True)
     print(f"training {model_name(vars(run.args))} ({run.args.backbone}) on {type(run.train_set).__name__} "
           f"{len(run.train_set)} images, {run.world_size} process(es) on {run.device.type}, {run.args.precision}, "
@@ -1886,11 +1879,8 @@ def json_safe(value):
 
 
 def log(run, record, text=None, defer=False):
-    """Print `text` and append `record` to out_dir/log.jsonl (rank 0), one strict JSON line (nan and inf as null).
-
-    Lines wait in run.unwritten_log: a `defer`red one (the run's first record) for the next record, all of them
-    while run.earlier_run_kept (an --overwrite run before its first save, which writes them in place of the earlier
-    run's log)."""
+    """Print `text` and append `record` to out_dir/log.jsonl (rank 0) as strict JSON. Lines wait in run.unwritten_log:
+    a `defer`red one (the first record) for the next, all of them while run.earlier_run_kept (see save)."""
     if not run.master:
         return
     if text:
@@ -2079,11 +2069,9 @@ def stop_at_once(run, interrupts):
 
 @contextmanager
 def run_ending(args, device):
-    """How main's work ends when it does not end by itself, in one place. Yields `end`, where main records what it
-    has: end.folder (take_out_dir), end.run (build_run), end.interrupts (the training's Interrupts), end.code.
-    A second signal while training stops at once (end.code from stop_at_once, and no collective); a bad file found
-    while training is data_error; running out of memory is out_of_memory. On the way out the lock is released, and
-    the folders a run created are removed if it stopped before its first save (and they are empty)."""
+    """How main's work ends when it does not end by itself, in one place; main records what it has in `end`. While
+    training, a second signal is stop_at_once and a bad file data_error; running out of memory is out_of_memory. On
+    the way out the lock goes, and the folders a run created if it stopped before its first save (and are empty)."""
     end = SimpleNamespace(folder=None, run=None, interrupts=None, code=None)
     try:
         yield end
