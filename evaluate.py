@@ -460,8 +460,7 @@ def describe_checkpoint(checkpoint, path):
     text = (f"{path}: a checkpoint of the original DANet code (epoch {checkpoint['iteration']}), read as plain "
             f"{train.model_name(config)}, {config['backbone']}"
             f"{', deep stem' if config['deep_stem'] else ''}, multi-grid 4 8 16, {config['num_classes']} classes")
-    return text + (f"; {len(unused)} tensors unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})"
-                   if unused else "")
+    return text + (f"; {len(unused)} tensors unused ({train.first_few(unused)})" if unused else "")
 
 
 def unnamed(num_classes):
@@ -717,9 +716,9 @@ def check_outputs(args, dataset=None):
                                 f"move it away or choose another --save-dir")
     foreign = [path for path in pictures if os.path.lexists(path) and not is_picture(path)]
     if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise UserError(f"--save-dir {args.save_dir} holds {foreign[0]}{more}, which is not a picture of evaluate.py: "
-                        f"it is not replaced; choose another --save-dir, or move the file away")
+        raise UserError(f"--save-dir {args.save_dir} holds {foreign[0]}{train.and_more(len(foreign) - 1)}, "
+                        f"which is not a picture of evaluate.py: it is not replaced; choose another --save-dir, "
+                        f"or move the file away")
 
 
 def is_results(path):

@@ -1801,7 +1801,8 @@ for name in ("DANet101.pth.tar", "dran101.pth.tar"):
         torch.save(model(images)["out"], name + ".out.pt")
     summary[name] = dict(model=type(model).__name__, training=model.training, align_corners=model.align_corners,
                          layer4=[block.conv2.dilation[0] for block in model.backbone.layer4],
-                         layer3=len(model.backbone.layer3), deep_stem=model.backbone.deep_stem, classes=model.classifier[1].out_channels,
+                         layer3=len(model.backbone.layer3), deep_stem=model.backbone.deep_stem,
+                         classes=model.classifier[1].out_channels,
                          clustering=any(isinstance(m, clusterdanet.ClusteringLayer) for m in model.modules()))
 print(json.dumps(summary))
 """
@@ -2090,7 +2091,8 @@ def _log_progress_on_rank(rank, world_size, init_file, out_dir, result_file):
     sums = {k: torch.tensor(3.0 * w * (rank + 1)) for k, w in
             (("loss", 1.0), ("out", 0.5), ("position", 0.25), ("channel", 0.25))}
     run = SimpleNamespace(args=SimpleNamespace(batch_size=2, iters=10), iteration=3, world_size=world_size,
-                          master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir), pending=[], held=False)
+                          master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir),
+                          unwritten_log=[], earlier_run_kept=False)
     record = train.log_progress(run, sums, 3, 0.01, time.perf_counter() - 1.0, 0)
     torch.save(record, f"{result_file}.{rank}")
     torch.distributed.destroy_process_group()
@@ -2113,8 +2115,10 @@ def test_build_model_reads_the_attention_of_old_checkpoints():
     config = {**vars(train.parse_args(tiny("unused"))), "num_classes": 3}
     del config["attention"]
     for dense, attention in ((True, "dense"), (False, "auto")):
-        assert train.build_model({**config, "dense_attention": dense}).attention == attention
-    assert train.build_model({**config, "dense_attention": True, "attention": "heads"}).attention == "heads"
+        upgraded = train.upgrade({"args": {**config, "dense_attention": dense}})["args"]
+        assert train.build_model(upgraded).attention == attention
+    upgraded = train.upgrade({"args": {**config, "dense_attention": True, "attention": "heads"}})["args"]
+    assert train.build_model(upgraded).attention == "heads"
     with pytest.raises(train.UserError, match="--attention is DANet's position attention; DRANet's attends to 50"):
         train.build_model({**config, "model": "dranet", "attention": "dense"})
 
@@ -3205,21 +3209,21 @@ def test_epoch_sampler_continues_the_epoch_on_any_number_of_processes():
     n, seed = 23, 5
     for epoch in (0, 3):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        single = train.EpochSampler(n, seed)
+        single = train.ResumableSampler(n, seed)
         single.set_position(epoch, 0)
         assert list(single) == order and len(single) == n
         for world_size in (2, 3):
             for skip in (0, 6, 12):  # e.g. 3 steps of batch 2 on 1 process, or of batch 1 on 2 processes
                 shards = []
                 for rank in range(world_size):
-                    sampler = train.EpochSampler(n, seed, rank, world_size)
+                    sampler = train.ResumableSampler(n, seed, rank, world_size)
                     sampler.set_position(epoch, skip)
                     shards.append(list(sampler))
                     assert len(sampler) == len(shards[-1]) == (n - skip) // world_size
                 rest = order[skip:][:(n - skip) // world_size * world_size]
                 interleaved = [shards[i % world_size][i // world_size] for i in range(len(rest))]
                 assert interleaved == rest  # every unseen image once, none seen before
-    epochs = [train.EpochSampler(n, seed) for _ in range(2)]
+    epochs = [train.ResumableSampler(n, seed) for _ in range(2)]
     epochs[1].set_position(1, 0)
     assert list(epochs[0]) != list(epochs[1])  # a new order each epoch
 
@@ -3275,7 +3279,7 @@ def test_every_flag_is_classified_for_resume(capsys):
     usage = text.split("\n\n")[0]
     flags = {f[2:].replace("-", "_") for f in re.findall(r"--[a-z][a-z-]+", usage)} - {"no_pretrained", "no_clustering"}
     assert {"backbone", "resume", "benchmark_steps"} <= flags
-    must = {key for key, _, _ in train.RESUME_MUST_MATCH}
+    must = set(train.RESUME_MUST_MATCH)
     may = set(train.RESUME_MAY_CHANGE)
     starts = set(train.RESUME_KEEPS) | {"resume", "overwrite", "download", "benchmark", "benchmark_steps",
                                          "benchmark_attention", "benchmark_channels"}
@@ -3843,7 +3847,7 @@ def test_remove_created_never_removes_a_folder_that_holds_something(tmp_path):
 
 
 def test_log_lines_are_strict_json(tmp_path):
-    run = SimpleNamespace(master=True, pending=[], held=False, out_dir=tmp_path)
+    run = SimpleNamespace(master=True, unwritten_log=[], earlier_run_kept=False, out_dir=tmp_path)
     train.log(run, {"iteration": 3, "loss": math.nan, "lr": math.inf, "val_iou": {"a": -math.inf, "b": 0.5},
                     "x": [math.nan]})
     assert [strict_json(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [

@@ -11,8 +11,14 @@
     python train.py --out-dir runs/demo_dranet --model dranet          # ClusterDRANet: DRANet's compact attention
     python train.py --data-root data --multi-grid --init-from DANet101.pth.tar  # from the original's weights
 
-This file also holds what evaluate.py builds on: the datasets, the one mIoU metric (a confusion matrix),
-whole-image prediction, and checkpoint loading. Every error ends in one line `error: ...`, never a traceback.
+The file in reading order (read parts 1-3 to learn the method; part 4 is machinery they call by name):
+  Part 1  the recipe: each dataset's defaults (RECIPES) and the augmentation (train_transform)
+  Part 2  training, top-down: main, training_loop, train_step, the model, optimizer (10x head LR), poly schedule,
+          DDP and mixed precision
+  Part 3  validation and the mIoU: validate, accumulate_confusion, ConfusionMatrix
+  Part 4  the machinery: 4a data formats (VOC, Cityscapes, folder, demo shapes), 4b checkpoints, 4c what keeps a
+          run safe (signals, the run folder and its lock, how a run ends), 4d the command line, benchmarks
+evaluate.py builds on parts 3 and 4. Every error ends in one line `error: ...`, never a traceback.
 
 Exit codes (the README lists the same):
   0    done
@@ -56,7 +62,7 @@ import socket
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,7 +79,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clusterdanet import (BACKBONES, MODELS, OUTPUT_STRIDE, ClusterDANet, ClusteringLayer, CompactChannelAttention,
+from clusterdanet import (BACKBONES, MODELS, OUTPUT_STRIDE, ClusteringLayer, CompactChannelAttention,
                           CompactPositionAttention, DRANet, PositionAttention, is_original_checkpoint,
                           original_state_and_config)
 
@@ -86,282 +92,39 @@ try:
 except ImportError:
     fcntl = None
 
+
+# ==== Part 1: the recipe ==============================================================================================
+
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor")
 SHAPE_CLASSES = ("background", "disc", "square", "triangle")
 IGNORE_INDEX = 255  # VOC's "void" label: object borders and ambiguous pixels, ignored by loss and metric
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
+WORKERS = min(8, os.cpu_count() or 1)
 
-
-class UserError(Exception):
-    """Something the user can fix (a path, a file, a flag): main() prints one line and exits with code 2."""
-
-
-# Exit codes of train.py and evaluate.py (the README and --help list them the same way).
-EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_DISK_FULL, EXIT_OUT_OF_MEMORY, EXIT_DATA_ERROR = 1, 2, 3, 4, 5
-EXIT_BUG = 70  # an unexpected exception (sysexits' EX_SOFTWARE): Python's own exit code for it, 1, means diverged
-
-
-class RunError(Exception):
-    """An error that ends the work after it started: run_main prints one line and exits with `code` (one of the
-    EXIT_ codes above). The message says what was kept (which checkpoint, which files)."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
-
-def error_line(error):
-    """The one line of a UserError, also of one that a DataLoader worker re-raised with its traceback."""
-    return str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-
-
-def run_main(main):
-    """Run main() as a command; what it returns is the exit code. A UserError (also one raised in a DataLoader
-    worker) becomes one line and exit code 2. Ctrl-C or SIGTERM where the training loop does not handle them
-    itself (before it starts, in evaluate.py) stop with one line and exit code 130 or 143: a KeyboardInterrupt, so
-    that what is open is closed on the way out (exit_on_signal, before, could not). Any other exception is a bug: its
-    traceback and EXIT_BUG."""
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    rank = int(os.environ.get("RANK", 0))  # under torchrun: every process runs the same checks on the same inputs
-    code = None
-    try:
-        code = main()
-    except UserError as e:
-        this_rank = getattr(e, "this_rank", False) or "DataLoader worker" in str(e)  # a file of this rank's share
-        if rank == 0 or this_rank:  # said once, by rank 0, unless only this rank found it
-            print(f"error: {error_line(e)}", file=sys.stderr)
-        code = EXIT_USER_ERROR
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = e.code
-    except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args else signal.SIGINT
-        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        code = 128 + signum
-    except Exception as e:  # a bug: its traceback, to report, and an exit code of its own (1 means diverged)
-        traceback.print_exc()
-        print(f"error: unexpected {type(e).__name__} (a bug: please report it with the traceback above)",
-              file=sys.stderr)
-        code = EXIT_BUG
-    finally:
-        # Under torchrun a process that ends with an exit code other than 0 ignores signals until it has exited:
-        # torchrun sends SIGTERM to the processes still running as soon as one has, and would cut their exit short
-        # (exit code -15) when they all end the same way (the same user error, or the same interrupt: Interrupts.close)
-        ending = code and "WORLD_SIZE" in os.environ
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_IGN if ending else handler)
-    if code:
-        sys.exit(code)
-
-
-def check_files_exist(paths, what, readable=None):
-    """A UserError naming the first of `paths` that is not a readable file (missing, a folder, a broken link, not
-    readable), and how many more are not; for datasets to call when they are built, not when a bad entry is first
-    read (hours into training). With `readable` (the suffixes read), a missing file's namesake of another suffix
-    is named too (see found_beside)."""
-    bad = {}  # problem -> paths
-    for path in map(Path, paths):
-        if path.is_file():
-            try:
-                os.close(os.open(path, os.O_RDONLY))
-                continue
-            except OSError as e:
-                problem = f"cannot be read ({e.strerror})"
-        elif path.is_dir():
-            problem = "is a folder, not a file"
-        elif path.is_symlink():
-            problem = "is a broken link"
-        elif path.exists():
-            problem = "is not a regular file"
-        else:
-            problem = "not found"
-        bad.setdefault(problem, []).append(path)
-    if bad:
-        problem, first = next((problem, paths[0]) for problem, paths in bad.items())
-        more = sum(map(len, bad.values())) - 1
-        found = found_beside(first, readable) if readable and problem == "not found" else ""
-        raise UserError(f"{what} {problem}: {first}" + (f" (and {more} more)" if more else "") + found)
-
-
-def found_beside(path, readable, prefix=None):
-    """For the message on a file `path` that is not there: ": found P, a .webp file, which is not read (readable:
-    .jpg, .png)" naming the files in its folder that have its stem (a.webp for a.jpg) or, given `prefix`, whose
-    names start with it (X_gtFine_color.png for X_gtFine_labelIds.png); "" when there is none."""
-    path = Path(path)
-    try:
-        found = sorted(p for p in path.parent.iterdir() if p != path and not p.name.startswith(".")
-                       and (p.name.startswith(prefix) if prefix else p.stem == path.stem))
-    except OSError:  # no such folder: nothing found
-        return ""
-    if not found:
-        return ""
-    kind = f", a {found[0].suffix} file" if len(found) == 1 and found[0].suffix.lower() != path.suffix.lower() else ""
-    more = f" (and {', '.join(p.name for p in found[1:4])}{', ...' if len(found) > 4 else ''})" if found[1:] else ""
-    return (f": found {found[0]}{more}{kind}, which {'is' if len(found) == 1 else 'are'} not read (readable: "
-            f"{', '.join(readable)})")
-
-
-def temporary_path(path):
-    """A temporary name beside `path` that belongs to this process and thread: .NAME.PID.THREAD.RANDOM.tmp (hidden,
-    and the random part keeps processes of two machines apart in a shared folder). Two writers of one file (two
-    evaluate.py into one --save-dir) never write into, rename or remove each other's temporary file."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.{os.urandom(3).hex()}.tmp")
-
-
-def check_writable(path, what, folder=True):
-    """A UserError unless `path` (a folder, or a file if not `folder`) can be written, before any work is done.
-    Checked by creating and removing a file in the nearest existing folder at or above it (os.access says yes to
-    root for /proc and /sys); nothing else is created."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        raise UserError(f"{what} {path} is {'a file' if folder else 'a folder'}")
-    parent = path if path.is_dir() else path.parent
-    while not parent.exists() and not parent.is_symlink():
-        parent = parent.parent
-    if not parent.is_dir():
-        kind = "a broken link" if parent.is_symlink() and not parent.exists() else "a file"
-        raise UserError(f"{what} {path} cannot be created: {parent} is {kind}")
-    probe = temporary_path(parent / "write-check")  # never another process's probe, nor one a killed process left
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # as save_atomic: a new file, then renamed
-        probe.unlink()
-    except OSError as e:
-        reason = f"{parent} is read-only" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else \
-            f"no file can be created in {parent} ({e.strerror})"
-        raise UserError(f"{what} {path} cannot be written: {reason}") from None
-
-
-def file_identity(path):
-    """(device, inode) of the file `path` names, through links and `..`; None where there is none."""
-    try:
-        status = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return status.st_dev, status.st_ino
-
-
-def check_apart(outputs, inputs, input_folders=(), output_folders=()):
-    """Before any work, a UserError if what a command writes would destroy or mix with what it reads. `outputs`:
-    (file, description, flag) of each file to be written; `inputs`: (file, description) of each file read; none of
-    the outputs may be one of the inputs, compared as files (os.stat's device and inode: the same file also through
-    a symbolic or hard link, `..` or another spelling). `output_folders` (folder, description, flag), the folders
-    written into, may be neither equal to nor inside one of `input_folders` (folder, description), the folders of
-    a dataset, compared as resolved paths: what is written there would become part of the data."""
-    written = {}
-    for path, description, flag in outputs:
-        identity = file_identity(path)
-        if identity is not None:  # a file not there yet is none of the inputs
-            written.setdefault(identity, (description, flag))
-    if written:
-        for path, what in inputs:
-            identity = file_identity(path)
-            if identity in written:
-                description, flag = written[identity]
-                raise UserError(f"{description} would overwrite {what} {path}: nothing was written; choose another "
-                                f"{flag}")
-    folders = {}
-    for folder, what in input_folders:
-        folders.setdefault(os.path.realpath(folder), (folder, what))
-    for folder, description, flag in output_folders:
-        real = Path(os.path.realpath(folder))
-        for candidate in (real, *real.parents):
-            if str(candidate) in folders:
-                inside, what = folders[str(candidate)]
-                where = "is" if candidate == real else "is inside"
-                raise UserError(f"{description} {where} {what} {inside}: nothing was written; choose another {flag}")
-
-
-def dataset_inputs(datasets):
-    """What `datasets` read, for check_apart: ([(file, description)], [(folder, description)]): their images, masks
-    and text files (split lists, classes.txt), and the folders of the images and of the masks (the folder of each
-    file, and the folder common to all of a kind, which a folder dataset walks)."""
-    files, folders = [], []
-    for dataset in datasets:
-        for kind, paths in (("image", getattr(dataset, "images", ())), ("mask", getattr(dataset, "masks", ()))):
-            files += [(path, f"a{'n' if kind == 'image' else ''} {kind} of the dataset") for path in paths]
-            parents = {os.path.dirname(path) for path in paths}
-            if parents:
-                parents.add(os.path.commonpath(sorted(parents)))
-            folders += [(parent, f"the dataset's {kind} folder") for parent in sorted(parents)]
-        files += [(path, "a file of the dataset") for path in getattr(dataset, "text_files", ())]
-    return files, folders
-
-
-# ----------------------------------------------------------------------------- data
-
-def read_lines(path):
-    """The lines of a text file the project reads (VOC split lists, classes.txt), as editors save it: UTF-8 with or
-    without a byte-order mark (also marks left in the middle by joining such files), or UTF-16 with its mark
-    (Windows Notepad's "Unicode", PowerShell's `>`); LF, CRLF or CR line ends; each line stripped of blanks at both
-    ends, blank lines left out. A file that is not such text is a UserError naming it: no code page is
-    guessed, since a wrong guess turns names into other names."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror})") from None
-    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
-    try:
-        text = data.decode("utf-16" if utf16 else "utf-8")
-    except UnicodeDecodeError as e:
-        if utf16:
-            raise UserError(f"{path} starts with a UTF-16 byte-order mark but is not UTF-16 text: save it as "
-                            f"UTF-8") from None
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}: saved in another "
-                        f"encoding, such as Latin-1 or Windows-1252?): save it as UTF-8") from None
-    if "\0" in text:
-        raise UserError(f"{path} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark, or not a text "
-                        f"file): save it as UTF-8")
-    lines = (line.strip() for line in text.replace("\ufeff", "").splitlines())
-    return [line for line in lines if line]
-
-
-def looks_like(root):
-    """" (it looks like a Cityscapes tree: add --dataset cityscapes)" if `root` holds another dataset's layout."""
-    root = Path(root)
-    if (root / "leftImg8bit").is_dir() or (root / "gtFine").is_dir():
-        name = "cityscapes"
-    elif (root / "classes.txt").is_file() or ((root / "images").is_dir() and (root / "masks").is_dir()):
-        name = "folder"
-    elif any((c / "JPEGImages").is_dir() for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")):
-        name = "voc"
-    else:
-        return ""
-    title = {"cityscapes": "Cityscapes", "folder": "folder-dataset", "voc": "VOC"}[name]
-    return f" (it looks like a {title} tree: add --dataset {name})"
-
-
-def find_voc_root(data_root):
-    """The VOC2012 folder: data_root itself, data_root/VOC2012 (VOCdevkit given) or data_root/VOCdevkit/VOC2012."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise UserError(f"data root {root} does not exist (download VOC with --download, see README)")
-    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
-        if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets" / "Segmentation").is_dir():
-            return candidate
-    raise UserError(f"{root} is neither a VOC2012 folder (with JPEGImages/ and ImageSets/Segmentation/) "
-                    f"nor a folder holding VOC2012 or VOCdevkit/VOC2012{looks_like(root)}")
-
-
-def download_voc(data_root):
-    try:
-        torchvision.datasets.VOCSegmentation(data_root, year="2012", image_set="trainval", download=True)
-    except OSError as e:  # URLError and socket errors included
-        raise UserError(f"could not download VOC 2012 into {data_root} ({e}); download VOCtrainval_11-May-2012.tar "
-                        f"by hand and extract it there") from None
+# Each dataset's recipe: it fills in every flag left out (DATASETS, in 4a, pairs it with the dataset's class).
+# VOC: the DANet paper's PASCAL recipe (ResNet-101 with ImageNet weights, crop 480, batch 16, lr 0.01 with the head
+# at 10x, poly 0.9), base size 520 from the original repository. Cityscapes: the paper's crop 768 and batch 8, the
+# original repository's base size 1024 and 240 epochs (90,000 steps). Folder: VOC's recipe, a starting point. The
+# demo: small enough for a CPU. The README's tables give each value's source.
+RECIPES = {
+    "demo": dict(backbone="resnet18", pretrained=False, crop_size=64, base_size=64, batch_size=8, iters=500, lr=0.01,
+                 workers=0, val_every=250, log_every=25, out_dir="runs/demo"),
+    "voc": dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16, iters=30000,
+                lr=0.01, workers=WORKERS, val_every=2000, log_every=50, out_dir="runs/voc", train_split="train_aug"),
+    "cityscapes": dict(backbone="resnet101", pretrained=True, crop_size=768, base_size=1024, batch_size=8,
+                       iters=90000, lr=0.01, workers=WORKERS, val_every=5000, log_every=50, out_dir="runs/cityscapes",
+                       train_split="train"),
+    "folder": dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16, iters=30000,
+                   lr=0.01, workers=WORKERS, val_every=2000, log_every=50, out_dir="runs/folder", train_split="train"),
+}
 
 
 class RandomScale:
     """DANet's random scale of an (image, mask) pair: the longer side to base_size x U(0.5, 2), aspect ratio kept
-    (v2.ScaleJitter's draw and sizes), the mask with nearest neighbours. No side falls below one pixel: a 4000x40
-    image at base size 64 becomes 64x1 at the 1x scale, not 64x0 (the crop's padding then fills the rest with
-    void, ignored by the loss)."""
+    (v2.ScaleJitter's draw and sizes), the mask with nearest neighbours; no side below one pixel (a 4000x40 image
+    at base size 64 is 64x1, and the crop pads the rest with void)."""
 
     def __init__(self, base_size, scale_range=(0.5, 2.0)):
         self.base_size, self.scale_range = base_size, scale_range
@@ -396,6 +159,435 @@ def eval_transform():
     ])
 
 
+# ==== Part 2: training, top-down ======================================================================================
+
+def main(argv=None):
+    """Train, or time training steps (--benchmark). Returns the exit code (0, 1 or 130 / 143); the other exits raise
+    UserError (2) or RunError (3, 4, 5): see the module docstring."""
+    args = parse_args(argv)
+    device, rank, world_size, autocast = setup_device(args)
+    check_batch_norm(args, device, world_size)  # before any work: what BatchNorm sees depends on the device
+    torch.manual_seed(args.seed + rank)
+    checkpoint = load_resume_checkpoint(args) if args.resume else None
+    with run_ending(args, device) as end:  # how it ends: a second signal, a bad file, out of memory, the lock
+        if args.benchmark_attention:
+            return benchmark_attention(args, device, autocast)
+        if args.benchmark:
+            return benchmark(args, checkpoint, device, world_size, autocast)
+        end.folder = take_out_dir(args, checkpoint, device)  # the run folder and its lock, before any other work
+        end.run = run = build_run(args, checkpoint, device, rank, world_size, autocast, end.folder)
+        del checkpoint  # its tensors are in the model and optimizer now
+        start_log(run)
+        with Interrupts(interrupt_message(run)) as end.interrupts:
+            end.code = finish(run, training_loop(run, end.interrupts), end.interrupts)
+    return end.code
+
+
+def training_loop(run, interrupts):
+    """The training loop, from run.iteration to --iters: a step on each batch, the losses logged every --log-every
+    steps, a validation every --val-every. Returns "done", "interrupted" or "diverged" (see DIVERGED_STEPS)."""
+    args, batches, counts = run.args, train_batches(run), StepCounts(run)
+    run.model.train()
+    while run.iteration < args.iters:
+        images, masks = next(batches)
+        images = images.to(run.device, non_blocking=True).to(memory_format=torch.channels_last)
+        masks = masks.to(run.device, non_blocking=True)
+        lr = run.optimizer.param_groups[0]["lr"]  # the backbone LR of this step (the head's is 10x)
+        with in_flight(run, "in the middle of a step"):
+            scale = run.scaler.get_scale()  # 1.0 without the fp16 scaler (fp32, bf16): no sync
+            losses = train_step(run.model, images, masks, run.optimizer, run.scaler, run.autocast, args.aux_weight)
+            skipped = run.scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips a step
+            run.scheduler.step()
+            run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
+        counts.add(losses, skipped)
+        log_step = run.iteration % args.log_every == 0 or run.iteration == args.iters
+        if log_step and counts.log_and_check(run, lr):
+            return "diverged"
+        if stop_requested(run, interrupts, log_step):
+            return "interrupted"
+        if run.iteration % args.val_every == 0 or run.iteration == args.iters:
+            if not weights_are_finite(run):
+                return "diverged"
+            if not validate(run, interrupts):
+                return "interrupted"  # a signal abandoned the validation
+    return "done"
+
+
+def train_step(model, images, masks, optimizer, scaler, autocast, aux_weight):
+    """One optimizer step; returns the loss terms as tensors (reading them would sync with the GPU). Each term is
+    the cross-entropy averaged over the labelled pixels; 0 for a batch with none (all void), not the nan of 0 / 0."""
+    with autocast():
+        outputs = model(images)
+    labelled = (masks != IGNORE_INDEX).sum().clamp(min=1)
+    losses = {k: F.cross_entropy(v.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+              for k, v in outputs.items()}
+    loss = losses["out"] + aux_weight * sum(v for k, v in losses.items() if k != "out")  # DANet: 2 terms, DRANet: 1
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+
+def train_batches(run):
+    """Training batches from the data position (run.epoch, run.epoch_images) on, epoch after epoch."""
+    while True:
+        run.sampler.set_position(run.epoch, run.epoch_images)
+        yield from run.train_loader
+        run.epoch, run.epoch_images = run.epoch + 1, 0
+
+
+def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
+    """Log the mean loss terms of the `steps` finite steps since the last log step (`sums`: their sums, all-reduced
+    over the processes), the LR, speed, ETA and peak memory; the non-finite losses left out of the means
+    (`nonfinite`) and the steps fp16's GradScaler skipped (`skipped`) are counted when there are some."""
+    args = run.args
+    counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
+    totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
+    if run.world_size > 1:
+        dist.all_reduce(totals)  # summed over the processes
+    *term_sums, steps, nonfinite, skipped = totals.tolist()
+    means = [total / steps if steps else math.nan for total in term_sums]
+    done, elapsed = run.iteration - start_iteration, time.perf_counter() - start
+    record = {"iteration": run.iteration, **dict(zip(sums, means)), "lr": lr,
+              "images_per_s": done * args.batch_size * run.world_size / elapsed,
+              "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
+              "peak_memory_gib": peak_memory_gib(run.device)}
+    unusual = {"nonfinite_losses": round(nonfinite), "skipped_steps": round(skipped / run.world_size)}
+    record.update({k: n for k, n in unusual.items() if n})
+    terms = " ".join(f"{k} {record[k]:.4f}" for k in sums if k != "loss")  # out, then position channel or aux
+    notes = [f"{n} non-finite loss{'es' if n > 1 else ''} left out" for n in [unusual["nonfinite_losses"]] if n] + \
+        [f"{n} step{'s' if n > 1 else ''} skipped by the fp16 scaler" for n in [unusual["skipped_steps"]] if n]
+    log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} "
+                     f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
+                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB"
+                     + "".join(f", {note}" for note in notes))
+    return record
+
+
+def build_run(args, checkpoint, device, rank, world_size, autocast, folder):
+    """Everything the training loop works with, in one namespace: data, model, optimizer, the run folder taken
+    (take_out_dir), and where the run stands (iteration, data position, best mIoU), restored from `checkpoint`."""
+    train_set, val_set = build_datasets(args)
+    if checkpoint is not None:  # a resumed run is the same run: on the classes it was trained on
+        check_classes(args.resume, checkpoint["args"].get("num_classes"), checkpoint.get("class_names"),
+                      train_set.class_names, f" (a resumed run keeps its classes; to train its weights on these, "
+                      f"start a new run with --init-from {args.resume})")
+    check_masks(val_set, train_set, args.workers)  # before any work
+    args.num_classes = len(train_set.class_names)
+    if len(train_set) < world_size * args.batch_size:
+        raise UserError(f"{len(train_set)} training images cannot fill a batch of {args.batch_size} on each of "
+                        f"{world_size} processes")
+    model, raw_model, optimizer, scheduler, scaler = build_model_and_optimizer(args, checkpoint, device, world_size,
+                                                                               train_set.class_names)
+    sampler = ResumableSampler(len(train_set), args.seed, rank, world_size)
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
+                         persistent_workers=args.workers > 0)
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loader_kwargs)
+    val_shard = Subset(val_set, range(rank, len(val_set), world_size))  # each image once: the metric is exact
+    val_loader = DataLoader(val_shard, 1, collate_fn=pad_collate, **loader_kwargs)
+    resumed = checkpoint or {}
+    config = {**vars(args), **{k: resumed["args"][k] for k in RESUME_KEEPS if k in resumed.get("args", {})}}
+    return SimpleNamespace(
+        args=args, config=config, device=device, master=rank == 0, world_size=world_size,
+        autocast=autocast, model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        sampler=sampler, train_loader=train_loader, val_loader=val_loader, out_dir=Path(args.out_dir),
+        class_names=list(train_set.class_names), train_set=train_set, run_id=folder.run_id,
+        iteration=resumed.get("iteration", 0), start_iteration=resumed.get("iteration", 0),
+        best_miou=resumed.get("best_miou"), epoch=resumed.get("epoch", 0),
+        epoch_images=resumed.get("epoch_images", 0),  # the data position
+        in_flight=None, saved_iteration=None,  # what a second signal would cut short; the iteration of last.pt
+        validating=False, earlier_run_kept=bool(folder.earlier) and not args.resume,  # --overwrite before a save
+        unwritten_log=[], earlier=folder.earlier)
+
+
+def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=None):
+    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given, or started
+    from --init-from's weights. The model to train is wrapped in DDP, then compiled with --compile (so the gradient
+    all_reduce overlaps the backward pass); the raw model, unwrapped, is the one validated and saved."""
+    raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None and not args.init_from})
+    if args.init_from:  # every rank reads the same file: the models start equal
+        init_from(raw_model, args.init_from, backbone=args.backbone, class_names=class_names)
+    if checkpoint is not None:
+        load_model_state(raw_model, checkpoint, args.resume)
+    if sync_batch_norm(device):  # BN statistics over the global batch
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    raw_model.to(device, memory_format=torch.channels_last)
+    model = raw_model
+    if dist.is_initialized():
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    optimizer = torch.optim.SGD([
+        {"params": raw_model.backbone.parameters(), "lr": args.lr},
+        {"params": raw_model.head_parameters(), "lr": args.lr * 10},  # the head is trained from scratch
+    ], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.iters, power=0.9)
+    # fp16: the default first scale, 2**16, overflows the stem's weight gradient, so the first step would be skipped
+    # (and PyTorch warns that the LR scheduler stepped first); 2**10 keeps it finite, and the scaler grows from there
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=args.precision == "fp16")
+    if checkpoint is not None:
+        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            obj.load_state_dict(checkpoint[name])
+    return model, raw_model, optimizer, scheduler, scaler
+
+
+def build_model(config):
+    """ClusterDANet or DRANet from a train.py args dict, as stored in every checkpoint."""
+    pretrained, name = config["pretrained"], config["model"]
+    kwargs = {key: config[key] for key in ("num_classes", "backbone", "num_clusters", "temperature", "cluster_init",
+                                           "cluster_reseed", "clustering", "multi_grid", "deep_stem")}
+    kwargs["align_corners"] = config.get("align_corners", False)  # True in the original code's checkpoints only
+    if name == "danet":
+        kwargs["attention"] = config["attention"]
+    elif config["attention"] != "auto":
+        raise UserError(NO_POSITION_ATTENTION)
+    try:
+        return MODELS[name](pretrained=pretrained, **kwargs)
+    except ValueError as e:  # a configuration the model refuses (multi-grid on resnet18, K not divisible by 8)
+        raise UserError(str(e)) from None
+    except RuntimeError as e:  # the ImageNet weights could not be downloaded: the message says what to do
+        if pretrained:
+            raise UserError(str(e)) from None
+        raise
+
+
+def setup_device(args):
+    """(device, rank, world_size, autocast context); initialises torch.distributed under torchrun."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # not a device name at all
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {args.device} is not supported: use cuda, cuda:N or cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device} asked for CUDA, but torch.cuda.is_available() is False "
+                            f"(no GPU, or a CPU-only PyTorch); use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)  # under torchrun: one GPU per process
+        if device.index >= torch.cuda.device_count():
+            error = UserError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}" + (f" (process of rank {rank})" if world_size > 1
+                                                                          else ""))
+            error.this_rank = True  # the other processes may have found their GPU: run_main prints it on every rank
+            raise error
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun, also with one process (DDP, SyncBatchNorm, NCCL)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.precision is None:
+        cuda = device.type == "cuda"
+        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    return device, rank, world_size, autocast
+
+
+def sync_batch_norm(device):
+    """Whether the model's BatchNorm layers become SyncBatchNorm (statistics over the global batch): on CUDA under
+    torchrun. SyncBatchNorm is GPU-only: on the CPU each process normalises over its own batch."""
+    return dist.is_initialized() and device.type == "cuda"
+
+
+def check_batch_norm(args, device, world_size):
+    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step (else its
+    ValueError ends the first step): the images it normalises over (this process's, or all with sync_batch_norm)
+    times the pixels of its smallest map, DRANet's 1x1 pooled centre or the feature map at OUTPUT_STRIDE."""
+    synced = sync_batch_norm(device)
+    images = args.batch_size * (world_size if synced else 1)
+    each = "" if synced or world_size == 1 else (f" on each of the {world_size} processes (without SyncBatchNorm, on "
+                                                 f"the CPU, each process normalises over its own --batch-size)")
+    if args.model == "dranet" and images < 2:
+        raise UserError(f"--model dranet needs a batch of 2 or more{each}: CPAM's 1x1 pooled centre gives BatchNorm "
+                        f"one value per channel")
+    if images * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
+        raise UserError(f"--crop-size {args.crop_size} with --batch-size {args.batch_size}{each} leaves BatchNorm one "
+                        f"value per channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop "
+                        f"or batch")
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if resource is None:
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process's peak RSS: KiB, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+# ==== Part 3: validation and the mIoU =================================================================================
+
+def validate(run, interrupts):
+    """Validation mIoU, logged; saves last.pt, and best.pt at a new best. False if a signal abandoned it."""
+    run.validating = True  # for the message of an error in the middle of it
+    metric = accumulate_confusion(run.raw_model, run.val_loader, run.args.num_classes, run.device, run.autocast,
+                                  stop=lambda: interrupts.requested)  # raw: DDP's forward expects every rank in step
+    run.validating = False
+    run.model.train()
+    if metric is None:
+        return False
+    metric = metric.compute()
+    best = not math.isnan(metric["miou"]) and (run.best_miou is None or metric["miou"] > run.best_miou)
+    if best:
+        run.best_miou = metric["miou"]
+    usage = run.raw_model.cluster_usage()  # over the training steps since the last validation
+    log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
+              "val_iou": per_class(metric["iou"], run.class_names),
+              **{f"{branch}_{k}": v for branch, u in usage.items() for k, v in u.items()}},
+        f"val iter {run.iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
+        + (" (best)" if best else "") + "".join(
+            f", {branch} clusters: {u['live']}/{u['clusters']} live, perplexity {u['perplexity']:.1f}"
+            for branch, u in usage.items()))
+    save(run, "last.pt")
+    if best:
+        save(run, "best.pt")
+    return True
+
+
+def predict_logits(model, images):
+    """Whole-image prediction at any size (the model pads to its output stride and crops back). [B, K, H, W]"""
+    return model(images)["out"].float()  # [B, K, H, W]
+
+
+@torch.inference_mode()
+def accumulate_confusion(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits,
+                         on_batch=None, stop=None):
+    """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix. on_batch(images, masks,
+    logits, sizes) sees every batch (evaluate.py saves pictures there); once stop() says yes on any process, the pass
+    is abandoned and None is returned."""
+    model.eval()
+    metric = ConfusionMatrix(num_classes, device)
+    abandoned = False
+    for images, masks, sizes in loader:
+        if stop is not None and stop():
+            abandoned = True
+            break
+        images = images.to(device, non_blocking=True)
+        with autocast():
+            logits = predict(model, images)  # [B, K, H, W]
+        metric.update(logits.argmax(1), masks.to(device, non_blocking=True))
+        if on_batch is not None:
+            on_batch(images, masks, logits, sizes)
+    if stop is not None and any_rank(abandoned, device):
+        return None
+    metric.all_reduce()
+    return metric
+
+
+class ConfusionMatrix:
+    """The segmentation metric: matrix[t, p] counts the pixels of true class t predicted as p (255 is ignored), on
+    the device. IoU_c = TP / (TP + FP + FN); mIoU averages over the classes present in ground truth or prediction."""
+
+    def __init__(self, num_classes, device="cpu"):
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, prediction, target):
+        keep = target != IGNORE_INDEX
+        index = target[keep] * self.num_classes + prediction[keep]  # [n_pixels]
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)  # [K, K]
+
+    def all_reduce(self):
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix)
+
+    def compute(self):
+        """{"miou", "pixel_accuracy", "iou": [per-class IoU, nan for a class absent from both]}"""
+        m = self.matrix.double().cpu()
+        tp, true, predicted = m.diag(), m.sum(1), m.sum(0)
+        union = true + predicted - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
+        return {
+            "miou": iou.nanmean().item() if (union > 0).any() else math.nan,
+            "pixel_accuracy": (tp.sum() / m.sum().clamp(min=1)).item(),
+            "iou": iou.tolist(),
+        }
+
+
+def per_class(values, class_names):
+    """{class name: value} in class order, None for nan (a class absent from ground truth and prediction)."""
+    return {name: None if math.isnan(v) else v for name, v in zip(class_names, values)}
+
+
+# ==== Part 4: the machinery, called by name from parts 2 and 3 ========================================================
+
+# ---- 4a data formats -------------------------------------------------------------------------------------------------
+
+def first_few(items, count=3):
+    """"a, b, c, ...": the first `count` of `items`, and an ellipsis when there are more."""
+    return ", ".join(map(str, items[:count])) + (", ..." if len(items) > count else "")
+
+
+def and_more(count):
+    """" (and 3 more)" after the one thing a message names, "" when there are no more."""
+    return f" (and {count} more)" if count else ""
+
+
+def read_lines(path):
+    """The stripped, non-blank lines of a text file (VOC split lists, classes.txt) as editors save it: UTF-8 with or
+    without byte-order marks, or UTF-16 with one (Notepad's "Unicode", PowerShell's `>`); any line ends. Other text
+    is a UserError naming the file: a guessed code page would turn names into other names."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        text = data.decode("utf-16" if utf16 else "utf-8")
+    except UnicodeDecodeError as e:
+        if utf16:
+            raise UserError(f"{path} starts with a UTF-16 byte-order mark but is not UTF-16 text: save it as "
+                            f"UTF-8") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}: saved in another "
+                        f"encoding, such as Latin-1 or Windows-1252?): save it as UTF-8") from None
+    if "\0" in text:
+        raise UserError(f"{path} holds NUL characters (UTF-16 or UTF-32 without a byte-order mark, or not a text "
+                        f"file): save it as UTF-8")
+    lines = (line.strip() for line in text.replace("\ufeff", "").splitlines())
+    return [line for line in lines if line]
+
+
+def other_layout_hint(root):
+    """" (it looks like a Cityscapes tree: add --dataset cityscapes)" if `root` holds another dataset's layout."""
+    root = Path(root)
+    if (root / "leftImg8bit").is_dir() or (root / "gtFine").is_dir():
+        name = "cityscapes"
+    elif (root / "classes.txt").is_file() or ((root / "images").is_dir() and (root / "masks").is_dir()):
+        name = "folder"
+    elif any((c / "JPEGImages").is_dir() for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")):
+        name = "voc"
+    else:
+        return ""
+    title = {"cityscapes": "Cityscapes", "folder": "folder-dataset", "voc": "VOC"}[name]
+    return f" (it looks like a {title} tree: add --dataset {name})"
+
+
+def find_voc_root(data_root):
+    """The VOC2012 folder: data_root itself, data_root/VOC2012 (VOCdevkit given) or data_root/VOCdevkit/VOC2012."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist (download VOC with --download, see README)")
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets" / "Segmentation").is_dir():
+            return candidate
+    raise UserError(f"{root} is neither a VOC2012 folder (with JPEGImages/ and ImageSets/Segmentation/) "
+                    f"nor a folder holding VOC2012 or VOCdevkit/VOC2012{other_layout_hint(root)}")
+
+
+def download_voc(data_root):
+    try:
+        torchvision.datasets.VOCSegmentation(data_root, year="2012", image_set="trainval", download=True)
+    except OSError as e:  # URLError and socket errors included
+        raise UserError(f"could not download VOC 2012 into {data_root} ({e}); download VOCtrainval_11-May-2012.tar "
+                        f"by hand and extract it there") from None
+
+
 # EXIF orientation (tag 0x0112) -> the PIL transposition that shows the image upright (as ImageOps.exif_transpose)
 EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                   5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -409,6 +601,30 @@ def exif_orientation(image):
     except Exception:  # a malformed EXIF block: the image is read as stored
         return 1
     return orientation if orientation in EXIF_TRANSPOSE else 1
+
+
+def read_image(path, with_orientation=False):
+    """[3, H, W] uint8 tv_tensors.Image, as the user sees the file: turned by its EXIF orientation (phone photos),
+    16-bit grey scaled to 8 bits, float grey in 0..1 scaled to 0..255. An unreadable file is a UserError naming it.
+    With `with_orientation`: (image, the EXIF orientation applied, 1 to 8), for read_pair to turn the mask too."""
+    try:
+        with Image.open(path) as image:
+            orientation = exif_orientation(image)
+            if orientation != 1:
+                image = image.transpose(EXIF_TRANSPOSE[orientation])
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit integer or float grey
+                top = 1.0 if image.mode == "F" else 65535.0
+                grey = np.array(image, dtype=np.float64)  # [H, W]
+                if not (np.isfinite(grey).all() and grey.min() >= 0 and grey.max() <= top):
+                    raise UserError(f"cannot read image {path}: its {image.mode} values span {grey.min():g}.."
+                                    f"{grey.max():g}, not 0..{top:g}; convert it to an 8-bit image")
+                rgb = np.repeat(np.round(grey * (255 / top)).astype(np.uint8)[..., None], 3, axis=2)  # [H, W, 3]
+            else:
+                rgb = np.array(image.convert("RGB"))  # [H, W, 3]
+            image = tv_tensors.Image(rgb.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
+            return (image, orientation) if with_orientation else image
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
 
 
 def read_mask(path, size, labels, description, orientation=1):
@@ -446,44 +662,6 @@ def read_mask(path, size, labels, description, orientation=1):
     return mask.astype(np.uint8)
 
 
-def pair_files(images, masks, mask_of, image_of):
-    """Match {id: image path} with {id: mask path}: (ids, image paths, mask paths), sorted by id.
-
-    A file without its partner is a UserError naming it and where the partner was looked for (mask_of(id),
-    image_of(id)).
-    """
-    for i in sorted(images.keys() - masks.keys()):
-        raise UserError(f"image {images[i]} has no mask {mask_of(i)}")
-    for i in sorted(masks.keys() - images.keys()):
-        raise UserError(f"mask {masks[i]} has no image {image_of(i)}")
-    ids = sorted(images)
-    return ids, [images[i] for i in ids], [masks[i] for i in ids]
-
-
-def read_image(path, with_orientation=False):
-    """[3, H, W] uint8 tv_tensors.Image, as the user sees the file: turned by its EXIF orientation (phone photos),
-    16-bit grey scaled to 8 bits, float grey in 0..1 scaled to 0..255. An unreadable file is a UserError naming it.
-    With `with_orientation`: (image, the EXIF orientation applied, 1 to 8), for read_pair to turn the mask too."""
-    try:
-        with Image.open(path) as image:
-            orientation = exif_orientation(image)
-            if orientation != 1:
-                image = image.transpose(EXIF_TRANSPOSE[orientation])
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit integer or float grey
-                top = 1.0 if image.mode == "F" else 65535.0
-                grey = np.array(image, dtype=np.float64)  # [H, W]
-                if not (np.isfinite(grey).all() and grey.min() >= 0 and grey.max() <= top):
-                    raise UserError(f"cannot read image {path}: its {image.mode} values span {grey.min():g}.."
-                                    f"{grey.max():g}, not 0..{top:g}; convert it to an 8-bit image")
-                rgb = np.repeat(np.round(grey * (255 / top)).astype(np.uint8)[..., None], 3, axis=2)  # [H, W, 3]
-            else:
-                rgb = np.array(image.convert("RGB"))  # [H, W, 3]
-            image = tv_tensors.Image(rgb.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
-            return (image, orientation) if with_orientation else image
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-
-
 def read_pair(dataset, index):
     """(image [3, H, W], mask [H, W]) of item `index` of a dataset with images, masks and mask_labels: the mask
     read the way the image is (its EXIF orientation applied to both)."""
@@ -508,14 +686,105 @@ def image_size(path):
     return ((H, W) if orientation in (5, 6, 7, 8) else (W, H)), orientation
 
 
-class VOCSegmentation(Dataset):
-    """PASCAL VOC 2012 segmentation: (image [3, H, W], mask [H, W]) after `transform`; mask values 0..20 and 255.
+def pair_files(images, masks, mask_of, image_of):
+    """Match {id: image path} with {id: mask path}: (ids, image paths, mask paths), sorted by id. A file without
+    its partner is a UserError naming it and where the partner was looked for (mask_of(id), image_of(id))."""
+    for i in sorted(images.keys() - masks.keys()):
+        raise UserError(f"image {images[i]} has no mask {mask_of(i)}")
+    for i in sorted(masks.keys() - images.keys()):
+        raise UserError(f"mask {masks[i]} has no image {image_of(i)}")
+    ids = sorted(images)
+    return ids, [images[i] for i in ids], [masks[i] for i in ids]
 
-    Splits: train (1,464), val (1,449), trainval from SegmentationClass/, and train_aug (10,582: VOC train
-    plus SBD, without VOC val) from SegmentationClassAug/ and ImageSets/Segmentation/train_aug.txt.
-    """
+
+def check_files_exist(paths, what, readable=None):
+    """A UserError naming the first of `paths` that is not a readable file (missing, a folder, a broken link, not
+    readable) and how many more are not; with `readable` (the suffixes read), also a missing file's namesake of
+    another suffix (found_beside)."""
+    bad = {}  # problem -> paths
+    for path in map(Path, paths):
+        if path.is_file():
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                continue
+            except OSError as e:
+                problem = f"cannot be read ({e.strerror})"
+        elif path.is_dir():
+            problem = "is a folder, not a file"
+        elif path.is_symlink():
+            problem = "is a broken link"
+        elif path.exists():
+            problem = "is not a regular file"
+        else:
+            problem = "not found"
+        bad.setdefault(problem, []).append(path)
+    if bad:
+        problem, first = next((problem, paths[0]) for problem, paths in bad.items())
+        more = sum(map(len, bad.values())) - 1
+        found = found_beside(first, readable) if readable and problem == "not found" else ""
+        raise UserError(f"{what} {problem}: {first}{and_more(more)}{found}")
+
+
+def found_beside(path, readable, prefix=None):
+    """For the message on a file `path` that is not there: ": found P, a .webp file, which is not read (readable:
+    .jpg, .png)" naming the files in its folder that have its stem (a.webp for a.jpg) or, given `prefix`, whose
+    names start with it (X_gtFine_color.png for X_gtFine_labelIds.png); "" when there is none."""
+    path = Path(path)
+    try:
+        found = sorted(p for p in path.parent.iterdir() if p != path and not p.name.startswith(".")
+                       and (p.name.startswith(prefix) if prefix else p.stem == path.stem))
+    except OSError:  # no such folder: nothing found
+        return ""
+    if not found:
+        return ""
+    kind = f", a {found[0].suffix} file" if len(found) == 1 and found[0].suffix.lower() != path.suffix.lower() else ""
+    more = f" (and {first_few([p.name for p in found[1:]])})" if found[1:] else ""
+    return (f": found {found[0]}{more}{kind}, which {'is' if len(found) == 1 else 'are'} not read (readable: "
+            f"{', '.join(readable)})")
+
+
+class SegmentationFiles(Dataset):
+    """Image files paired with mask files (VOC, Cityscapes, a folder): item i is (image [3, H, W], mask [H, W]) after
+    `transform`, the mask read as its image is (read_pair), in training labels (`to_train_id`). A subclass `add`s the
+    files of each part of its split, then `check`s them all: when built, not hours into training."""
+
+    to_train_id = None  # [256] uint8, mask value -> training label (Cityscapes)
+    text_files = ()  # the text files the dataset reads (a split list, classes.txt)
+
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform or eval_transform()
+        self.ids, self.images, self.masks = [], [], []
+
+    def parts(self, refusal):
+        """The parts the split reads: train and val for trainval, else itself; a UserError `refusal` for another."""
+        if self.split not in ("train", "val", "trainval"):
+            raise UserError(refusal)
+        return ("train", "val") if self.split == "trainval" else (self.split,)
+
+    def add(self, ids, images, masks):
+        self.ids, self.images, self.masks = self.ids + ids, self.images + images, self.masks + masks
+
+    def check(self, images, masks, readable=(None, None)):
+        check_files_exist(self.images, f"image {images}", readable[0])
+        check_files_exist(self.masks, f"mask {masks}", readable[1])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image, mask = read_pair(self, index)
+        return self.transform(image, tv_tensors.Mask(mask if self.to_train_id is None else self.to_train_id[mask]))
+
+
+class VOCSegmentation(SegmentationFiles):
+    """PASCAL VOC 2012 segmentation: mask values 0..20 and 255. Splits: train, val, trainval from SegmentationClass/,
+    and train_aug (VOC train plus SBD, without VOC val) from SegmentationClassAug/ and its split list."""
+
+    class_names = VOC_CLASSES
+    mask_labels = ([*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")  # for read_pair
 
     def __init__(self, data_root, split="train", transform=None):
+        super().__init__(split, transform)
         self.root = find_voc_root(data_root)
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         mask_dir = self.root / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
@@ -524,23 +793,11 @@ class VOCSegmentation(Dataset):
             raise UserError(f"split file {split_file} not found{hint}")
         if not mask_dir.is_dir():
             raise UserError(f"mask folder {mask_dir} not found")
-        self.ids, self.text_files = read_lines(split_file), (split_file,)  # one id per line
-        if not self.ids:
+        ids, self.text_files = read_lines(split_file), (split_file,)  # one id per line
+        if not ids:
             raise UserError(f"split file {split_file} lists no images")
-        self.images = [self.root / "JPEGImages" / f"{i}.jpg" for i in self.ids]
-        self.masks = [mask_dir / f"{i}.png" for i in self.ids]
-        check_files_exist(self.images, f"image listed in {split_file}", readable=(".jpg",))
-        check_files_exist(self.masks, f"mask listed in {split_file}", readable=(".png",))
-        self.transform = transform or eval_transform()
-        self.class_names, self.split = VOC_CLASSES, split
-        self.mask_labels = ([*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")  # for read_pair
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        image, mask = read_pair(self, index)
-        return self.transform(image, tv_tensors.Mask(mask))
+        self.add(ids, [self.root / "JPEGImages" / f"{i}.jpg" for i in ids], [mask_dir / f"{i}.png" for i in ids])
+        self.check(f"listed in {split_file}", f"listed in {split_file}", readable=((".jpg",), (".png",)))
 
 
 # The 19 classes Cityscapes is evaluated on, from cityscapesScripts' labels.py: (name, label id, colour). A class's
@@ -555,30 +812,28 @@ CITYSCAPES_CLASSES = (
 )
 
 
-class Cityscapes(Dataset):
-    """Cityscapes with its fine annotations, in the layout torchvision.datasets.Cityscapes reads:
-    leftImg8bit/<split>/<city>/<id>_leftImg8bit.png and gtFine/<split>/<city>/<id>_gtFine_labelIds.png.
-
-    Splits: train (2,975 images), val (500), trainval (both). The masks hold label ids 0..33; items hold the
-    19 train ids (0..18) and 255. `ids` are the <id> parts of the file names (city_sequence_frame).
-    """
+class Cityscapes(SegmentationFiles):
+    """Cityscapes' fine annotations in torchvision's layout: leftImg8bit/<split>/<city>/<id>_leftImg8bit.png with
+    gtFine/<split>/<city>/<id>_gtFine_labelIds.png (`ids`: the <id>s, city_sequence_frame). The masks hold label
+    ids 0..33, items the 19 train ids (0..18) and 255. Splits: train, val, trainval."""
 
     class_names = tuple(name for name, _, _ in CITYSCAPES_CLASSES)
     label_ids = tuple(label_id for _, label_id, _ in CITYSCAPES_CLASSES)  # train id -> label id
     colours = tuple(colour for _, _, colour in CITYSCAPES_CLASSES)  # train id -> official colour
+    to_train_id = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> train id
+    to_train_id[list(label_ids)] = range(len(label_ids))
+    mask_labels = (range(34), "Cityscapes label ids 0..33")  # for read_pair
 
     def __init__(self, data_root, split="train", transform=None):
+        super().__init__(split, transform)
         root = Path(data_root)
         if not root.is_dir():
             raise UserError(f"data root {root} does not exist (Cityscapes: see README)")
         for folder in ("leftImg8bit", "gtFine"):
             if not (root / folder).is_dir():
                 raise UserError(f"{root} has no {folder}/ folder: give the Cityscapes folder that holds leftImg8bit/ "
-                                f"and gtFine/{looks_like(root)}")
-        if split not in ("train", "val", "trainval"):
-            raise UserError(f"Cityscapes has no split {split} (train, val or trainval)")
-        self.ids, self.images, self.masks = [], [], []
-        for part in ("train", "val") if split == "trainval" else (split,):
+                                f"and gtFine/{other_layout_hint(root)}")
+        for part in self.parts(f"Cityscapes has no split {split} (train, val or trainval)"):
             image_dir, mask_dir = root / "leftImg8bit" / part, root / "gtFine" / part
             images = {p.name.removesuffix("_leftImg8bit.png"): p for p in image_dir.glob("*/*_leftImg8bit.png")}
             masks = {p.name.removesuffix("_gtFine_labelIds.png"): p for p in mask_dir.glob("*/*_gtFine_labelIds.png")}
@@ -596,21 +851,8 @@ class Cityscapes(Dataset):
                 path = image_dir / masks[i].parent.name / f"{i}_leftImg8bit.png"
                 return f"{path}" + found_beside(path, ("_leftImg8bit.png",))
 
-            ids, image_paths, mask_paths = pair_files(images, masks, mask_of, image_of)
-            self.ids, self.images, self.masks = self.ids + ids, self.images + image_paths, self.masks + mask_paths
-        check_files_exist(self.images, f"image under {root / 'leftImg8bit'}")
-        check_files_exist(self.masks, f"mask under {root / 'gtFine'}")
-        self.to_train_id = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> train id
-        self.to_train_id[list(self.label_ids)] = range(len(self.label_ids))
-        self.transform = transform or eval_transform()
-        self.split, self.mask_labels = split, (range(34), "Cityscapes label ids 0..33")  # for read_pair
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        image, mask = read_pair(self, index)
-        return self.transform(image, tv_tensors.Mask(self.to_train_id[mask]))
+            self.add(*pair_files(images, masks, mask_of, image_of))
+        self.check(f"under {root / 'leftImg8bit'}", f"under {root / 'gtFine'}")
 
 
 def read_class_names(path):
@@ -650,7 +892,7 @@ def files_under(folder, suffixes):
     return files, hidden, others
 
 
-class FolderDataset(Dataset):
+class FolderDataset(SegmentationFiles):
     """Your own data: DATA/classes.txt names the classes, one per line (the i-th name is label i, # starts a
     comment); DATA/images/<split>/NAME.jpg (.jpeg, .png) goes with DATA/masks/<split>/NAME.png, a grey or palette PNG
     of class indices with 255 for pixels to ignore. Subfolders are read too, the mask at the same relative path
@@ -661,23 +903,21 @@ class FolderDataset(Dataset):
     EXTENSIONS = (".jpg", ".jpeg", ".png")
 
     def __init__(self, data_root, split="train", transform=None):
+        super().__init__(split, transform)
         root = Path(data_root)
         if not root.is_dir():
             raise UserError(f"data root {root} does not exist")
         classes_file = root / "classes.txt"
         if not classes_file.is_file():
             raise UserError(f"{classes_file} not found: it names the classes, one per line (see README)"
-                            f"{looks_like(root)}")
-        self.class_names, self.text_files = read_class_names(classes_file), (classes_file,)
-        if split not in ("train", "val", "trainval"):
-            raise UserError(f"a folder dataset has no split {split} (train, val or trainval: images/train/ and "
-                            f"images/val/)")
-        self.split, self.ids, self.images, self.masks, self.hidden = split, [], [], [], 0
-        for part in ("train", "val") if split == "trainval" else (split,):
+                            f"{other_layout_hint(root)}")
+        self.class_names, self.text_files, self.hidden = read_class_names(classes_file), (classes_file,), 0
+        for part in self.parts(f"a folder dataset has no split {split} (train, val or trainval: images/train/ and "
+                               f"images/val/)"):
             image_dir, mask_dir = root / "images" / part, root / "masks" / part
             for folder in (image_dir, mask_dir):
                 if not folder.is_dir():
-                    raise UserError(f"folder {folder} not found (see README for the layout){looks_like(root)}")
+                    raise UserError(f"folder {folder} not found (see README for the layout){other_layout_hint(root)}")
             images, hidden_images, others = files_under(image_dir, self.EXTENSIONS)
             masks, hidden_masks, _ = files_under(mask_dir, (".png",))
             if not images:
@@ -689,30 +929,17 @@ class FolderDataset(Dataset):
             ids, image_paths, mask_paths = pair_files(  # a partner of another suffix is named (a.webp beside a.png)
                 images, masks, lambda i: f"{mask_dir / i}.png" + found_beside(mask_dir / f"{i}.png", (".png",)),
                 lambda i: f"{image_dir / i}.jpg (.jpeg, .png)" + found_beside(image_dir / f"{i}.jpg", self.EXTENSIONS))
-            self.ids += [prefix + i for i in ids]
-            self.images, self.masks = self.images + image_paths, self.masks + mask_paths
+            self.add([prefix + i for i in ids], image_paths, mask_paths)
             self.hidden += hidden_images + hidden_masks
-        check_files_exist(self.images, f"image under {root / 'images'}")
-        check_files_exist(self.masks, f"mask under {root / 'masks'}")
-        self.transform = transform or eval_transform()
+        self.check(f"under {root / 'images'}", f"under {root / 'masks'}")
         self.mask_labels = ([*range(len(self.class_names)), IGNORE_INDEX],
                             f"class indices 0..{len(self.class_names) - 1} and 255")  # for read_pair
 
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        image, mask = read_pair(self, index)
-        return self.transform(image, tv_tensors.Mask(mask))
-
 
 class SyntheticShapes(Dataset):
-    """A deterministic in-memory dataset for the demo: discs, squares and triangles on a textured background.
-
-    Image `index` is drawn from a generator seeded with (seed, index), so every run sees the same data.
-    Each class has its own colour (jittered) on a grey, textured background, so a small network without
-    pretrained weights learns it in minutes.
-    """
+    """The demo's data, drawn in memory: discs, squares and triangles, each class in its own (jittered) colour on a
+    grey, textured background, which a small network learns without pretrained weights. Image `index` comes from a
+    generator seeded with (seed, index): every run sees the same data."""
 
     COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.25, 0.2], [0.2, 0.8, 0.3], [0.25, 0.35, 0.95]])  # [4, 3]
 
@@ -767,17 +994,16 @@ class MaskScan(Dataset):
             mask = read_mask(dataset.masks[index], size, *dataset.mask_labels, orientation)
         except UserError as e:
             return None, str(e)
-        lookup = getattr(dataset, "to_train_id", None)  # Cityscapes: label ids -> train ids
-        mask = mask if lookup is None else lookup[mask]
+        mask = mask if dataset.to_train_id is None else dataset.to_train_id[mask]
         return np.bincount(mask.ravel(), minlength=256), None
 
 
-def check_masks(val_set, train_set=None, workers=0, log=print):
-    """Check the masks before any work: every mask of `val_set` is read (values, W x H size, EXIF orientation as
-    its image's) and the set must hold a labelled pixel; `train_set`'s masks are read in a random order until every
-    class has occurred, and a class that occurs in none of them is a warning (the 0/255 binary-mask mistake when 255
-    covers much of the images). Masks only, in `workers` processes; a bad mask is a UserError naming it. Datasets
-    without mask files (the demo) pass. Logs one line: the images of each split, and the time the check took."""
+def check_masks(val_set, train_set=None, workers=0, log=None):
+    """Check the masks before any work, in `workers` processes (a bad one is a UserError naming it): every mask of
+    `val_set` (values, W x H size, EXIF orientation), which must hold a labelled pixel; `train_set`'s in a random
+    order until every class has occurred, a class in none of them a warning (and the 0/255 binary-mask mistake when
+    255 covers much of them). Logs (print0 unless `log`) the images of each split and the time the check took."""
+    log = log or print0
     sets = [d for d in (train_set, val_set) if d is not None and hasattr(d, "masks")]
     if not sets:
         return
@@ -805,12 +1031,11 @@ def check_masks(val_set, train_set=None, workers=0, log=print):
     if not total[:len(val_set.class_names)].sum():
         raise UserError(f"the {val_set.split} set has no labelled pixel in its {seen} masks (all 255, ignored): "
                         f"no mIoU can be measured on it; check the masks (class indices, 255 only to ignore)")
-    if log:
-        log(f"data: {', '.join(counts)}; masks checked in {time.perf_counter() - start:.1f} s")
+    log(f"data: {', '.join(counts)}; masks checked in {time.perf_counter() - start:.1f} s")
     if train_set is not None:
         total, seen = histograms[id(train_set)]
         absent = [f"{c} ({name})" for c, name in enumerate(train_set.class_names) if not total[c]]
-        if absent and log:
+        if absent:
             ignored = total[IGNORE_INDEX] / max(1, total.sum())
             binary = (f", and 255 (ignored) covers {ignored:.0%} of their pixels: masks saved as black and white "
                       f"0/255 images mark the objects 255, which is ignored; save them as 0/1 (255 only for pixels "
@@ -818,6 +1043,11 @@ def check_masks(val_set, train_set=None, workers=0, log=print):
                 f": {'they' if len(absent) > 1 else 'it'} cannot be learned (255 covers {ignored:.0%})"
             log(f"warning: class{'es' if len(absent) > 1 else ''} {', '.join(absent)} never occur"
                 f"{'' if len(absent) > 1 else 's'} in the {seen} training masks{binary}")
+
+
+# Each dataset: its class and its recipe (RECIPES, Part 1).
+DATASETS = {"demo": (SyntheticShapes, RECIPES["demo"]), "voc": (VOCSegmentation, RECIPES["voc"]),
+            "cityscapes": (Cityscapes, RECIPES["cityscapes"]), "folder": (FolderDataset, RECIPES["folder"])}
 
 
 def build_datasets(args):
@@ -835,10 +1065,8 @@ def build_datasets(args):
 
 
 def pad_collate(batch):
-    """Batch (image, mask) pairs of different sizes: images padded with 0, masks with 255 (ignored).
-
-    Returns images [B, 3, H, W], masks [B, H, W] and each pair's own size [B, 2] (height, width).
-    """
+    """Batch (image, mask) pairs of different sizes: images [B, 3, H, W] padded with 0, masks [B, H, W] with 255
+    (ignored), and each pair's own size [B, 2] (height, width)."""
     sizes = torch.tensor([image.shape[1:] for image, _ in batch])  # [B, 2]
     H, W = sizes.amax(0).tolist()
     images = torch.stack([F.pad(i, (0, W - i.shape[2], 0, H - i.shape[1])) for i, _ in batch])  # [B, 3, H, W]
@@ -847,14 +1075,10 @@ def pad_collate(batch):
     return images, masks, sizes
 
 
-class EpochSampler(Sampler):
-    """The training order: a new random permutation of the dataset each epoch (from seed + epoch, as
-    DistributedSampler), of which process `rank` takes the positions rank, rank + world_size, ... (as many for
-    every process), starting `skip` images into the epoch.
-
-    After k steps of batch B on W processes the epoch has shown exactly the first k B W images of its permutation,
-    whatever W, so a resumed run sets skip = k B W and goes on with the images that epoch has not shown yet.
-    """
+class ResumableSampler(Sampler):
+    """The training order: a random permutation each epoch (from seed + epoch, as DistributedSampler), of which
+    process `rank` takes positions rank, rank + world_size, ..., starting `skip` images into the epoch. After k steps
+    of batch B on W processes the epoch has shown its first k B W images, whatever W: a resumed run skips them."""
 
     def __init__(self, length, seed=0, rank=0, world_size=1):
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
@@ -872,139 +1096,7 @@ class EpochSampler(Sampler):
         return max(0, self.length - self.skip) // self.world_size
 
 
-# ----------------------------------------------------------------------------- metric and prediction
-
-class ConfusionMatrix:
-    """The segmentation metric: a num_classes x num_classes confusion matrix accumulated on the device.
-
-    matrix[t, p] counts pixels of true class t predicted as p; pixels labelled 255 are ignored.
-    IoU_c = TP / (TP + FP + FN); mIoU averages over the classes present in ground truth or prediction.
-    """
-
-    def __init__(self, num_classes, device="cpu"):
-        self.num_classes = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-
-    def update(self, prediction, target):
-        keep = target != IGNORE_INDEX
-        index = target[keep] * self.num_classes + prediction[keep]  # [n_pixels]
-        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)  # [K, K]
-
-    def all_reduce(self):
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix)
-
-    def compute(self):
-        """{"miou", "pixel_accuracy", "iou": [per-class IoU, nan for a class absent from both]}"""
-        m = self.matrix.double().cpu()
-        tp, true, predicted = m.diag(), m.sum(1), m.sum(0)
-        union = true + predicted - tp
-        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
-        return {
-            "miou": iou.nanmean().item() if (union > 0).any() else math.nan,
-            "pixel_accuracy": (tp.sum() / m.sum().clamp(min=1)).item(),
-            "iou": iou.tolist(),
-        }
-
-
-def per_class(values, class_names):
-    """{class name: value} in class order, None for nan (a class absent from ground truth and prediction)."""
-    return {name: None if math.isnan(v) else v for name, v in zip(class_names, values)}
-
-
-def each_rank(value, device):
-    """[the whole number `value` of rank 0, of rank 1, ...]: one all_reduce under torch.distributed, [value] in a
-    single process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
-    values[dist.get_rank()] = value
-    dist.all_reduce(values)  # each rank fills its own entry, the others are 0: the sum holds every rank's value
-    return values.tolist()
-
-
-def any_rank(flag, device):
-    """`flag` or-ed over the processes: one all_reduce under torch.distributed, nothing in a single process."""
-    return any(each_rank(int(bool(flag)), device))
-
-
-def predict_logits(model, images):
-    """Whole-image prediction at any size (the model pads to its output stride and crops back). [B, K, H, W]"""
-    return model(images)["out"].float()  # [B, K, H, W]
-
-
-def is_out_of_memory(error):
-    """Whether `error` means the memory ran out: CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError
-    of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
-    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
-
-
-@torch.inference_mode()
-def evaluate(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits, on_batch=None,
-             stop=None):
-    """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix.
-
-    on_batch(images, masks, logits, sizes), if given, sees every batch (evaluate.py saves pictures there).
-    stop(), if given, is asked before each batch: once it says yes on any process, the pass is abandoned and
-    evaluate returns None (the processes agree before the metric's all_reduce).
-    """
-    model.eval()
-    metric = ConfusionMatrix(num_classes, device)
-    abandoned = False
-    for images, masks, sizes in loader:
-        if stop is not None and stop():
-            abandoned = True
-            break
-        images = images.to(device, non_blocking=True)
-        with autocast():
-            logits = predict(model, images)  # [B, K, H, W]
-        metric.update(logits.argmax(1), masks.to(device, non_blocking=True))
-        if on_batch is not None:
-            on_batch(images, masks, logits, sizes)
-    if stop is not None and any_rank(abandoned, device):
-        return None
-    metric.all_reduce()
-    return metric
-
-
-accumulate_confusion = evaluate  # renamed in the restructure
-
-
-# ----------------------------------------------------------------------------- model and checkpoints
-
-ATTENTION_HELP = ("how position attention is computed, the same numbers by each: blocked (q.k once, block by block "
-                  "of query rows recomputed in the backward pass), heads (fused scaled_dot_product_attention kernels, "
-                  "v in 8 heads sharing q and k), dense (the formula, storing the HW x HW matrix), auto (the fastest "
-                  "measured on the device: " + ", ".join(f"{device} {path}" for device, path in
-                                                          PositionAttention.FASTEST.items()) + ")")
-NO_POSITION_ATTENTION = "--attention is DANet's position attention; DRANet's attends to 50 pooled centres"
-
-
-def build_model(config):
-    """ClusterDANet or DRANet from a train.py args dict (as stored in every checkpoint; older ones lack the last
-    keys: they are ClusterDANets; those before `attention` hold `dense_attention`, True meaning "dense")."""
-    pretrained = config.get("pretrained", False)
-    kwargs = dict(num_classes=config["num_classes"], backbone=config["backbone"], pretrained=pretrained,
-                  num_clusters=config["num_clusters"], temperature=config["temperature"],
-                  cluster_init=config.get("cluster_init", "random"), cluster_reseed=config.get("cluster_reseed", 0),
-                  clustering=config.get("clustering", True), multi_grid=config.get("multi_grid", False),
-                  align_corners=config.get("align_corners", False), deep_stem=config.get("deep_stem", False))
-    name = config.get("model", "danet")
-    attention = config.get("attention") or ("dense" if config.get("dense_attention") else "auto")
-    if name == "danet":
-        kwargs["attention"] = attention
-    elif attention != "auto":
-        raise UserError(NO_POSITION_ATTENTION)
-    try:
-        return MODELS[name](**kwargs)
-    except ValueError as e:  # a configuration the model refuses (multi-grid on resnet18, K not divisible by 8)
-        raise UserError(str(e)) from None
-    except RuntimeError as e:  # the ImageNet weights could not be downloaded: the message says what to do
-        if pretrained:
-            raise UserError(str(e)) from None
-        raise
-
+# ---- 4b checkpoints: save, load, the original code's, --init-from, --resume's checks ---------------------------------
 
 def save_atomic(path, write):
     """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file. The
@@ -1075,12 +1167,29 @@ def load_checkpoint(path, map_location="cpu"):
             not isinstance(checkpoint["model"], dict):
         raise UserError(f"{path} is not a train.py checkpoint (it needs model, args and iteration) "
                         f"nor one of the original DANet code (a state_dict of pretrained.* and head.* tensors)")
+    checkpoint = upgrade(checkpoint)
     bad = [name for name, t in checkpoint["model"].items()
            if torch.is_tensor(t) and t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
         raise UserError(f"checkpoint {path} holds weights that are nan or infinite ({len(bad)} tensors: "
-                        f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): it cannot be evaluated or trained "
+                        f"{first_few(bad)}): it cannot be evaluated or trained "
                         f"from; train.py never saves such weights, so use an earlier checkpoint")
+    return checkpoint
+
+
+# The args a checkpoint may lack, and the value a checkpoint without them was trained with.
+ARGS_ADDED = dict(model="danet", clustering=True, cluster_init="random", cluster_reseed=0, multi_grid=False,
+                  deep_stem=False, pretrained=False)
+
+
+def upgrade(checkpoint):
+    """A checkpoint (also the original code's, read_original) in the form this file writes, whatever version of it
+    wrote the file: the args it lacks (ARGS_ADDED), `attention` for `dense_attention`, best_miou None for -1.0."""
+    args = checkpoint["args"] = {**ARGS_ADDED, **checkpoint["args"]}
+    if "attention" not in args:
+        args["attention"] = "dense" if args.pop("dense_attention", False) else "auto"
+    if checkpoint.get("best_miou") is not None and checkpoint["best_miou"] < 0:
+        checkpoint["best_miou"] = None
     return checkpoint
 
 
@@ -1104,8 +1213,7 @@ CLASSIFIERS = ("classifier.", "position_classifier.", "channel_classifier.")  # 
 
 def model_name(config):
     """ClusterDANet, DANet, ClusterDRANet or DRANet: the model a train.py args dict builds (see build_model)."""
-    return ("Cluster" if config.get("clustering", True) else "") + \
-        {"danet": "DANet", "dranet": "DRANet"}[config.get("model", "danet")]
+    return ("Cluster" if config["clustering"] else "") + {"danet": "DANet", "dranet": "DRANet"}[config["model"]]
 
 
 def percent(part, whole):
@@ -1116,16 +1224,11 @@ def percent(part, whole):
     return f"{tenths / 10:.1f}%" if tenths else "under 0.1%"
 
 
-def init_from(model, path, log=print, backbone=None, class_names=None):
-    """--init-from: copy into `model` every tensor of `path` whose name and shape match; keep clustering fresh.
-
-    `path` is a train.py checkpoint or one of the original DANet code. A classifier for another number of
-    classes has another shape and is skipped, and so is one for as many classes of other names (its rows would
-    stand for other classes); the clustering centres and counts are never copied. The log says how much of the
-    model was loaded (the share of its parameters that were copied), what was not and why, and plainly when the
-    file holds another model (DANet or DRANet, with or without clustering) or the file's backbone or classes
-    differ from the model's (`backbone`, `class_names`).
-    """
+def init_from(model, path, log=None, backbone=None, class_names=None):
+    """--init-from: copy into `model` every tensor of `path` (ours or the original code's checkpoint) whose name and
+    shape match, but never the clustering state, nor a classifier for other classes (`class_names`). The log says
+    the share of the parameters loaded, what was not and why, and when the file holds another model or backbone."""
+    log = log or print0
     checkpoint = load_checkpoint(path)
     source, config = checkpoint["model"], checkpoint["args"]
     file_classes = checkpoint.get("class_names")
@@ -1155,9 +1258,6 @@ def init_from(model, path, log=print, backbone=None, class_names=None):
     for name in loaded:
         parts[name.split(".")[0]] = parts.get(name.split(".")[0], 0) + 1
 
-    def some(names):
-        return f"{len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-
     kind = "the original DANet code's checkpoint" if checkpoint.get("original") else "a train.py checkpoint"
     log(f"init from {path} ({kind}): loaded {len(loaded)} of {len(state)} tensors, "
         f"{percent(copied, sum(p.numel() for p in parameters.values()))} of the model's parameters "
@@ -1171,14 +1271,13 @@ def init_from(model, path, log=print, backbone=None, class_names=None):
             f"and shapes happen to match were loaded")
     if other_classes:
         differ = [f"{i} {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(file_classes, class_names)) if a != b]
-        log(f"  the file's classes differ from the dataset's (class {', '.join(differ[:3])}"
-            f"{', ...' if len(differ) > 3 else ''}): the classifiers start fresh")
+        log(f"  the file's classes differ from the dataset's (class {first_few(differ)}): the classifiers start fresh")
     for label, names in (("kept fresh (clustering)", sorted(fresh)),
                          ("skipped, other shape (file -> model)", other_shape),
                          ("skipped, other classes", renamed_classes),
                          ("skipped, not in the file", absent), ("unused from the file", unused)):
         if names:
-            log(f"  {label} {some(names)}")
+            log(f"  {label} {len(names)}: {first_few(names)}")
     return checkpoint
 
 
@@ -1190,29 +1289,815 @@ def load_model_state(model, checkpoint, path):
         raise UserError(f"checkpoint {path} is for another model ({first})") from None
 
 
-# ----------------------------------------------------------------------------- command line
-
-WORKERS = min(8, os.cpu_count() or 1)
-
-# Each dataset: its class, and the recipe that fills in every flag left out (the README gives each one's source).
-DATASETS = {
-    "demo": (SyntheticShapes, dict(backbone="resnet18", pretrained=False, crop_size=64, base_size=64, batch_size=8,
-                                   iters=500, lr=0.01, workers=0, val_every=250, log_every=25, out_dir="runs/demo")),
-    "voc": (VOCSegmentation, dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16,
-                                  iters=30000, lr=0.01, workers=WORKERS, val_every=2000, log_every=50,
-                                  out_dir="runs/voc", train_split="train_aug")),
-    "cityscapes": (Cityscapes, dict(backbone="resnet101", pretrained=True, crop_size=768, base_size=1024,
-                                    batch_size=8, iters=90000, lr=0.01, workers=WORKERS, val_every=5000,
-                                    log_every=50, out_dir="runs/cityscapes", train_split="train")),
-    "folder": (FolderDataset, dict(backbone="resnet101", pretrained=True, crop_size=480, base_size=520, batch_size=16,
-                                   iters=30000, lr=0.01, workers=WORKERS, val_every=2000, log_every=50,
-                                   out_dir="runs/folder", train_split="train")),
-}
+# A resumed run is the same run: these flags change the data (or its order), the model, the loss, the numerics or the
+# schedule, so they must be the checkpoint's. {flag: what a resumed run keeps}. Every other flag may change:
+RESUME_MUST_MATCH = {key: kept for kept, keys in (
+    ("data", "dataset train_split val_split demo_images crop_size base_size seed"),
+    ("model", "model backbone deep_stem num_clusters temperature clustering cluster_init cluster_reseed multi_grid"),
+    ("loss", "aux_weight"), ("numerics", "precision"), ("schedule", "iters lr momentum weight_decay"))
+    for key in keys.split()}
+# where and how fast the run goes and what it logs. --batch-size: the images per step of each process, as the number
+# of processes may change (the data position counts images, see ResumableSampler); a lower one continues a run that ran
+# out of memory. --attention computes the same attention (to float rounding) by another path.
+RESUME_MAY_CHANGE = ("device", "workers", "batch_size", "compile", "log_every", "val_every", "out_dir", "data_root",
+                     "attention")
+# --pretrained and --init-from only choose a new run's first weights: a resumed run keeps the checkpoint's.
+RESUME_KEEPS = ("pretrained", "init_from")  # what the resumed run records: the checkpoint's values
 
 
-def dataset_name(dataset, data_root):
-    """The dataset a command line means: --dataset if given, else VOC when --data-root is given, else the demo."""
-    return dataset or ("voc" if data_root else "demo")
+def flag_text(key, value):
+    """How a command line says `key` = `value`: "with --lr 0.01", "with --multi-grid", "without --multi-grid", ..."""
+    flag = "--" + key.replace("_", "-")
+    if key == "dataset" and value == "demo":
+        return "on the demo data (no --dataset, no --data-root)"
+    if key == "clustering":
+        return "with --clustering" if value else "with --no-clustering"
+    if value is None:
+        return f"with the default {flag}"
+    if isinstance(value, bool):
+        return f"with {flag}" if value else f"without {flag}"
+    return f"with {flag} {value}"
+
+
+def load_resume_checkpoint(args):
+    """The --resume checkpoint, checked against the command line: every flag of RESUME_MUST_MATCH the same."""
+    checkpoint = load_checkpoint(args.resume)
+    missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
+    if missing:
+        hint = "; to start from its weights use --init-from" if checkpoint.get("original") else ""
+        raise UserError(f"{args.resume} is not a train.py checkpoint to resume from "
+                        f"(no {', '.join(sorted(missing))}){hint}")
+    check_same_run(args, checkpoint)
+    return checkpoint
+
+
+def check_same_run(args, checkpoint):
+    """A UserError naming the first flag of RESUME_MUST_MATCH that differs from the checkpoint's, and its value."""
+    stored = checkpoint["args"]
+    for key, kept in RESUME_MUST_MATCH.items():
+        if key not in stored or key == "demo_images" and stored.get("dataset", "demo") != "demo":
+            continue  # a flag the checkpoint does not record (load_state_dict checks its model); the demo's size
+        if stored[key] != getattr(args, key):
+            text = flag_text(key, stored[key])
+            what = "continues its schedule" if kept == "schedule" else f"keeps its {kept}"
+            raise UserError(f"checkpoint {args.resume} was trained {text}: resume {text} (a resumed run {what})")
+
+
+def check_classes(path, num_classes, stored_names, class_names, hint=""):
+    """A UserError unless checkpoint `path`'s model, which predicts `num_classes` classes named `stored_names` (None:
+    the original code's for another dataset, checked by number only), predicts the dataset's `class_names`, in the
+    same order; `hint` (what to do instead) ends the message."""
+    if num_classes is not None and num_classes != len(class_names):
+        raise UserError(f"checkpoint {path} predicts {num_classes} classes, the dataset has {len(class_names)}{hint}")
+    differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
+              for i, (ours, theirs) in enumerate(zip(stored_names or (), class_names)) if ours != theirs]
+    if differ:
+        raise UserError(f"checkpoint {path} was trained on other classes than the dataset's: "
+                        f"{differ[0]}{and_more(len(differ) - 1)}{hint}")
+
+
+# ---- 4c what keeps a run safe ----------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """Something the user can fix (a path, a file, a flag): main() prints one line and exits with code 2."""
+
+
+# Exit codes of train.py and evaluate.py (the README and --help list them the same way).
+EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_DISK_FULL, EXIT_OUT_OF_MEMORY, EXIT_DATA_ERROR = 1, 2, 3, 4, 5
+EXIT_BUG = 70  # an unexpected exception (sysexits' EX_SOFTWARE): Python's own exit code for it, 1, means diverged
+
+
+class RunError(Exception):
+    """An error that ends the work after it started: run_main prints one line and exits with `code` (one of the
+    EXIT_ codes above). The message says what was kept (which checkpoint, which files)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def error_line(error):
+    """The one line of a UserError, also of one that a DataLoader worker re-raised with its traceback."""
+    return str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+
+
+def run_main(main):
+    """Run main() as a command; what it returns is the exit code. A UserError (also from a DataLoader worker) is one
+    line and exit code 2. Ctrl-C or SIGTERM outside the training loop is a KeyboardInterrupt, so that what is open is
+    closed on the way out: one line, 130 or 143. Any other exception is a bug: its traceback and EXIT_BUG."""
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    rank = int(os.environ.get("RANK", 0))  # under torchrun: every process runs the same checks on the same inputs
+    code = None
+    try:
+        code = main()
+    except UserError as e:
+        this_rank = getattr(e, "this_rank", False) or "DataLoader worker" in str(e)  # a file of this rank's share
+        if rank == 0 or this_rank:  # said once, by rank 0, unless only this rank found it
+            print(f"error: {error_line(e)}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = e.code
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        code = 128 + signum
+    except Exception as e:  # a bug: its traceback, to report, and an exit code of its own (1 means diverged)
+        traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__} (a bug: please report it with the traceback above)",
+              file=sys.stderr)
+        code = EXIT_BUG
+    finally:
+        # Under torchrun a process that ends with an exit code other than 0 ignores signals until it has exited:
+        # torchrun sends SIGTERM to the processes still running as soon as one has, and would cut their exit short
+        # (exit code -15) when they all end the same way (the same user error, or the same interrupt: Interrupts.close)
+        ending = code and "WORLD_SIZE" in os.environ
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN if ending else handler)
+    if code:
+        sys.exit(code)
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and torchrun send) while training, in a `with` block. The
+    first signal asks the loop to stop after the step in flight (abandoning a validation), save last.pt and exit
+    with 128 + the signal number; a second one stops at once (KeyboardInterrupt, stop_at_once). Under torchrun the
+    processes stop together, each with its own signal or that of the first process that received one (agree)."""
+
+    def __init__(self, message=None):
+        self.message, self.signum, self.pid = message, None, os.getpid()
+        self.signalled_rank, self.others_signum = None, None  # set by agree in a process that received no signal
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the main process decides
+            return
+        first, self.signum = self.signum is None, signum
+        if not first:
+            raise KeyboardInterrupt
+        if self.message:
+            print(f"\n{self.name}: {self.message}", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def agree(self, device):
+        """Once the processes have agreed to stop: which process received which signal (one all_reduce under
+        torchrun, every process calls it). A process that received none stops for the first process that did."""
+        signals = each_rank(self.signum or 0, device)  # the signal number of each rank, 0 where none came
+        if self.signum is None:
+            self.signalled_rank = next((rank for rank, signum in enumerate(signals) if signum), None)
+            self.others_signum = signals[self.signalled_rank] if self.signalled_rank is not None else None
+
+    def close(self):
+        """Ignore Ctrl-C and SIGTERM from now on (under torchrun, once this process has done its part of the stop):
+        the SIGTERM torchrun sends as soon as one process has exited must not cut the others' exit short."""
+        for s in self.previous:
+            signal.signal(s, signal.SIG_IGN)
+        self.previous = {}
+
+    @property
+    def stop_signum(self):
+        """The signal this process stops for: its own, or the one another process received (agree)."""
+        return self.signum or self.others_signum or signal.SIGINT
+
+    @property
+    def name(self):
+        return signal.Signals(self.stop_signum).name
+
+    @property
+    def exit_code(self):
+        return 128 + self.stop_signum
+
+
+def each_rank(value, device):
+    """[the whole number `value` of rank 0, of rank 1, ...]: one all_reduce under torch.distributed, [value] in a
+    single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values)  # each rank fills its own entry, the others are 0: the sum holds every rank's value
+    return values.tolist()
+
+
+def any_rank(flag, device):
+    """`flag` or-ed over the processes: one all_reduce under torch.distributed, nothing in a single process."""
+    return any(each_rank(int(bool(flag)), device))
+
+
+def print0(*args, **kwargs):
+    """print, by process 0 only under torch.distributed: what a run says, it says once."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def interrupt_message(run):
+    """What the first Ctrl-C or SIGTERM says (process 0)."""
+    together = " and, with the other processes, the steps up to the next log step" if run.world_size > 1 else ""
+    return (f"finishing the step in flight{together}, then saving last.pt (a validation in progress is abandoned); "
+            f"send it again to stop at once") if run.master else None
+
+
+def stop_requested(run, interrupts, log_step):
+    """Whether a signal asks the loop to stop, on any process: after every step, under DDP at log steps only."""
+    return (run.world_size == 1 or log_step) and any_rank(interrupts.requested, run.device)
+
+
+@contextmanager
+def in_flight(run, what):
+    """Mark the block as `what` a second signal would cut short ("in the middle of a step", "while saving"):
+    stop_at_once then saves nothing. A block cut short stays marked."""
+    run.in_flight = what
+    yield
+    run.in_flight = None
+
+
+def tensors_are_finite(model):
+    """True if every floating-point parameter and buffer of `model` is finite (one sync: before saving only)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def weights_are_finite(run):
+    """tensors_are_finite(run.raw_model) on every process."""
+    return not any_rank(not tensors_are_finite(run.raw_model), run.device)
+
+
+# A run has diverged when, at a log step, its weights are not finite, or its last DIVERGED_STEPS steps all failed
+# (a loss not finite, or gradients that overflowed so that fp16's GradScaler skipped the step). One such step is
+# normal in fp16 (the scaler skips it and lowers its scale); a loss that stays non-finite that long does not come
+# back. In fp32 and bf16 a non-finite loss makes the weights non-finite at once.
+DIVERGED_STEPS = 20
+
+
+class StepCounts:
+    """What the loop counts, on the device (no sync): since the last log step, the sums of the finite loss terms,
+    their steps, the steps whose loss was not finite and the fp16 steps skipped; and the steps in a row that failed."""
+
+    def __init__(self, run):
+        self.failing = torch.zeros((), dtype=torch.int64, device=run.device)
+        self.start, self.start_iteration = time.perf_counter(), run.iteration  # for the speed and the ETA
+        self.sums, self.steps, self.nonfinite, self.skipped = {}, 0, 0, 0
+
+    def add(self, losses, skipped):
+        finite = losses["loss"].isfinite()  # [] bool: stays on the device
+        self.sums = {k: self.sums.get(k, 0) + torch.where(finite, v, 0) for k, v in losses.items()}
+        self.steps, self.nonfinite, self.skipped = self.steps + finite, self.nonfinite + ~finite, self.skipped + skipped
+        self.failing = torch.where(~finite | skipped, self.failing + 1, 0)
+
+    def log_and_check(self, run, lr):
+        """At a log step: log the counts (log_progress) and start afresh. True if the run has diverged: steps failed,
+        DIVERGED_STEPS of them in a row or leaving weights that are not finite, on any process."""
+        record = log_progress(run, self.sums, self.steps, lr, self.start, self.start_iteration, self.nonfinite,
+                              self.skipped)
+        self.sums, self.steps, self.nonfinite, self.skipped = {}, 0, 0, 0
+        return bool(record.get("nonfinite_losses") or record.get("skipped_steps")) and (
+            any_rank(self.failing.item() >= DIVERGED_STEPS, run.device) or not weights_are_finite(run))
+
+
+def is_out_of_memory(error):
+    """Whether `error` means the memory ran out: CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError
+    of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
+
+
+def new_run_id():
+    """A run's id: when it started (UTC) and 6 random hex digits, e.g. 20261202-004012-3fa9c1."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+def folder_runs(out_dir):
+    """{file: (run id, iteration)} for each of last.pt, best.pt and log.jsonl in out_dir. The run id is None in a
+    file without one, "unreadable" for a file that cannot be read; a log has no iteration. Checkpoints are
+    memory-mapped: only the few bytes of the id and iteration are read."""
+    out_dir, found = Path(out_dir), {}
+    for name in ("last.pt", "best.pt"):
+        if (out_dir / name).is_file():
+            try:
+                checkpoint = torch.load(out_dir / name, map_location="cpu", weights_only=True, mmap=True)
+                found[name] = (checkpoint.get("run_id"), checkpoint.get("iteration"))
+            except Exception:  # truncated, foreign: another run's file as far as this run knows
+                found[name] = ("unreadable", None)
+    if (out_dir / "log.jsonl").is_file():
+        try:
+            with open(out_dir / "log.jsonl") as log_file:
+                first = json.loads(log_file.readline())
+            found["log.jsonl"] = (first.get("run_id") if isinstance(first, dict) else None, None)
+        except (OSError, ValueError):  # empty, or not JSON: a log without a run id
+            found["log.jsonl"] = (None, None)
+    return found
+
+
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "train.lock")  # what a run writes in --out-dir (FolderLock.NAME)
+
+
+def check_run_outputs(args, datasets=()):
+    """Before any work: the files a run writes in --out-dir (RUN_FILES) are files or not there yet, none of them is
+    a file the run reads (--init-from, --resume unless it is the run's own last.pt, the `datasets`' files), and
+    --out-dir is not one of the datasets' folders nor inside one (check_apart)."""
+    out_dir = Path(args.out_dir)
+    for name in RUN_FILES:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            kind = "a broken link" if not path.exists() else "a folder" if path.is_dir() else "a special file"
+            raise UserError(f"--out-dir {out_dir} holds {path}, which is {kind}, not a file: the run writes its "
+                            f"{name} there; move it away or choose another --out-dir")
+    resumed = os.path.realpath(args.resume) if args.resume else None
+    outputs = [(out_dir / name, f"--out-dir {out_dir}: writing {out_dir / name}", "--out-dir") for name in RUN_FILES
+               if os.path.realpath(out_dir / name) != resumed]  # a resumed checkpoint is the run's own to replace
+    inputs = [(path, f"the {flag} file") for flag, path in (("--resume", args.resume), ("--init-from", args.init_from))
+              if path]
+    files, folders = dataset_inputs(datasets)
+    check_apart(outputs, inputs + files, folders, [(out_dir, f"--out-dir {out_dir}", "--out-dir")])
+
+
+def take_out_dir(args, checkpoint, device):
+    """Take the run folder before any other work (process 0): --out-dir must be writable, is created and locked
+    (FolderLock), and must belong to this run (check_earlier_run). Returns the run id, the lock, the folders created
+    and the earlier run's files (folder_runs), which --overwrite replaces at the first save."""
+    out_dir, run_id = Path(args.out_dir), (checkpoint or {}).get("run_id") or new_run_id()
+    taken, refused = SimpleNamespace(run_id=run_id, lock=None, created=[], earlier={}), None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            check_writable(out_dir, "--out-dir")
+            check_run_outputs(args)  # the checkpoints it reads; build_datasets checks the data
+            taken.created = create_folders(out_dir)
+            taken.lock = FolderLock(out_dir, run_id)
+            taken.earlier = check_earlier_run(args, checkpoint, folder_runs(out_dir))
+        except UserError as e:
+            refused = e
+    if any_rank(refused is not None, device):
+        if taken.lock is not None:
+            taken.lock.release()
+        remove_created(taken.created)
+        raise refused or UserError(f"process 0 could not take --out-dir {out_dir}")
+    return taken
+
+
+def check_earlier_run(args, checkpoint, found):
+    """`found` (folder_runs of --out-dir) if the run may write there, else a UserError saying what it holds: a new
+    run needs a folder without an earlier run (or --overwrite), a resumed one only its own files, none later."""
+    out_dir = Path(args.out_dir)
+    if not found or args.overwrite:
+        return found
+    if checkpoint is None:
+        earlier = [name for name in ("last.pt", "best.pt") if name in found]
+        if earlier:
+            resume = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in earlier else ""
+            raise UserError(f"--out-dir {out_dir} holds {' and '.join(earlier)} of an earlier run: {resume}choose "
+                            f"another --out-dir, or give --overwrite to replace it")
+        raise UserError(f"--out-dir {out_dir} holds the log.jsonl of an earlier run (which saved no checkpoint): "
+                        f"choose another --out-dir, or give --overwrite to replace it")
+    run_id = checkpoint.get("run_id")
+    own_folder = out_dir.resolve() == Path(args.resume).resolve().parent
+    for name, (other, iteration) in found.items():
+        same = own_folder if other is None or run_id is None else other == run_id  # no ids: its own folder only
+        if not same:
+            raise UserError(f"--out-dir {out_dir} holds the {name} of another run (run {other}) than {args.resume} "
+                            f"(run {run_id}): give the resumed run an --out-dir of its own")
+        if name == "last.pt" and iteration is not None and iteration > checkpoint["iteration"]:
+            raise UserError(f"--out-dir {out_dir} holds a later last.pt of this run (iteration {iteration}; "
+                            f"{args.resume} is from iteration {checkpoint['iteration']}): resume from "
+                            f"{out_dir / 'last.pt'}, or give another --out-dir")
+    return found
+
+
+class FolderLock:
+    """The lock of a run folder: OUT_DIR/train.lock, held with fcntl.flock by the training process. The OS releases
+    it however the process ends (also SIGKILL), so a dead process's lock is simply taken over. The file names the
+    holder for the refusal and is removed when the holder ends. Without fcntl (Windows) folders are not locked."""
+
+    NAME = "train.lock"
+
+    def __init__(self, out_dir, run_id):
+        self.path, self.fd = Path(out_dir) / self.NAME, None
+        if fcntl is None:
+            return
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            for _ in range(20):  # a holder that is ending unlocks it in a moment (release)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            else:  # held by a live process
+                os.close(fd)
+                raise UserError(f"--out-dir {out_dir} is in use by another training ({self.holder()}): wait for it "
+                                f"to end, or choose another --out-dir")
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # its holder removed it as it ended: lock the new one
+                same = False
+            if same:
+                self.fd = fd
+            else:
+                os.close(fd)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "run_id": run_id}
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, (json.dumps(holder) + "\n").encode())
+
+    def holder(self):
+        try:
+            holder = json.loads(self.path.read_text())
+            return f"run {holder['run_id']}, pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError, TypeError):  # being written at this very moment
+            return "its lock file names no holder yet"
+
+    def release(self):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one can lock this file after us
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # also for DataLoader workers that share the descriptor
+            os.close(self.fd)
+            self.fd = None
+
+
+def create_folders(path):
+    """Create the folder `path` and the missing folders above it; returns those this call created, deepest first
+    (one another process created meanwhile is not among them)."""
+    path, missing = Path(path), []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+            created.insert(0, folder)
+        except FileExistsError:
+            pass
+    return created
+
+
+def remove_created(folders):
+    """Remove `folders` (create_folders' list, deepest first) as long as they are empty: a folder holding anything
+    (its log, another run's files) stays, and so does every folder above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
+
+
+def start_log(run):
+    """Begin the log with what this run is (process 0), and say what is about to run. The first record waits for the
+    next one, so that a run that stops before its first step (a bad file in the first batch: exit 2) leaves the
+    folder as it was; an --overwrite run holds back its log lines until its first save (save)."""
+    if not run.master:
+        return
+    record = {"run_id": run.run_id, "start": "resumed" if run.args.resume else "new",
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if run.args.resume:
+        record.update({"from": str(run.args.resume), "from_iteration": run.iteration})
+    elif run.earlier:  # --overwrite: what the earlier run was
+        last = run.earlier.get("last.pt", run.earlier.get("best.pt", (None, None)))
+        record["overwriting"] = {"run_id": last[0] or run.earlier.get("log.jsonl", (None,))[0],
+                                 "files": sorted(run.earlier), "iteration": last[1]}
+    log(run, record, defer=True)
+    print(f"training {model_name(vars(run.args))} ({run.args.backbone}) on {type(run.train_set).__name__} "
+          f"{len(run.train_set)} images, {run.world_size} process(es) on {run.device.type}, {run.args.precision}, "
+          f"{run.args.iters} iterations from {run.iteration}, run {run.run_id} in {run.out_dir}", flush=True)
+
+
+def temporary_path(path):
+    """A temporary name beside `path` that belongs to this process and thread: .NAME.PID.THREAD.RANDOM.tmp (hidden,
+    and the random part keeps processes of two machines apart in a shared folder). Two writers of one file (two
+    evaluate.py into one --save-dir) never write into, rename or remove each other's temporary file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.{os.urandom(3).hex()}.tmp")
+
+
+def check_writable(path, what, folder=True):
+    """A UserError unless `path` (a folder, or a file if not `folder`) can be written, before any work is done.
+    Checked by creating and removing a file in the nearest existing folder at or above it (os.access says yes to
+    root for /proc and /sys); nothing else is created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{what} {path} is {'a file' if folder else 'a folder'}")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        kind = "a broken link" if parent.is_symlink() and not parent.exists() else "a file"
+        raise UserError(f"{what} {path} cannot be created: {parent} is {kind}")
+    probe = temporary_path(parent / "write-check")  # never another process's probe, nor one a killed process left
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # as save_atomic: a new file, then renamed
+        probe.unlink()
+    except OSError as e:
+        reason = f"{parent} is read-only" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else \
+            f"no file can be created in {parent} ({e.strerror})"
+        raise UserError(f"{what} {path} cannot be written: {reason}") from None
+
+
+def file_identity(path):
+    """(device, inode) of the file `path` names, through links and `..`; None where there is none."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def check_apart(outputs, inputs, input_folders=(), output_folders=()):
+    """Before any work, a UserError if what a command writes would destroy or mix with what it reads: none of the
+    `outputs` (file, description, flag) may be one of the `inputs` (file, description), as files (device and inode:
+    also through a link or another spelling), and none of the `output_folders` (folder, description, flag) may be or
+    be inside one of the `input_folders` (folder, description) of a dataset: it would become part of the data."""
+    written = {}
+    for path, description, flag in outputs:
+        identity = file_identity(path)
+        if identity is not None:  # a file not there yet is none of the inputs
+            written.setdefault(identity, (description, flag))
+    if written:
+        for path, what in inputs:
+            identity = file_identity(path)
+            if identity in written:
+                description, flag = written[identity]
+                raise UserError(f"{description} would overwrite {what} {path}: nothing was written; choose another "
+                                f"{flag}")
+    folders = {}
+    for folder, what in input_folders:
+        folders.setdefault(os.path.realpath(folder), (folder, what))
+    for folder, description, flag in output_folders:
+        real = Path(os.path.realpath(folder))
+        for candidate in (real, *real.parents):
+            if str(candidate) in folders:
+                inside, what = folders[str(candidate)]
+                where = "is" if candidate == real else "is inside"
+                raise UserError(f"{description} {where} {what} {inside}: nothing was written; choose another {flag}")
+
+
+def dataset_inputs(datasets):
+    """What `datasets` read, for check_apart: ([(file, description)], [(folder, description)]): their images, masks
+    and text files, and the folders of the images and of the masks (each file's, and the one common to all)."""
+    files, folders = [], []
+    for dataset in datasets:
+        for kind, paths in (("image", getattr(dataset, "images", ())), ("mask", getattr(dataset, "masks", ()))):
+            files += [(path, f"a{'n' if kind == 'image' else ''} {kind} of the dataset") for path in paths]
+            parents = {os.path.dirname(path) for path in paths}
+            if parents:
+                parents.add(os.path.commonpath(sorted(parents)))
+            folders += [(parent, f"the dataset's {kind} folder") for parent in sorted(parents)]
+        files += [(path, "a file of the dataset") for path in getattr(dataset, "text_files", ())]
+    return files, folders
+
+
+def json_safe(value):
+    """`value` with every nan and inf (in dicts and lists) replaced by None: strict JSON, as log.jsonl holds."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def log(run, record, text=None, defer=False):
+    """Print `text` and append `record` to out_dir/log.jsonl (rank 0) as strict JSON. Lines wait in run.unwritten_log:
+    a `defer`red one (the first record) for the next, all of them while run.earlier_run_kept (see save)."""
+    if not run.master:
+        return
+    if text:
+        print(text, flush=True)
+    run.unwritten_log.append(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    if not (defer or run.earlier_run_kept):
+        path = run.out_dir / "log.jsonl"
+        try:
+            with open(path, "a") as log_file:
+                log_file.write("".join(run.unwritten_log))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RunError(f"no space left on the device while writing {path}: {checkpoint_kept(run)}; free "
+                           f"some space", EXIT_DISK_FULL) from None
+        run.unwritten_log = []
+
+
+def save(run, name):
+    """The run's state as out_dir/name (rank 0), written atomically; the first save of an --overwrite run then
+    replaces the earlier run's other checkpoint and log. A full disk ends the run (EXIT_DISK_FULL)."""
+    if run.master:
+        with in_flight(run, "while saving"):
+            path = run.out_dir / name
+            try:
+                save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                                 "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+                                 "iteration": run.iteration, "best_miou": run.best_miou, "args": run.config,
+                                 "class_names": run.class_names, "epoch": run.epoch, "epoch_images": run.epoch_images,
+                                 "run_id": run.run_id}, path)
+            except RunError as e:
+                kept = f"the previous {name} is kept, " if name != "last.pt" and path.is_file() else ""
+                saved = run.saved_iteration is not None
+                resume = f", then continue with --resume {run.out_dir / 'last.pt'}" if saved else ""
+                raise RunError(f"no space left on the device while writing {path}: {kept}{checkpoint_kept(run)}; "
+                               f"free some space{resume}", e.code) from None
+            if run.earlier_run_kept:  # --overwrite: this run has a checkpoint now, the earlier run's files go
+                for other in sorted({"last.pt", "best.pt"} - {name}):
+                    (run.out_dir / other).unlink(missing_ok=True)
+                save_atomic(run.out_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(run.unwritten_log)))
+                run.unwritten_log, run.earlier_run_kept = [], False
+    if name == "last.pt":
+        run.saved_iteration = run.iteration
+
+
+def resume_from(run):
+    """The checkpoint to continue this run from: its last.pt, or before its first save the checkpoint it resumed
+    from; None for a new run that has saved none."""
+    if run.saved_iteration is not None:
+        return run.out_dir / "last.pt"
+    return Path(run.args.resume) if run.args.resume else None
+
+
+def latest_checkpoint(run):
+    """What messages say of resume_from(run)."""
+    path = resume_from(run)
+    if path is None:
+        return "this run has saved no checkpoint"
+    if run.saved_iteration is None:
+        return f"the latest checkpoint is {path} from iteration {run.start_iteration} (resumed from; none saved since)"
+    return f"the latest checkpoint is {path} from iteration {run.saved_iteration}"
+
+
+def checkpoint_kept(run):
+    """What a run that ends with an error keeps: its latest checkpoint, and the earlier run an --overwrite run has
+    not replaced yet."""
+    earlier = f"; the earlier run in {run.out_dir} is as it was" if run.earlier_run_kept else ""
+    return latest_checkpoint(run) + earlier
+
+
+def save_last_if_safe(run):
+    """Save last.pt unless it holds this iteration already or the weights may not be saved. Returns "saved",
+    "already", "not finite", or what a signal cut short (run.in_flight: "in the middle of a step", "while saving")."""
+    if run.saved_iteration == run.iteration:
+        return "already"
+    if run.in_flight:
+        return run.in_flight
+    if not tensors_are_finite(run.raw_model):
+        return "not finite"
+    save(run, "last.pt")
+    return "saved"
+
+
+def checkpoints_text(run):
+    """What the run folder holds of this run ("last.pt and best.pt in runs/x") and where the best is, if elsewhere:
+    a run resumed from another folder that found no better mIoU has no best.pt of its own."""
+    files = [] if run.earlier_run_kept else [name for name in ("last.pt", "best.pt") if (run.out_dir / name).is_file()]
+    here = f"{' and '.join(files)} in {run.out_dir}" if files else checkpoint_kept(run)
+    if run.best_miou is None:
+        return f"no validation has run; {here}"
+    if "best.pt" in files:
+        return f"best val mIoU {run.best_miou:.4f}; {here}"
+    if not run.args.resume:
+        where = f"is not on disk: there is no {run.out_dir / 'best.pt'}"  # removed since it was saved
+    elif (Path(run.args.resume).parent / "best.pt").is_file():
+        where = f"is {Path(run.args.resume).parent / 'best.pt'}"  # the folder of the run resumed
+    else:
+        where = f"was saved by the run that {run.args.resume} continues, and there is no best.pt next to it"
+    return f"{here}; the best, val mIoU {run.best_miou:.4f}, {where}"
+
+
+def finish(run, status, interrupts):
+    """Say how the run ended, saving last.pt after an interrupt; returns the exit code."""
+    if status == "interrupted" and not weights_are_finite(run):
+        status = "diverged"
+    if status == "diverged":
+        log(run, {"iteration": run.iteration, "diverged": True})
+        if run.master:
+            print(f"error: training diverged (the loss or the weights became nan or infinite by iteration "
+                  f"{run.iteration}): stopped without saving, {checkpoint_kept(run)}; try a lower --lr "
+                  f"than {run.args.lr:g}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if status == "interrupted":
+        interrupts.agree(run.device)
+        save_last_if_safe(run)
+        record, said = {"iteration": run.iteration, "interrupted": interrupts.name}, interrupts.name
+        if interrupts.signum is None and interrupts.signalled_rank is not None:  # stopped for another process
+            record["signalled_rank"] = interrupts.signalled_rank
+            said = f"another process (rank {interrupts.signalled_rank}) received {interrupts.name}"
+        last = run.out_dir / "last.pt"
+        log(run, record, f"{said}: saved {last} at iteration {run.iteration}; continue with --resume {last}")
+        if run.world_size > 1:
+            interrupts.close()
+            try:
+                dist.barrier()  # no process exits before rank 0 has saved: torchrun would then stop it (see close)
+            except RuntimeError:  # rank 0 stopped at once (a second signal while it saved): nothing to wait for
+                pass
+        return interrupts.exit_code
+    print0(f"done: {checkpoints_text(run)}")
+    return 0
+
+
+def data_error(run, error):
+    """A file that turned out bad during training or validation (a dataset's UserError). Before this process's first
+    step nothing was trained: a user error (exit 2), the run folder as it was. After it, last.pt is saved first
+    (the weights are between two steps) and the run ends with EXIT_DATA_ERROR, saying so."""
+    message = error_line(error)
+    if run.iteration == run.start_iteration:
+        raise UserError(message) from None
+    where = "during the validation of" if run.validating else "after"
+    last, saved = run.out_dir / "last.pt", save_last_if_safe(run)
+    outcome = {"already": f"{last} was saved at iteration {run.iteration}",
+               "saved": f"saved {last} at iteration {run.iteration} first"}.get(
+        saved, f"last.pt not saved (the weights are not finite), {latest_checkpoint(run)}")
+    log(run, {"iteration": run.iteration, "data_error": message})
+    resume = f"; fix the file, then continue with --resume {resume_from(run)}" if resume_from(run) else ""
+    raise RunError(f"{message} ({where} iteration {run.iteration}): {outcome}{resume}", EXIT_DATA_ERROR)
+
+
+def out_of_memory(args, device, run=None):
+    """The RunError (EXIT_OUT_OF_MEMORY) for an error that is_out_of_memory: where, the flags that lower
+    memory, and the checkpoint kept (nothing is saved: a step cut short may have left the weights half-updated)."""
+    where = f"out of {'GPU ' if device.type == 'cuda' else ''}memory on {device}"
+    if run is not None:
+        where += (f" during the validation of iteration {run.iteration}" if run.validating else
+                  f" in step {run.iteration + 1}")
+    lower = [f"--batch-size (now {args.batch_size})", f"--crop-size (now {args.crop_size})"]
+    if args.precision == "fp32":
+        lower.append("--precision bf16" + (" (or fp16)" if device.type == "cuda" else ""))
+    workers = f"; on the CPU also fewer --workers (now {args.workers})" if device.type == "cpu" and args.workers else ""
+    kept = ""
+    if run is not None:
+        kept = f"; {latest_checkpoint(run)}" + (": --resume it with a lower --batch-size (the other flags must stay)"
+                                                 if resume_from(run) else "")
+    return RunError(f"{where}: lower {', '.join(lower[:-1])} or use {lower[-1]}{workers}{kept}", EXIT_OUT_OF_MEMORY)
+
+
+def stop_at_once(run, interrupts):
+    """After a second signal: save last.pt if the weights are between two steps, else say that it was not saved.
+    No collective: the other processes may be anywhere."""
+    if not run.master:
+        return interrupts.exit_code
+    try:
+        saved = save_last_if_safe(run)
+    except KeyboardInterrupt:  # a third signal: the save is abandoned, the previous last.pt kept
+        saved = run.in_flight or "while saving"
+    if saved in ("already", "saved"):
+        outcome = f"; saved {run.out_dir / 'last.pt'} at iteration {run.iteration}"
+    elif saved == "not finite":
+        outcome = f", last.pt not saved (the weights are not finite); {latest_checkpoint(run)}"
+    else:
+        outcome = f" {saved}, last.pt not saved; {latest_checkpoint(run)}"
+    print(f"{interrupts.name} again: stopped at once{outcome}", file=sys.stderr)
+    return interrupts.exit_code
+
+
+@contextmanager
+def run_ending(args, device):
+    """How main's work ends when it does not end by itself, in one place; main records what it has in `end`. While
+    training, a second signal is stop_at_once and a bad file data_error; running out of memory is out_of_memory. On
+    the way out the lock goes, and the folders a run created if it stopped before its first save (and are empty)."""
+    end = SimpleNamespace(folder=None, run=None, interrupts=None, code=None)
+    try:
+        yield end
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except KeyboardInterrupt:
+        if end.interrupts is None or end.code is not None:
+            raise
+        with end.interrupts:  # its handlers again: a third signal cuts the save short
+            end.code = stop_at_once(end.run, end.interrupts)
+    except UserError as e:
+        if end.interrupts is None:
+            raise
+        with end.interrupts:
+            data_error(end.run, e)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(args, device, end.run) from None
+        raise
+    finally:
+        if end.folder is not None and end.folder.lock is not None:
+            end.folder.lock.release()
+        if end.folder is not None and (end.run is None or end.run.saved_iteration is None):
+            remove_created(end.folder.created)  # stopped before its first save: an empty folder goes
+
+
+# ---- 4d the command line and benchmarks ------------------------------------------------------------------------------
+
+ATTENTION_HELP = ("how position attention is computed, the same numbers by each: blocked (q.k once, block by block "
+                  "of query rows recomputed in the backward pass), heads (fused scaled_dot_product_attention kernels, "
+                  "v in 8 heads sharing q and k), dense (the formula, storing the HW x HW matrix), auto (the fastest "
+                  "measured on the device: " + ", ".join(f"{device} {path}" for device, path in
+                                                          PositionAttention.FASTEST.items()) + ")")
+
+
+NO_POSITION_ATTENTION = "--attention is DANet's position attention; DRANet's attends to 50 pooled centres"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1274,12 +2159,16 @@ CLUSTERS_MULTIPLE = {
 BOTTLENECK_BACKBONES = tuple(name for name in BACKBONES if name not in ("resnet18", "resnet34"))
 
 
+def dataset_name(dataset, data_root):
+    """The dataset a command line means: --dataset if given, else VOC when --data-root is given, else the demo."""
+    return dataset or ("voc" if data_root else "demo")
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def d(key):  # the defaults of a flag, dataset by dataset
-        return "default: " + ", ".join(f"{name} {recipe[key]}" for name, (_, recipe) in DATASETS.items()
-                                       if key in recipe)
+        return "default: " + ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items() if key in recipe)
 
     p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"],
                    help="default: voc with --data-root, else the demo")
@@ -1311,13 +2200,11 @@ def parse_args(argv=None):
     p.add_argument("--deep-stem", action="store_true", help="three 3x3 convolutions instead of the 7x7 stem, as the "
                    "original DRANet101 (resnet50/101/152; no ImageNet weights for it here)")
     p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
-                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) "
-                   "where names and shapes match; "
-                   "a new run, not --resume")
+                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) where names and "
+                   "shapes match; a new run, not --resume")
     p.add_argument("--crop-size", type=whole_number(1, 8192), help=d("crop_size"))
     p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x "
-                   "random scale, at least 16; "
-                   + d("base_size"))
+                   "random scale, at least 16; " + d("base_size"))
     p.add_argument("--batch-size", type=whole_number(1, 4096), help="per process; " + d("batch_size"))
     p.add_argument("--iters", type=positive, help="optimizer steps; " + d("iters"))
     p.add_argument("--lr", type=positive_float, help="backbone LR (head: 10x); " + d("lr"))
@@ -1358,139 +2245,59 @@ def parse_args(argv=None):
     p.add_argument("--benchmark-steps", type=whole_number(1, 10**6), help="timed steps of --benchmark (default 10), "
                    "or repeats of each path of --benchmark-attention (default 3)")
     args = p.parse_args(argv)
-    if args.resume and args.overwrite:
-        p.error("--resume continues the run in --out-dir and --overwrite starts a new one: give only one")
+    dataset, benchmarking = dataset_name(args.dataset, args.data_root), args.benchmark or args.benchmark_attention
+    backbone = args.backbone or RECIPES[dataset]["backbone"]
+    multiple, why = CLUSTERS_MULTIPLE[args.model]
+    for wrong, message in (  # the rules across flags: the first one broken is the error
+            (args.resume and args.overwrite,
+             "--resume continues the run in --out-dir and --overwrite starts a new one: give only one"),
+            (not args.clustering and (args.num_clusters is not None or args.cluster_init != "random"
+                                      or args.cluster_reseed),
+             "--num-clusters, --cluster-init and --cluster-reseed set the clustering layers, which --no-clustering "
+             "leaves out"),
+            (args.num_clusters is not None and args.num_clusters % multiple,
+             f"argument --num-clusters: --model {args.model} needs a multiple of {multiple} ({why}), got "
+             f"{args.num_clusters}"),
+            (args.init_from and args.resume,
+             "--init-from starts a new run from weights, --resume continues a run: give only one"),
+            (args.model == "dranet" and args.attention != "auto", NO_POSITION_ATTENTION),
+            (args.benchmark and args.benchmark_attention,
+             "--benchmark times training steps, --benchmark-attention the position attention alone: give only one"),
+            (any(c % PositionAttention.REDUCTION for c in args.benchmark_channels),
+             f"argument --benchmark-channels: expected multiples of {PositionAttention.REDUCTION}, got "
+             f"{' '.join(map(str, args.benchmark_channels))}"),
+            (args.dataset and not args.data_root and not benchmarking,
+             f"--dataset {args.dataset} needs --data-root (see README)"),
+            (args.download and dataset != "voc",
+             f"--download fetches VOC only; put the {dataset} data in place by hand (see README)"),
+            (args.deep_stem and args.pretrained,
+             "--deep-stem has no ImageNet weights here: leave out --pretrained (or start from a file: --init-from)"),
+            *(((wanted and backbone not in BOTTLENECK_BACKBONES),
+               f"{flag} needs a Bottleneck ResNet (--backbone {', '.join(BOTTLENECK_BACKBONES)}), not {backbone}"
+               + ("" if args.backbone else f" (the {dataset}'s default)"))
+              for flag, wanted in (("--multi-grid", args.multi_grid), ("--deep-stem", args.deep_stem)))):
+        if wrong:  # a message that points to the README needs no --help
+            raise UserError(message if message.endswith("(see README)") else f"{message} (see --help)")
+    args.dataset = dataset
     if args.resume and args.out_dir is None:  # a resumed run continues in its checkpoint's folder
         args.out_dir = os.path.dirname(args.resume) or "."
-    if not args.clustering and (args.num_clusters is not None or args.cluster_init != "random" or args.cluster_reseed):
-        p.error("--num-clusters, --cluster-init and --cluster-reseed set the clustering layers, which --no-clustering "
-                "leaves out")
-    multiple, why = CLUSTERS_MULTIPLE[args.model]
-    if args.num_clusters is not None and args.num_clusters % multiple:
-        p.error(f"argument --num-clusters: --model {args.model} needs a multiple of {multiple} ({why}), got "
-                f"{args.num_clusters}")
-    if args.init_from and args.resume:
-        p.error("--init-from starts a new run from weights, --resume continues a run: give only one")
-    if args.model == "dranet" and args.attention != "auto":
-        p.error(NO_POSITION_ATTENTION)
-    if args.benchmark and args.benchmark_attention:
-        p.error("--benchmark times training steps, --benchmark-attention the position attention alone: give only one")
-    if any(c % PositionAttention.REDUCTION for c in args.benchmark_channels):
-        p.error(f"argument --benchmark-channels: expected multiples of {PositionAttention.REDUCTION}, got "
-                f"{' '.join(map(str, args.benchmark_channels))}")
+    if args.deep_stem:
+        args.pretrained = False  # not the recipe's ImageNet weights: there are none for the deep stem
+    for key, value in RECIPES[dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.benchmark_steps is None:
         args.benchmark_steps = 3 if args.benchmark_attention else 10
     if args.aux_weight is None:
         args.aux_weight = {"danet": 1.0, "dranet": 0.2}[args.model]
-    if args.dataset and not args.data_root and not (args.benchmark or args.benchmark_attention):
-        raise UserError(f"--dataset {args.dataset} needs --data-root (see README)")
-    args.dataset = dataset_name(args.dataset, args.data_root)
-    if args.download and args.dataset != "voc":
-        raise UserError(f"--download fetches VOC only; put the {args.dataset} data in place by hand (see README)")
-    if args.deep_stem and args.pretrained:
-        p.error("--deep-stem has no ImageNet weights here: leave out --pretrained (or start from a file: --init-from)")
-    if args.deep_stem:
-        args.pretrained = False  # not the recipe's ImageNet weights: there are none for the deep stem
-    backbone_given = args.backbone is not None
-    for key, value in DATASETS[args.dataset][1].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for flag, wanted in (("--multi-grid", args.multi_grid), ("--deep-stem", args.deep_stem)):
-        if wanted and args.backbone not in BOTTLENECK_BACKBONES:
-            default = "" if backbone_given else f" (the {args.dataset}'s default)"
-            p.error(f"{flag} needs a Bottleneck ResNet (--backbone {', '.join(BOTTLENECK_BACKBONES)}), not "
-                    f"{args.backbone}{default}")
     return args
 
 
-def setup_device(args):
-    """(device, rank, world_size, autocast context); initialises torch.distributed under torchrun."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:  # not a device name at all
-        device = None
-    if device is None or device.type not in ("cuda", "cpu"):
-        raise UserError(f"--device {args.device} is not supported: use cuda, cuda:N or cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device} asked for CUDA, but torch.cuda.is_available() is False "
-                            f"(no GPU, or a CPU-only PyTorch); use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)  # under torchrun: one GPU per process
-        if device.index >= torch.cuda.device_count():
-            error = UserError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-                              f"cuda:{torch.cuda.device_count() - 1}" + (f" (process of rank {rank})" if world_size > 1
-                                                                          else ""))
-            error.this_rank = True  # the other processes may have found their GPU: run_main prints it on every rank
-            raise error
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun, also with one process (DDP, SyncBatchNorm, NCCL)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.precision is None:
-        cuda = device.type == "cuda"
-        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
-    return device, rank, world_size, autocast
-
-
-def sync_batch_norm(device):
-    """Whether the model's BatchNorm layers become SyncBatchNorm (statistics over the global batch): on CUDA under
-    torchrun. SyncBatchNorm is GPU-only: on the CPU each process normalises over its own batch."""
-    return dist.is_initialized() and device.type == "cuda"
-
-
-def check_batch_norm(args, device, world_size):
-    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step (else
-    BatchNorm's ValueError ends the first step, on every process): the images it normalises over (those of
-    this process, or of all of them with sync_batch_norm) times the pixels of its smallest map, DRANet's 1x1 pooled
-    centre or the feature map at OUTPUT_STRIDE. The training loader drops the last, smaller batch."""
-    synced = sync_batch_norm(device)
-    images = args.batch_size * (world_size if synced else 1)
-    each = "" if synced or world_size == 1 else (f" on each of the {world_size} processes (without SyncBatchNorm, on "
-                                                 f"the CPU, each process normalises over its own --batch-size)")
-    if args.model == "dranet" and images < 2:
-        raise UserError(f"--model dranet needs a batch of 2 or more{each}: CPAM's 1x1 pooled centre gives BatchNorm "
-                        f"one value per channel")
-    if images * math.ceil(args.crop_size / OUTPUT_STRIDE) ** 2 < 2:
-        raise UserError(f"--crop-size {args.crop_size} with --batch-size {args.batch_size}{each} leaves BatchNorm one "
-                        f"value per channel (a 1x1 feature map at output stride {OUTPUT_STRIDE}): use a larger crop "
-                        f"or batch")
-
-
-def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if resource is None:
-        return math.nan
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process's peak RSS: KiB, bytes on macOS
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-# ----------------------------------------------------------------------------- training
-
-def train_step(model, images, masks, optimizer, scaler, autocast, aux_weight):
-    """One optimizer step; returns the loss terms as tensors (reading them would sync with the GPU). Each term is
-    the cross-entropy averaged over the labelled pixels; 0 for a batch with none (all void), not the nan of 0 / 0."""
-    with autocast():
-        outputs = model(images)
-    labelled = (masks != IGNORE_INDEX).sum().clamp(min=1)
-    losses = {k: F.cross_entropy(v.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
-              for k, v in outputs.items()}
-    loss = losses["out"] + aux_weight * sum(v for k, v in losses.items() if k != "out")  # DANet: 2 terms, DRANet: 1
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
-
-
-def benchmark(args, model, optimizer, scaler, device, autocast, master=True):
+def benchmark(args, checkpoint, device, world_size, autocast):
     """Time training steps on random tensors: no dataset, no data loading."""
+    args.num_classes = len(VOC_CLASSES)
+    model, _, optimizer, _, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
+    model.train()
     images = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
     images = images.to(memory_format=torch.channels_last)
     masks = torch.randint(0, args.num_classes, (args.batch_size, args.crop_size, args.crop_size), device=device)
@@ -1504,20 +2311,16 @@ def benchmark(args, model, optimizer, scaler, device, autocast, master=True):
     sync()
     ms = (time.perf_counter() - start) / args.benchmark_steps * 1000
     attention = "compact" if args.model == "dranet" else PositionAttention.resolve(args.attention, device.type)
-    model_name = "dranet " if args.model == "dranet" else ""  # the DANet line as it always was
-    if master:
-        print(f"benchmark {model_name}{args.backbone} crop {args.crop_size} batch {args.batch_size} "
-              f"{args.precision} {device.type} {attention} attention: {ms:.1f} ms/step, "
-              f"{args.batch_size * 1000 / ms:.2f} images/s, peak memory {peak_memory_gib(device):.2f} GiB")
+    name = "dranet " if args.model == "dranet" else ""
+    print0(f"benchmark {name}{args.backbone} crop {args.crop_size} batch {args.batch_size} {args.precision} "
+           f"{device.type} {attention} attention: {ms:.1f} ms/step, {args.batch_size * 1000 / ms:.2f} images/s, "
+           f"peak memory {peak_memory_gib(device):.2f} GiB")
 
 
 class TensorMemory(TorchDispatchMode):
-    """Inside it, the peak bytes of the tensors created there and alive at once (`peak`), read after every operation.
-
-    Every tensor an operation returns is tracked by its storage (views share one) until that storage is freed, so
-    what autograd saves for the backward pass counts as long as it is kept, and a temporary as long as it lives.
-    Only the scratch memory a kernel allocates and frees inside itself is not seen. This is the CPU's measure; on
-    CUDA the caching allocator's own peak counts everything (peak_extra_memory)."""
+    """Inside it, the peak bytes of the tensors created there and alive at once (`peak`): every tensor an operation
+    returns is tracked by its storage until that is freed, so what autograd saves counts while it is kept. Only a
+    kernel's own scratch memory is not seen. The CPU's measure; on CUDA the allocator's peak (peak_extra_memory)."""
 
     def __init__(self):
         super().__init__()
@@ -1599,819 +2402,6 @@ def benchmark_attention(args, device, autocast):
             print(f"| [{args.batch_size}, {channels}, {size}, {size}] | " + " | ".join(cells) + f" | {ratio} |",
                   flush=True)
             del module, x, weights
-
-
-class Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and torchrun send) while training, in a `with` block.
-
-    The first signal asks the loop to stop: it finishes the step in flight (a validation in progress is
-    abandoned), saves last.pt and exits with 128 + the signal number: 130 for SIGINT, 143 for SIGTERM. A second
-    one stops at once (KeyboardInterrupt): last.pt is then saved only if the run is not half-way through a step
-    or a save (see stop_at_once). Under torchrun the processes stop together when any of them received a signal;
-    each one reports and exits with the signal it received or, if it received none, with that of the first process
-    that did (agree).
-    """
-
-    def __init__(self, message=None):
-        self.message, self.signum, self.pid = message, None, os.getpid()
-        self.signalled_rank, self.others_signum = None, None  # set by agree in a process that received no signal
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc_info):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the main process decides
-            return
-        first, self.signum = self.signum is None, signum
-        if not first:
-            raise KeyboardInterrupt
-        if self.message:
-            print(f"\n{self.name}: {self.message}", file=sys.stderr, flush=True)
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    def agree(self, device):
-        """Once the processes have agreed to stop: which process received which signal (one all_reduce under
-        torchrun, every process calls it). A process that received none stops for the first process that did."""
-        signals = each_rank(self.signum or 0, device)  # the signal number of each rank, 0 where none came
-        if self.signum is None:
-            self.signalled_rank = next((rank for rank, signum in enumerate(signals) if signum), None)
-            self.others_signum = signals[self.signalled_rank] if self.signalled_rank is not None else None
-
-    def close(self):
-        """Ignore Ctrl-C and SIGTERM from now on, nothing given back (under torchrun, once this process has done its
-        part of the stop): torchrun sends SIGTERM to the processes still running as soon as one has exited, and
-        that must neither cut their exit short nor change its code (run_main keeps them ignored to the end)."""
-        for s in self.previous:
-            signal.signal(s, signal.SIG_IGN)
-        self.previous = {}
-
-    @property
-    def stop_signum(self):
-        """The signal this process stops for: its own, or the one another process received (agree)."""
-        return self.signum or self.others_signum or signal.SIGINT
-
-    @property
-    def name(self):
-        return signal.Signals(self.stop_signum).name
-
-    @property
-    def exit_code(self):
-        return 128 + self.stop_signum
-
-
-# A resumed run is the same run: these flags change the model, the loss, the data (or their order), the numerics or
-# the schedule, so they must be the checkpoint's. (key, its value in checkpoints written before it existed, None: not
-# checked there; what a resumed run keeps.) Every other flag of a run may change: RESUME_MAY_CHANGE.
-RESUME_MUST_MATCH = (
-    ("dataset", None, "data"), ("train_split", None, "data"), ("val_split", None, "data"),
-    ("demo_images", None, "data"), ("crop_size", None, "data"), ("base_size", None, "data"),
-    ("seed", None, "data"),
-    ("model", None, "model"), ("backbone", None, "model"), ("deep_stem", None, "model"),
-    ("num_clusters", None, "model"), ("temperature", None, "model"), ("clustering", True, "model"),
-    ("cluster_init", "random", "model"), ("cluster_reseed", 0, "model"), ("multi_grid", False, "model"),
-    ("aux_weight", None, "loss"), ("precision", None, "numerics"),
-    ("iters", None, "schedule"), ("lr", None, "schedule"), ("momentum", None, "schedule"),
-    ("weight_decay", None, "schedule"),
-)
-# Where and how fast the run goes and what it logs. --batch-size: the images per step of each process, as the number
-# of processes may change (the data position counts images, see EpochSampler); a lower one continues a run that ran
-# out of memory. --attention computes the same attention (to float rounding) by another path (the checkpoints written
-# before it hold dense_attention instead, see build_model).
-# --pretrained and --init-from only choose a new run's first weights: a resumed run keeps the checkpoint's.
-RESUME_MAY_CHANGE = ("device", "workers", "batch_size", "compile", "log_every", "val_every", "out_dir", "data_root",
-                     "attention")
-RESUME_KEEPS = ("pretrained", "init_from")  # what the resumed run records: the checkpoint's values
-
-
-def flag_text(key, value):
-    """How a command line says `key` = `value`: "with --lr 0.01", "with --multi-grid", "without --multi-grid", ..."""
-    flag = "--" + key.replace("_", "-")
-    if key == "dataset" and value == "demo":
-        return "on the demo data (no --dataset, no --data-root)"
-    if key == "clustering":
-        return "with --clustering" if value else "with --no-clustering"
-    if value is None:
-        return f"with the default {flag}"
-    if isinstance(value, bool):
-        return f"with {flag}" if value else f"without {flag}"
-    return f"with {flag} {value}"
-
-
-def load_resume_checkpoint(args):
-    """The --resume checkpoint, checked against the command line: every flag of RESUME_MUST_MATCH the same."""
-    checkpoint = load_checkpoint(args.resume)
-    missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
-    if missing:
-        hint = "; to start from its weights use --init-from" if checkpoint.get("original") else ""
-        raise UserError(f"{args.resume} is not a train.py checkpoint to resume from "
-                        f"(no {', '.join(sorted(missing))}){hint}")
-    check_same_run(args, checkpoint)
-    return checkpoint
-
-
-def check_same_run(args, checkpoint):
-    """A UserError naming the first flag of RESUME_MUST_MATCH that differs from the checkpoint's, and its value."""
-    stored = checkpoint["args"]
-    for key, old_default, kept in RESUME_MUST_MATCH:
-        if key == "demo_images" and stored.get("dataset", "demo") != "demo":
-            continue  # the demo's training set size; other datasets ignore it
-        if key not in stored and old_default is None:
-            continue  # a checkpoint older than the flag: its model is checked by load_state_dict
-        value = stored.get(key, old_default)
-        if value != getattr(args, key, old_default):
-            text = flag_text(key, value)
-            what = "continues its schedule" if kept == "schedule" else f"keeps its {kept}"
-            raise UserError(f"checkpoint {args.resume} was trained {text}: resume {text} (a resumed run {what})")
-
-
-def check_classes(path, num_classes, stored_names, class_names, hint=""):
-    """A UserError unless the model of checkpoint `path`, which predicts `num_classes` classes named `stored_names`,
-    predicts the dataset's `class_names`: as many, and the same names in the same order. A checkpoint that names no
-    classes (stored_names None: the original DANet code's for another dataset) is checked by their number only;
-    `hint` ends both messages (what to do instead)."""
-    if num_classes is not None and num_classes != len(class_names):
-        raise UserError(f"checkpoint {path} predicts {num_classes} classes, the dataset has {len(class_names)}{hint}")
-    differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
-              for i, (ours, theirs) in enumerate(zip(stored_names or (), class_names)) if ours != theirs]
-    if differ:
-        raise UserError(f"checkpoint {path} was trained on other classes than the dataset's: "
-                        f"{differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''}{hint}")
-
-
-def new_run_id():
-    """A run's id: when it started (UTC) and 6 random hex digits, e.g. 20261202-004012-3fa9c1."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
-
-
-def folder_runs(out_dir):
-    """{file: (run id, iteration)} for each of last.pt, best.pt and log.jsonl in out_dir. The run id is None in files
-    of a train.py without run ids, "unreadable" for a file that cannot be read; a log has no iteration.
-    Checkpoints are memory-mapped: only the few bytes of the id and iteration are read."""
-    out_dir, found = Path(out_dir), {}
-    for name in ("last.pt", "best.pt"):
-        if (out_dir / name).is_file():
-            try:
-                checkpoint = torch.load(out_dir / name, map_location="cpu", weights_only=True, mmap=True)
-                found[name] = (checkpoint.get("run_id"), checkpoint.get("iteration"))
-            except Exception:  # truncated, foreign: another run's file as far as this run knows
-                found[name] = ("unreadable", None)
-    if (out_dir / "log.jsonl").is_file():
-        try:
-            with open(out_dir / "log.jsonl") as log_file:
-                first = json.loads(log_file.readline())
-            found["log.jsonl"] = (first.get("run_id") if isinstance(first, dict) else None, None)
-        except (OSError, ValueError):  # empty, or not JSON: a log of a train.py without run ids
-            found["log.jsonl"] = (None, None)
-    return found
-
-
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "train.lock")  # what a run writes in --out-dir (FolderLock.NAME)
-
-
-def check_run_outputs(args, datasets=()):
-    """Before any work: the files a run writes in --out-dir (RUN_FILES) are files or not there yet, and none of them
-    is a file the run reads: the --init-from file, the --resume file (unless it is that very checkpoint of the run's
-    own folder, which the resumed run goes on writing), the `datasets`' files; nor is --out-dir one of the
-    datasets' folders or inside one (check_apart)."""
-    out_dir = Path(args.out_dir)
-    for name in RUN_FILES:
-        path = out_dir / name
-        if (path.exists() or path.is_symlink()) and not path.is_file():
-            kind = "a broken link" if not path.exists() else "a folder" if path.is_dir() else "a special file"
-            raise UserError(f"--out-dir {out_dir} holds {path}, which is {kind}, not a file: the run writes its "
-                            f"{name} there; move it away or choose another --out-dir")
-    resumed = os.path.realpath(args.resume) if args.resume else None
-    outputs = [(out_dir / name, f"--out-dir {out_dir}: writing {out_dir / name}", "--out-dir") for name in RUN_FILES
-               if os.path.realpath(out_dir / name) != resumed]  # a resumed checkpoint is the run's own to replace
-    inputs = [(path, f"the {flag} file") for flag, path in (("--resume", args.resume), ("--init-from", args.init_from))
-              if path]
-    files, folders = dataset_inputs(datasets)
-    check_apart(outputs, inputs + files, folders, [(out_dir, f"--out-dir {out_dir}", "--out-dir")])
-
-
-def check_out_dir(args, checkpoint=None, check_lock=True):
-    """--out-dir must be writable and belong to this run: a new run needs one that holds no earlier run (or
-    --overwrite); a run resumed from `checkpoint` one that holds only its own run's files, none of them later.
-    Returns folder_runs(out_dir): the earlier run's files, which --overwrite replaces at the first save.
-    check_lock=False where a process of this run may hold the lock (start_out_dir, and processes other than 0)."""
-    out_dir = Path(args.out_dir)
-    check_writable(out_dir, "--out-dir")
-    check_run_outputs(args)  # the checkpoints it reads; build_datasets checks the data
-    if out_dir.is_dir() and check_lock:
-        FolderLock.check(out_dir)  # a training in it now, whatever it has written so far
-    found = folder_runs(out_dir) if out_dir.is_dir() else {}
-    if not found or args.overwrite:
-        return found
-    if checkpoint is None:
-        earlier = [name for name in ("last.pt", "best.pt") if name in found]
-        if earlier:
-            resume = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in earlier else ""
-            raise UserError(f"--out-dir {out_dir} holds {' and '.join(earlier)} of an earlier run: {resume}choose "
-                            f"another --out-dir, or give --overwrite to replace it")
-        raise UserError(f"--out-dir {out_dir} holds the log.jsonl of an earlier run (which saved no checkpoint): "
-                        f"choose another --out-dir, or give --overwrite to replace it")
-    run_id = checkpoint.get("run_id")
-    own_folder = out_dir.resolve() == Path(args.resume).resolve().parent
-    for name, (other, iteration) in found.items():
-        same = own_folder if other is None or run_id is None else other == run_id  # no ids: its own folder only
-        if not same:
-            raise UserError(f"--out-dir {out_dir} holds the {name} of another run (run {other}) than {args.resume} "
-                            f"(run {run_id}): give the resumed run an --out-dir of its own")
-        if name == "last.pt" and iteration is not None and iteration > checkpoint["iteration"]:
-            raise UserError(f"--out-dir {out_dir} holds a later last.pt of this run (iteration {iteration}; "
-                            f"{args.resume} is from iteration {checkpoint['iteration']}): resume from "
-                            f"{out_dir / 'last.pt'}, or give another --out-dir")
-    return found
-
-
-class FolderLock:
-    """The lock of a run folder: OUT_DIR/train.lock, held with fcntl.flock for the life of the training process.
-
-    The OS releases a flock when its process ends, however it ends (also SIGKILL, or a machine restart, after which
-    no lock is held at all), so the lock of a dead process is simply taken over. The file records the holder (pid,
-    host, start time, run id) for the refusal to name. It is removed when the holder ends; a process that locked a
-    file removed meanwhile tries again on the new one. Without fcntl (Windows) folders are not locked.
-    """
-
-    NAME = "train.lock"
-
-    def __init__(self, out_dir, run_id):
-        self.path, self.fd = Path(out_dir) / self.NAME, None
-        if fcntl is None:
-            return
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            for _ in range(20):  # FolderLock.check in another process may hold it for a moment
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    time.sleep(0.01)
-            else:  # held by a live process
-                os.close(fd)
-                raise UserError(self.in_use(out_dir, self.path))
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:  # its holder removed it as it ended: lock the new one
-                same = False
-            if same:
-                self.fd = fd
-            else:
-                os.close(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "run_id": run_id}
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, (json.dumps(holder) + "\n").encode())
-
-    @staticmethod
-    def in_use(out_dir, path):
-        try:
-            holder = json.loads(Path(path).read_text())
-            holder = f"run {holder['run_id']}, pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-        except (OSError, ValueError, KeyError, TypeError):  # being written at this very moment
-            holder = "its lock file names no holder yet"
-        return f"--out-dir {out_dir} is in use by another training ({holder}): wait for it to end, or choose another " \
-               f"--out-dir"
-
-    @classmethod
-    def check(cls, out_dir):
-        """A UserError naming the holder if a live process holds out_dir's lock; creates nothing."""
-        path = Path(out_dir) / cls.NAME
-        if fcntl is None or not path.is_file():
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
-            raise UserError(cls.in_use(out_dir, path)) from None
-        finally:
-            os.close(fd)
-
-    def release(self):
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while still held: no one can lock this file after us
-            fcntl.flock(self.fd, fcntl.LOCK_UN)  # also for DataLoader workers that share the descriptor
-            os.close(self.fd)
-            self.fd = None
-
-
-def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=None):
-    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given (checked
-    against the command line by load_resume_checkpoint), or started from --init-from's weights.
-
-    The model to train is wrapped in DDP, then compiled with --compile (so the gradient all_reduce overlaps the
-    backward pass); the raw model, unwrapped, is the one validated and saved.
-    """
-    raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None and not args.init_from})
-    if args.init_from:  # every rank reads the same file: the models start equal
-        init_from(raw_model, args.init_from, print if not dist.is_initialized() or dist.get_rank() == 0 else
-                  (lambda *_: None), args.backbone, class_names)
-    if checkpoint is not None:
-        load_model_state(raw_model, checkpoint, args.resume)
-    if sync_batch_norm(device):  # BN statistics over the global batch
-        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    raw_model.to(device, memory_format=torch.channels_last)
-    model = raw_model
-    if dist.is_initialized():
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-
-    optimizer = torch.optim.SGD([
-        {"params": raw_model.backbone.parameters(), "lr": args.lr},
-        {"params": raw_model.head_parameters(), "lr": args.lr * 10},  # the head is trained from scratch
-    ], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.iters, power=0.9)
-    # fp16: the default first scale, 2**16, overflows the stem's weight gradient, so the first step would be skipped
-    # (and PyTorch warns that the LR scheduler stepped first); 2**10 keeps it finite, and the scaler grows from there
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=args.precision == "fp16")
-    if checkpoint is not None:
-        for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            obj.load_state_dict(checkpoint[name])
-    return model, raw_model, optimizer, scheduler, scaler
-
-
-def build_run(args, checkpoint, device, rank, world_size, autocast):
-    """Everything the training loop works with, in one namespace: data, model, optimizer, and where the run stands
-    (iteration, data position, best mIoU), restored from `checkpoint` when resuming."""
-    train_set, val_set = build_datasets(args)
-    if checkpoint is not None:  # a resumed run is the same run: on the classes it was trained on
-        check_classes(args.resume, checkpoint["args"].get("num_classes"), checkpoint.get("class_names"),
-                      train_set.class_names, f" (a resumed run keeps its classes; to train its weights on these, "
-                      f"start a new run with --init-from {args.resume})")
-    check_masks(val_set, train_set, args.workers, print if rank == 0 else None)  # before any work
-    args.num_classes = len(train_set.class_names)
-    if len(train_set) < world_size * args.batch_size:
-        raise UserError(f"{len(train_set)} training images cannot fill a batch of {args.batch_size} on each of "
-                        f"{world_size} processes")
-    model, raw_model, optimizer, scheduler, scaler = build_model_and_optimizer(args, checkpoint, device, world_size,
-                                                                               train_set.class_names)
-
-    sampler = EpochSampler(len(train_set), args.seed, rank, world_size)
-    loader_kwargs = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                         persistent_workers=args.workers > 0)
-    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loader_kwargs)
-    val_shard = Subset(val_set, range(rank, len(val_set), world_size))  # each image once: the metric is exact
-    val_loader = DataLoader(val_shard, 1, collate_fn=pad_collate, **loader_kwargs)
-    resumed = checkpoint or {}
-    config = {**vars(args), **{k: resumed["args"][k] for k in RESUME_KEEPS if k in resumed.get("args", {})}}
-    best_miou = resumed.get("best_miou")  # None until a validation has run (older checkpoints: -1.0)
-    return SimpleNamespace(
-        args=args, config=config, device=device, master=rank == 0, world_size=world_size,
-        autocast=autocast, model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        sampler=sampler, train_loader=train_loader, val_loader=val_loader, out_dir=Path(args.out_dir),
-        class_names=list(train_set.class_names), train_set=train_set,
-        run_id=resumed.get("run_id") or new_run_id(), resumed={k: resumed.get(k) for k in ("run_id", "iteration")},
-        iteration=resumed.get("iteration", 0), start_iteration=resumed.get("iteration", 0),
-        best_miou=None if best_miou is None or best_miou < 0 else best_miou,
-        epoch=resumed.get("epoch", 0), epoch_images=resumed.get("epoch_images", 0),  # the data position
-        busy=None, saved_iteration=None,  # what a second interrupt would cut short; the iteration of last.pt
-        validating=False, lock=None, pending=[], held=False)  # log lines not written yet; held until the first save
-
-
-def create_folders(path):
-    """Create the folder `path` and the missing folders above it; returns those this call created, deepest first
-    (one another process created meanwhile is not among them)."""
-    path, missing = Path(path), []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    created = []
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-            created.insert(0, folder)
-        except FileExistsError:
-            pass
-    return created
-
-
-def remove_created(folders):
-    """Remove `folders` (create_folders' list, deepest first) as long as they are empty: what a run that stopped
-    before its first save created. A folder holding anything (its log, another run's files) stays, and so does every
-    folder above it."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only ever removes an empty folder
-        except OSError:
-            return
-
-
-def start_out_dir(run):
-    """Take the run folder (rank 0): create and lock it, check it again under the lock (another training may have
-    written it since check_out_dir), and begin the log with what this run is; say what is about to run.
-
-    --overwrite replaces nothing yet: the earlier run's files go at this run's first save (save), and until then
-    its log lines are held back. The first record waits for the next one, so that a run that stops before its
-    first step (a bad file in the first batch: exit 2) leaves the folder as it was; a folder it created (and the
-    folders above it), still empty then, main removes."""
-    refused, run.created = None, []
-    if run.master:
-        run.created = create_folders(run.out_dir)
-        try:
-            run.lock = FolderLock(run.out_dir, run.run_id)
-            earlier = check_out_dir(run.args, run.resumed if run.args.resume else None, check_lock=False)
-        except UserError as e:
-            refused = e
-    if any_rank(refused is not None, run.device):
-        raise refused or UserError(f"process 0 could not take --out-dir {run.out_dir}")
-    if not run.master:
-        return
-    record = {"run_id": run.run_id, "start": "resumed" if run.args.resume else "new",
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if run.args.resume:
-        record.update({"from": str(run.args.resume), "from_iteration": run.iteration})
-    elif earlier:
-        last = earlier.get("last.pt", earlier.get("best.pt", (None, None)))
-        record["overwriting"] = {"run_id": last[0] or earlier.get("log.jsonl", (None,))[0], "files": sorted(earlier),
-                                 "iteration": last[1]}
-        run.held = True
-    log(run, record, defer=True)
-    print(f"training {model_name(vars(run.args))} ({run.args.backbone}) on {type(run.train_set).__name__} "
-          f"{len(run.train_set)} images, "
-          f"{run.world_size} process(es) on {run.device.type}, {run.args.precision}, {run.args.iters} iterations "
-          f"from {run.iteration}, run {run.run_id} in {run.out_dir}", flush=True)
-
-
-def train_batches(run):
-    """Training batches from the data position (run.epoch, run.epoch_images) on, epoch after epoch."""
-    while True:
-        run.sampler.set_position(run.epoch, run.epoch_images)
-        yield from run.train_loader
-        run.epoch, run.epoch_images = run.epoch + 1, 0
-
-
-# A run has diverged when, at a log step, its weights are not finite, or its last DIVERGED_STEPS steps all failed:
-# a loss that was not finite, or gradients that overflowed so that fp16's GradScaler skipped the step. One such
-# step is normal in fp16 (the scaler skips it, leaving the weights as they were, and lowers its scale); a loss that
-# stays non-finite that long does not come back. In fp32 and bf16 a non-finite loss makes the weights non-finite at
-# once, which the check of the weights (at a log step after such a step) finds.
-DIVERGED_STEPS = 20
-
-
-def train(run, interrupts):
-    """The training loop, from run.iteration to --iters. Returns "done", "interrupted" or "diverged" (see
-    DIVERGED_STEPS)."""
-    args, batches = run.args, train_batches(run)
-    start, start_iteration = time.perf_counter(), run.iteration
-    # since the last log step, on the device: the sums of the finite loss terms, the steps they come from, the
-    # steps whose loss was not finite; the fp16 steps skipped; the steps in a row that failed (not reset at logs)
-    sums, finite_steps, nonfinite, skipped = {}, 0, 0, 0
-    failing = torch.zeros((), dtype=torch.int64, device=run.device)
-    run.model.train()
-    while run.iteration < args.iters:
-        images, masks = next(batches)
-        images = images.to(run.device, non_blocking=True).to(memory_format=torch.channels_last)
-        masks = masks.to(run.device, non_blocking=True)
-        lr = run.optimizer.param_groups[0]["lr"]  # the backbone LR of this step (the head's is 10x)
-        run.busy = "in the middle of a step"
-        scale = run.scaler.get_scale()  # 1.0 without the fp16 scaler (fp32, bf16): no sync
-        losses = train_step(run.model, images, masks, run.optimizer, run.scaler, run.autocast, args.aux_weight)
-        was_skipped = run.scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips a step
-        run.scheduler.step()
-        run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
-        run.busy = None
-        finite = losses["loss"].isfinite()  # [] bool: stays on the device, no sync
-        sums = {k: sums.get(k, 0) + torch.where(finite, v, 0) for k, v in losses.items()}
-        finite_steps, nonfinite, skipped = finite_steps + finite, nonfinite + ~finite, skipped + was_skipped
-        failing = torch.where(~finite | was_skipped, failing + 1, 0)
-
-        log_step = run.iteration % args.log_every == 0 or run.iteration == args.iters
-        if log_step:
-            record = log_progress(run, sums, finite_steps, lr, start, start_iteration, nonfinite, skipped)
-            sums, finite_steps, nonfinite, skipped = {}, 0, 0, 0
-            if (record.get("nonfinite_losses") or record.get("skipped_steps")) and (
-                    any_rank(failing.item() >= DIVERGED_STEPS, run.device) or not weights_finite(run)):
-                return "diverged"
-        if (run.world_size == 1 or log_step) and any_rank(interrupts.requested, run.device):  # DDP: at log steps
-            return "interrupted"
-        if run.iteration % args.val_every == 0 or run.iteration == args.iters:
-            if not weights_finite(run):
-                return "diverged"
-            if not validate(run, interrupts):
-                return "interrupted"  # a signal abandoned the validation
-    return "done"
-
-
-def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
-    """Log the loss terms averaged over the processes and the `steps` steps since the last log step whose loss was
-    finite (`sums` holds their sums; an all_reduce, at log steps only), the LR of the last step, speed, ETA and peak
-    memory. Losses that were not finite (`nonfinite`, one per step and process) are left out of the means and
-    counted in the record as nonfinite_losses, the steps fp16's GradScaler skipped (`skipped`, the same on every
-    process) as skipped_steps; either only when there were some. Returns the record."""
-    args = run.args
-    counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
-    totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
-    if run.world_size > 1:
-        dist.all_reduce(totals)  # summed over the processes
-    *term_sums, steps, nonfinite, skipped = totals.tolist()
-    means = [total / steps if steps else math.nan for total in term_sums]
-    done, elapsed = run.iteration - start_iteration, time.perf_counter() - start
-    record = {"iteration": run.iteration, **dict(zip(sums, means)), "lr": lr,
-              "images_per_s": done * args.batch_size * run.world_size / elapsed,
-              "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
-              "peak_memory_gib": peak_memory_gib(run.device)}
-    unusual = {"nonfinite_losses": round(nonfinite), "skipped_steps": round(skipped / run.world_size)}
-    record.update({k: n for k, n in unusual.items() if n})
-    terms = " ".join(f"{k} {record[k]:.4f}" for k in sums if k != "loss")  # out, then position channel or aux
-    notes = [f"{n} non-finite loss{'es' if n > 1 else ''} left out" for n in [unusual["nonfinite_losses"]] if n] + \
-        [f"{n} step{'s' if n > 1 else ''} skipped by the fp16 scaler" for n in [unusual["skipped_steps"]] if n]
-    log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} "
-                     f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
-                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB"
-                     + "".join(f", {note}" for note in notes))
-    return record
-
-
-def finite(model):
-    """True if every floating-point parameter and buffer of `model` is finite (one sync: before saving only)."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
-
-
-def weights_finite(run):
-    """finite(run.raw_model) on every process."""
-    return not any_rank(not finite(run.raw_model), run.device)
-
-
-def validate(run, interrupts):
-    """Validation mIoU, logged; saves last.pt, and best.pt at a new best. False if a signal abandoned it."""
-    run.validating = True  # for the message of an error in the middle of it
-    metric = evaluate(run.raw_model, run.val_loader, run.args.num_classes, run.device, run.autocast,
-                      stop=lambda: interrupts.requested)  # the raw model: DDP's forward expects every rank in step
-    run.validating = False
-    run.model.train()
-    if metric is None:
-        return False
-    metric = metric.compute()
-    best = not math.isnan(metric["miou"]) and (run.best_miou is None or metric["miou"] > run.best_miou)
-    if best:
-        run.best_miou = metric["miou"]
-    usage = run.raw_model.cluster_usage()  # over the training steps since the last validation
-    log(run, {"iteration": run.iteration, "val_miou": metric["miou"], "val_pixel_accuracy": metric["pixel_accuracy"],
-              "val_iou": per_class(metric["iou"], run.class_names),
-              **{f"{branch}_{k}": v for branch, u in usage.items() for k, v in u.items()}},
-        f"val iter {run.iteration}: mIoU {metric['miou']:.4f} pixel accuracy {metric['pixel_accuracy']:.4f}"
-        + (" (best)" if best else "") + "".join(
-            f", {branch} clusters: {u['live']}/{u['clusters']} live, perplexity {u['perplexity']:.1f}"
-            for branch, u in usage.items()))
-    save(run, "last.pt")
-    if best:
-        save(run, "best.pt")
-    return True
-
-
-def json_safe(value):
-    """`value` with every nan and inf (in dicts and lists) replaced by None: strict JSON, as log.jsonl holds."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def log(run, record, text=None, defer=False):
-    """Print `text` and append `record` to out_dir/log.jsonl (rank 0), one strict JSON line (nan and inf as null).
-
-    Lines wait in run.pending: a `defer`red one (the run's first record) for the next record, all of them while
-    run.held (an --overwrite run before its first save, which writes them in place of the earlier run's log)."""
-    if not run.master:
-        return
-    if text:
-        print(text, flush=True)
-    run.pending.append(json.dumps(json_safe(record), allow_nan=False) + "\n")
-    if not (defer or run.held):
-        path = run.out_dir / "log.jsonl"
-        try:
-            with open(path, "a") as log_file:
-                log_file.write("".join(run.pending))
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise RunError(f"no space left on the device while writing {path}: {latest_checkpoint(run)}; free "
-                           f"some space", EXIT_DISK_FULL) from None
-        run.pending = []
-
-
-def save(run, name):
-    """The run's state as out_dir/name (rank 0), written atomically. The first save of an --overwrite run then
-    removes the earlier run's files (its other checkpoint, its log) and writes this run's log lines held so far.
-    A full disk ends the run (EXIT_DISK_FULL) with a message naming the checkpoints kept."""
-    if run.master:
-        run.busy = "while saving"
-        path = run.out_dir / name
-        try:
-            save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-                             "iteration": run.iteration, "best_miou": run.best_miou, "args": run.config,
-                             "class_names": run.class_names, "epoch": run.epoch, "epoch_images": run.epoch_images,
-                             "run_id": run.run_id}, path)
-        except RunError as e:
-            kept = f"the previous {name} is kept, " if name != "last.pt" and path.is_file() else ""
-            earlier = f"; the earlier run in {run.out_dir} is as it was" if run.held else ""
-            last = run.out_dir / "last.pt"
-            resume = f", then continue with --resume {last}" if run.saved_iteration is not None else ""
-            raise RunError(f"no space left on the device while writing {path}: {kept}{latest_checkpoint(run)}"
-                           f"{earlier}; free some space{resume}", e.code) from None
-        if run.held:  # --overwrite: this run has a checkpoint now, the earlier run's files go
-            for other in sorted({"last.pt", "best.pt"} - {name}):
-                (run.out_dir / other).unlink(missing_ok=True)
-            save_atomic(run.out_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(run.pending)))
-            run.pending, run.held = [], False
-        run.busy = None
-    if name == "last.pt":
-        run.saved_iteration = run.iteration
-
-
-def resume_from(run):
-    """The checkpoint to continue this run from: its last.pt, or before its first save the checkpoint it resumed
-    from; None for a new run that has saved none."""
-    if run.saved_iteration is not None:
-        return run.out_dir / "last.pt"
-    return Path(run.args.resume) if run.args.resume else None
-
-
-def latest_checkpoint(run):
-    """What messages say of resume_from(run)."""
-    path = resume_from(run)
-    if path is None:
-        return "this run has saved no checkpoint"
-    if run.saved_iteration is None:
-        return f"the latest checkpoint is {path} from iteration {run.start_iteration} (resumed from; none saved since)"
-    return f"the latest checkpoint is {path} from iteration {run.saved_iteration}"
-
-
-def checkpoints_text(run):
-    """What the run folder holds of this run ("last.pt and best.pt in runs/x") and where the best is, if elsewhere:
-    a run resumed from another folder that found no better mIoU has no best.pt of its own."""
-    files = [] if run.held else [name for name in ("last.pt", "best.pt") if (run.out_dir / name).is_file()]
-    here = f"{' and '.join(files)} in {run.out_dir}" if files else latest_checkpoint(run)
-    if run.held:  # --overwrite, nothing saved: the folder still holds the earlier run
-        here += f"; the earlier run in {run.out_dir} is as it was"
-    if run.best_miou is None:
-        return f"no validation has run; {here}"
-    if "best.pt" in files:
-        return f"best val mIoU {run.best_miou:.4f}; {here}"
-    if not run.args.resume:
-        where = f"is not on disk: there is no {run.out_dir / 'best.pt'}"  # removed since it was saved
-    elif (Path(run.args.resume).parent / "best.pt").is_file():
-        where = f"is {Path(run.args.resume).parent / 'best.pt'}"  # the folder of the run resumed
-    else:
-        where = f"was saved by the run that {run.args.resume} continues, and there is no best.pt next to it"
-    return f"{here}; the best, val mIoU {run.best_miou:.4f}, {where}"
-
-
-def finish(run, status, interrupts):
-    """Say how the run ended, saving last.pt after an interrupt; returns the exit code."""
-    if status == "interrupted" and not weights_finite(run):
-        status = "diverged"
-    if status == "diverged":
-        log(run, {"iteration": run.iteration, "diverged": True})
-        if run.master:
-            earlier = f"; the earlier run in {run.out_dir} is as it was" if run.held else ""
-            print(f"error: training diverged (the loss or the weights became nan or infinite by iteration "
-                  f"{run.iteration}): stopped without saving, {latest_checkpoint(run)}{earlier}; try a lower --lr "
-                  f"than {run.args.lr:g}", file=sys.stderr)
-        return EXIT_DIVERGED
-    if status == "interrupted":
-        interrupts.agree(run.device)
-        if run.saved_iteration != run.iteration:
-            save(run, "last.pt")
-        record, said = {"iteration": run.iteration, "interrupted": interrupts.name}, interrupts.name
-        if interrupts.signum is None and interrupts.signalled_rank is not None:  # stopped for another process
-            record["signalled_rank"] = interrupts.signalled_rank
-            said = f"another process (rank {interrupts.signalled_rank}) received {interrupts.name}"
-        last = run.out_dir / "last.pt"
-        log(run, record, f"{said}: saved {last} at iteration {run.iteration}; continue with --resume {last}")
-        if run.world_size > 1:
-            interrupts.close()
-            try:
-                dist.barrier()  # no process exits before rank 0 has saved: torchrun would then stop it (see close)
-            except RuntimeError:  # rank 0 stopped at once (a second signal while it saved): nothing to wait for
-                pass
-        return interrupts.exit_code
-    if run.master:
-        print(f"done: {checkpoints_text(run)}")
-    return 0
-
-
-def data_error(run, error):
-    """A file that turned out bad during training or validation (a dataset's UserError). Before this process's first
-    step nothing was trained: a user error (exit 2), the run folder as it was. After it, last.pt is saved first
-    (the weights are between two steps) and the run ends with EXIT_DATA_ERROR, saying so."""
-    message = error_line(error)
-    if run.iteration == run.start_iteration:
-        raise UserError(message) from None
-    where = "during the validation of" if run.validating else "after"
-    last = run.out_dir / "last.pt"
-    if run.saved_iteration == run.iteration:
-        outcome = f"{last} was saved at iteration {run.iteration}"
-    elif finite(run.raw_model):
-        save(run, "last.pt")
-        outcome = f"saved {last} at iteration {run.iteration} first"
-    else:
-        outcome = f"last.pt not saved (the weights are not finite), {latest_checkpoint(run)}"
-    log(run, {"iteration": run.iteration, "data_error": message})
-    resume = f"; fix the file, then continue with --resume {resume_from(run)}" if resume_from(run) else ""
-    raise RunError(f"{message} ({where} iteration {run.iteration}): {outcome}{resume}", EXIT_DATA_ERROR)
-
-
-def out_of_memory(args, device, run=None):
-    """The RunError (EXIT_OUT_OF_MEMORY) for an error that is_out_of_memory: where, the flags that lower
-    memory, and the checkpoint kept (nothing is saved: a step cut short may have left the weights half-updated)."""
-    where = f"out of {'GPU ' if device.type == 'cuda' else ''}memory on {device}"
-    if run is not None:
-        where += (f" during the validation of iteration {run.iteration}" if run.validating else
-                  f" in step {run.iteration + 1}")
-    lower = [f"--batch-size (now {args.batch_size})", f"--crop-size (now {args.crop_size})"]
-    if args.precision == "fp32":
-        lower.append("--precision bf16" + (" (or fp16)" if device.type == "cuda" else ""))
-    workers = f"; on the CPU also fewer --workers (now {args.workers})" if device.type == "cpu" and args.workers else ""
-    kept = ""
-    if run is not None and resume_from(run):
-        kept = f"; {latest_checkpoint(run)}: --resume it with a lower --batch-size (the other flags must stay)"
-    elif run is not None:
-        kept = f"; {latest_checkpoint(run)}"
-    return RunError(f"{where}: lower {', '.join(lower[:-1])} or use {lower[-1]}{workers}{kept}", EXIT_OUT_OF_MEMORY)
-
-
-def stop_at_once(run, interrupts):
-    """After a second signal: save last.pt if the weights are between two steps, else say that it was not saved.
-    No collective: the other processes may be anywhere."""
-    if not run.master:
-        return interrupts.exit_code
-    saved = f"saved {run.out_dir / 'last.pt'} at iteration {run.iteration}"
-    if run.saved_iteration == run.iteration:
-        outcome = f"; {saved}"  # already
-    elif run.busy:
-        outcome = f" {run.busy}, last.pt not saved; {latest_checkpoint(run)}"
-    elif not finite(run.raw_model):
-        outcome = f", last.pt not saved (the weights are not finite); {latest_checkpoint(run)}"
-    else:
-        try:
-            save(run, "last.pt")
-            outcome = f"; {saved}"
-        except KeyboardInterrupt:  # a third signal: the save is abandoned, the previous last.pt kept
-            outcome = f" while saving, last.pt not saved; {latest_checkpoint(run)}"
-    print(f"{interrupts.name} again: stopped at once{outcome}", file=sys.stderr)
-    return interrupts.exit_code
-
-
-def main(argv=None):
-    """Train, or time training steps (--benchmark). Returns the exit code (0, 1 or 130 / 143); the other exits raise
-    UserError (2) or RunError (3, 4, 5): see the module docstring."""
-    args = parse_args(argv)
-    device, rank, world_size, autocast = setup_device(args)
-    check_batch_norm(args, device, world_size)  # before any work: what BatchNorm sees depends on the device
-    torch.manual_seed(args.seed + rank)
-    checkpoint = load_resume_checkpoint(args) if args.resume else None
-    run = None
-    try:
-        if args.benchmark_attention:
-            return benchmark_attention(args, device, autocast)
-        if args.benchmark:
-            args.num_classes = len(VOC_CLASSES)
-            model, _, optimizer, _, scaler = build_model_and_optimizer(args, checkpoint, device, world_size)
-            model.train()
-            return benchmark(args, model, optimizer, scaler, device, autocast, rank == 0)
-
-        check_out_dir(args, checkpoint, check_lock=rank == 0)
-        run = build_run(args, checkpoint, device, rank, world_size, autocast)
-        del checkpoint  # its tensors are in the model and optimizer now
-        start_out_dir(run)
-        together = " and, with the other processes, the steps up to the next log step" if world_size > 1 else ""
-        message = (f"finishing the step in flight{together}, then saving last.pt (a validation in progress is "
-                   f"abandoned); send it again to stop at once") if run.master else None
-        with Interrupts(message) as interrupts:
-            try:
-                code = finish(run, train(run, interrupts), interrupts)
-            except KeyboardInterrupt:  # a second signal
-                return stop_at_once(run, interrupts)
-            except UserError as e:  # a bad file, read during training or validation
-                data_error(run, e)
-    except Exception as e:
-        if is_out_of_memory(e):
-            raise out_of_memory(args, device, run) from None
-        raise
-    finally:
-        if run is not None and run.lock is not None:
-            run.lock.release()
-        if run is not None and run.saved_iteration is None:  # stopped before its first save: an empty folder goes
-            remove_created(getattr(run, "created", []))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
 
 
 if __name__ == "__main__":
