@@ -161,8 +161,7 @@ def main(argv=None):
 
 
 def training_loop(run, interrupts):
-    """From run.iteration to --iters: a step on each batch, a log every --log-every steps, a validation every
-    --val-every. Returns "done", "interrupted" or "diverged"."""
+    """The steps from run.iteration to --iters, validating every --val-every: "done", "interrupted" or "diverged"."""
     args, batches, counts = run.args, train_batches(run), StepCounts(run)
     run.model.train()
     while run.iteration < args.iters:
@@ -215,8 +214,7 @@ def train_batches(run):
 
 
 def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
-    """Log the mean loss terms of the `steps` finite steps since the last log (over all processes), the LR, speed,
-    ETA and peak memory, and the non-finite losses and skipped fp16 steps if any."""
+    """Log the mean loss terms of the finite steps since the last log (all processes), LR, speed, ETA and memory."""
     args = run.args
     counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
     totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
@@ -703,8 +701,7 @@ class SegmentationFiles(Dataset):
 
 
 class VOCSegmentation(SegmentationFiles):
-    """PASCAL VOC 2012 segmentation: mask values 0..20 and 255. Splits: train, val, trainval from SegmentationClass/,
-    and train_aug (VOC train plus SBD, without VOC val) from SegmentationClassAug/ and its split list."""
+    """PASCAL VOC 2012: train, val, trainval from SegmentationClass/; train_aug (SBD too) from SegmentationClassAug/."""
 
     class_names = VOC_CLASSES
     mask_labels = ([*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")  # for read_pair
