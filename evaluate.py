@@ -522,7 +522,7 @@ def evaluate_split(args, model, config, class_names, dataset_name, device, autoc
 def split_dataset(args, config, dataset_name):
     """--split of the dataset in --data-root, or a demo checkpoint's synthetic validation set (train.py's)."""
     if args.data_root:
-        return train.DATASETS[dataset_name][0](args.data_root, args.split)
+        return train.DATASETS[dataset_name](args.data_root, args.split)
     if dataset_name == "demo":
         return train.SyntheticShapes(64, config["base_size"], seed=1)
     raise UserError(f"evaluating {args.checkpoint} on {dataset_name} needs --data-root (or --image)")

@@ -5,10 +5,7 @@
     python train.py --dataset cityscapes --data-root cityscapes        # Cityscapes (fine annotations)
     python train.py --dataset folder --data-root my_data               # your images: see README for the layout
     torchrun --standalone --nproc_per_node=8 train.py --data-root data --train-split train_aug --batch-size 2
-    python train.py --benchmark --backbone resnet50 --crop-size 256 --batch-size 2 --device cpu
-    python train.py --benchmark-attention 64 96 128 --batch-size 1 --device cpu  # the position attention's paths
     python train.py --out-dir runs/demo_danet --no-clustering          # plain DANet, the same recipe
-    python train.py --out-dir runs/demo_dranet --model dranet          # ClusterDRANet: DRANet's compact attention
     python train.py --data-root data --multi-grid --init-from DANet101.pth.tar  # from the original's weights
 
 The file in reading order (read parts 1-3 to learn the method; part 4 is machinery they call by name):
@@ -20,19 +17,8 @@ The file in reading order (read parts 1-3 to learn the method; part 4 is machine
           run safe (signals, the run folder and its lock, how a run ends), 4d the command line, benchmarks
 evaluate.py builds on parts 3 and 4. Every error ends in one line `error: ...`, never a traceback.
 
-Exit codes (the README lists the same):
-  0    done
-  1    diverged: the loss or the weights became nan or infinite; stopped without saving, so the last finite
-       checkpoint is kept (the message names it)
-  2    a user error found before any training (a flag, a path, a file, an --out-dir in use or holding another
-       run): nothing was trained and the run folder is as it was
-  3    the disk is full: a write failed for lack of space; the message names the checkpoint kept
-  4    out of memory: the message names the flags that lower memory and the checkpoint kept
-  5    a bad data file found after training started: last.pt was saved first, and the message says so
-  70   an unexpected error, a bug: its traceback, then one line asking to report it
-  130  stopped by Ctrl-C (SIGINT), after saving last.pt (unless a second signal came in the middle of a step)
-  143  stopped by SIGTERM, the same way
-Under torchrun each process exits with its code (torchrun's summary lists them) and torchrun itself with 1.
+Exit codes (EXIT_* in 4c; the README explains each): 0 done, 1 diverged, 2 a user error found before any training,
+3 disk full, 4 out of memory, 5 a bad data file found during training, 70 a bug, 130 / 143 stopped by SIGINT / SIGTERM.
 """
 
 import os
@@ -41,8 +27,7 @@ import sys
 
 
 def exit_on_signal(signum, frame):
-    """Ctrl-C or SIGTERM before run_main takes over, while the imports below run (torch takes seconds): one line and
-    exit code 128 + the signal number, as later, and no traceback. Nothing has started: nothing to save or clean."""
+    """Ctrl-C or SIGTERM while the imports below run (before run_main takes over): one line, exit 128 + signum."""
     print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
@@ -62,6 +47,7 @@ import socket
 import threading
 import time
 import traceback
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,11 +89,8 @@ IGNORE_INDEX = 255  # VOC's "void" label: object borders and ambiguous pixels, i
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
 WORKERS = min(8, os.cpu_count() or 1)
 
-# Each dataset's recipe: it fills in every flag left out (DATASETS, in 4a, pairs it with the dataset's class).
-# VOC: the DANet paper's PASCAL recipe (ResNet-101 with ImageNet weights, crop 480, batch 16, lr 0.01 with the head
-# at 10x, poly 0.9), base size 520 from the original repository. Cityscapes: the paper's crop 768 and batch 8, the
-# original repository's base size 1024 and 240 epochs (90,000 steps). Folder: VOC's recipe, a starting point. The
-# demo: small enough for a CPU. The README's tables give each value's source.
+# Each dataset's recipe, the values of the flags left out: the DANet paper's crop, batch and lr, the original code's
+# base size and Cityscapes' 240 epochs; folder: VOC's; demo: a CPU's. The README gives each value's source.
 RECIPES = {
     "demo": dict(backbone="resnet18", pretrained=False, crop_size=64, base_size=64, batch_size=8, iters=500, lr=0.01,
                  workers=0, val_every=250, log_every=25, out_dir="runs/demo"),
@@ -122,36 +105,31 @@ RECIPES = {
 
 
 class RandomScale:
-    """DANet's random scale of an (image, mask) pair: the longer side to base_size x U(0.5, 2), aspect ratio kept
-    (v2.ScaleJitter's draw and sizes), the mask with nearest neighbours; no side below one pixel (a 4000x40 image
-    at base size 64 is 64x1, and the crop pads the rest with void)."""
+    """DANet's random scale: the longer side to base_size x U(0.5, 2), aspect kept, the mask with nearest."""
 
-    def __init__(self, base_size, scale_range=(0.5, 2.0)):
-        self.base_size, self.scale_range = base_size, scale_range
+    def __init__(self, base_size):
+        self.base_size = base_size
 
     def __call__(self, image, mask):
         H, W = image.shape[-2:]
-        low, high = self.scale_range
-        scale = low + torch.rand(1) * (high - low)  # torch's generator: seeded per DataLoader worker
+        scale = 0.5 + torch.rand(1) * 1.5  # U(0.5, 2), from torch's generator: seeded per DataLoader worker
         r = min(self.base_size / H, self.base_size / W) * scale  # [1], float32 as ScaleJitter's
         size = [max(1, int(H * r)), max(1, int(W * r))]  # ScaleJitter's int(): a side below 1 pixel would be 0
         return v2.functional.resize(image, size, antialias=True), v2.functional.resize(mask, size)
 
 
 def train_transform(crop_size, base_size):
-    """DANet's augmentation: longer side scaled to base_size x U(0.5, 2) (RandomScale), pad, random crop, flip,
-    normalise."""
+    """DANet's augmentation: random scale (RandomScale), pad with void, random crop, flip; then eval_transform."""
     return v2.Compose([
-        RandomScale(base_size),  # masks are resized with nearest
+        RandomScale(base_size),
         v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(),
-        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-        v2.Normalize(MEAN, STD),
-        v2.ToPureTensor(),
+        eval_transform(),
     ])
 
 
 def eval_transform():
+    """The model's input: the image as floats normalised with ImageNet's statistics, the mask as int64."""
     return v2.Compose([
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
         v2.Normalize(MEAN, STD),
@@ -162,8 +140,7 @@ def eval_transform():
 # ==== Part 2: training, top-down ======================================================================================
 
 def main(argv=None):
-    """Train, or time training steps (--benchmark). Returns the exit code (0, 1 or 130 / 143); the other exits raise
-    UserError (2) or RunError (3, 4, 5): see the module docstring."""
+    """Train, or time training steps (--benchmark); returns the exit code, or raises UserError or RunError."""
     args = parse_args(argv)
     device, rank, world_size, autocast = setup_device(args)
     check_batch_norm(args, device, world_size)  # before any work: what BatchNorm sees depends on the device
@@ -184,8 +161,7 @@ def main(argv=None):
 
 
 def training_loop(run, interrupts):
-    """The training loop, from run.iteration to --iters: a step on each batch, the losses logged every --log-every
-    steps, a validation every --val-every. Returns "done", "interrupted" or "diverged" (see DIVERGED_STEPS)."""
+    """The steps from run.iteration to --iters, validating every --val-every: "done", "interrupted" or "diverged"."""
     args, batches, counts = run.args, train_batches(run), StepCounts(run)
     run.model.train()
     while run.iteration < args.iters:
@@ -238,9 +214,7 @@ def train_batches(run):
 
 
 def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
-    """Log the mean loss terms of the `steps` finite steps since the last log step (`sums`: their sums, all-reduced
-    over the processes), the LR, speed, ETA and peak memory; the non-finite losses left out of the means
-    (`nonfinite`) and the steps fp16's GradScaler skipped (`skipped`) are counted when there are some."""
+    """Log the mean loss terms of the finite steps since the last log (all processes), LR, speed, ETA and memory."""
     args = run.args
     counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
     totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
@@ -266,8 +240,7 @@ def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skip
 
 
 def build_run(args, checkpoint, device, rank, world_size, autocast, folder):
-    """Everything the training loop works with, in one namespace: data, model, optimizer, the run folder taken
-    (take_out_dir), and where the run stands (iteration, data position, best mIoU), restored from `checkpoint`."""
+    """What the training loop works with: data, model, optimizer, and where the run stands (from `checkpoint`)."""
     train_set, val_set = build_datasets(args)
     if checkpoint is not None:  # a resumed run is the same run: on the classes it was trained on
         check_classes(args.resume, checkpoint["args"].get("num_classes"), checkpoint.get("class_names"),
@@ -302,15 +275,14 @@ def build_run(args, checkpoint, device, rank, world_size, autocast, folder):
 
 
 def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=None):
-    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` if given, or started
-    from --init-from's weights. The model to train is wrapped in DDP, then compiled with --compile (so the gradient
-    all_reduce overlaps the backward pass); the raw model, unwrapped, is the one validated and saved."""
+    """(model to train, raw model, optimizer, scheduler, scaler), restored from `checkpoint` or started from
+    --init-from's weights. The model to train is wrapped in DDP, then compiled (--compile); the raw one is saved."""
     raw_model = build_model({**vars(args), "pretrained": args.pretrained and checkpoint is None and not args.init_from})
     if args.init_from:  # every rank reads the same file: the models start equal
         init_from(raw_model, args.init_from, backbone=args.backbone, class_names=class_names)
     if checkpoint is not None:
         load_model_state(raw_model, checkpoint, args.resume)
-    if sync_batch_norm(device):  # BN statistics over the global batch
+    if dist.is_initialized() and device.type == "cuda":  # SyncBatchNorm (GPU only): statistics of the global batch
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     raw_model.to(device, memory_format=torch.channels_last)
     model = raw_model
@@ -318,14 +290,12 @@ def build_model_and_optimizer(args, checkpoint, device, world_size, class_names=
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-
     optimizer = torch.optim.SGD([
         {"params": raw_model.backbone.parameters(), "lr": args.lr},
         {"params": raw_model.head_parameters(), "lr": args.lr * 10},  # the head is trained from scratch
     ], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.iters, power=0.9)
-    # fp16: the default first scale, 2**16, overflows the stem's weight gradient, so the first step would be skipped
-    # (and PyTorch warns that the LR scheduler stepped first); 2**10 keeps it finite, and the scaler grows from there
+    # fp16: the default first scale, 2**16, overflows the stem's gradient and skips the first step; 2**10 does not
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=args.precision == "fp16")
     if checkpoint is not None:
         for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -369,10 +339,10 @@ def setup_device(args):
                             f"(no GPU, or a CPU-only PyTorch); use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)  # under torchrun: one GPU per process
-        if device.index >= torch.cuda.device_count():
-            error = UserError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-                              f"cuda:{torch.cuda.device_count() - 1}" + (f" (process of rank {rank})" if world_size > 1
-                                                                          else ""))
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            error = UserError(f"there is no {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+                              + (f" (process of rank {rank})" if world_size > 1 else ""))
             error.this_rank = True  # the other processes may have found their GPU: run_main prints it on every rank
             raise error
         torch.cuda.set_device(device)
@@ -388,17 +358,10 @@ def setup_device(args):
     return device, rank, world_size, autocast
 
 
-def sync_batch_norm(device):
-    """Whether the model's BatchNorm layers become SyncBatchNorm (statistics over the global batch): on CUDA under
-    torchrun. SyncBatchNorm is GPU-only: on the CPU each process normalises over its own batch."""
-    return dist.is_initialized() and device.type == "cuda"
-
-
 def check_batch_norm(args, device, world_size):
-    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step (else its
-    ValueError ends the first step): the images it normalises over (this process's, or all with sync_batch_norm)
-    times the pixels of its smallest map, DRANet's 1x1 pooled centre or the feature map at OUTPUT_STRIDE."""
-    synced = sync_batch_norm(device)
+    """A UserError unless every BatchNorm layer sees 2 or more values per channel in a training step: the images it
+    normalises over times the pixels of its smallest map (DRANet's 1x1 pooled centre, the map at OUTPUT_STRIDE)."""
+    synced = dist.is_initialized() and device.type == "cuda"  # SyncBatchNorm, as build_model_and_optimizer
     images = args.batch_size * (world_size if synced else 1)
     each = "" if synced or world_size == 1 else (f" on each of the {world_size} processes (without SyncBatchNorm, on "
                                                  f"the CPU, each process normalises over its own --batch-size)")
@@ -450,22 +413,21 @@ def validate(run, interrupts):
 
 
 def predict_logits(model, images):
-    """Whole-image prediction at any size (the model pads to its output stride and crops back). [B, K, H, W]"""
-    return model(images)["out"].float()  # [B, K, H, W]
+    """Whole-image logits [B, K, H, W] at any size (the model pads to its output stride and crops back)."""
+    return model(images)["out"].float()
 
 
 @torch.inference_mode()
 def accumulate_confusion(model, loader, num_classes, device, autocast=nullcontext, predict=predict_logits,
                          on_batch=None, stop=None):
-    """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix. on_batch(images, masks,
-    logits, sizes) sees every batch (evaluate.py saves pictures there); once stop() says yes on any process, the pass
-    is abandoned and None is returned."""
+    """Run `predict` over a pad_collate loader and return the (all-reduced) ConfusionMatrix; on_batch(images, masks,
+    logits, sizes) sees every batch. None once stop() says yes on any process: the pass is abandoned."""
     model.eval()
     metric = ConfusionMatrix(num_classes, device)
     abandoned = False
     for images, masks, sizes in loader:
-        if stop is not None and stop():
-            abandoned = True
+        abandoned = stop is not None and stop()
+        if abandoned:
             break
         images = images.to(device, non_blocking=True)
         with autocast():
@@ -475,13 +437,14 @@ def accumulate_confusion(model, loader, num_classes, device, autocast=nullcontex
             on_batch(images, masks, logits, sizes)
     if stop is not None and any_rank(abandoned, device):
         return None
-    metric.all_reduce()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(metric.matrix)
     return metric
 
 
 class ConfusionMatrix:
-    """The segmentation metric: matrix[t, p] counts the pixels of true class t predicted as p (255 is ignored), on
-    the device. IoU_c = TP / (TP + FP + FN); mIoU averages over the classes present in ground truth or prediction."""
+    """matrix[t, p] counts the pixels of class t predicted as p; IoU_c = TP / (TP + FP + FN); mIoU averages the IoU
+    of the classes present in ground truth or prediction."""
 
     def __init__(self, num_classes, device="cpu"):
         self.num_classes = num_classes
@@ -492,21 +455,14 @@ class ConfusionMatrix:
         index = target[keep] * self.num_classes + prediction[keep]  # [n_pixels]
         self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)  # [K, K]
 
-    def all_reduce(self):
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix)
-
     def compute(self):
         """{"miou", "pixel_accuracy", "iou": [per-class IoU, nan for a class absent from both]}"""
         m = self.matrix.double().cpu()
         tp, true, predicted = m.diag(), m.sum(1), m.sum(0)
         union = true + predicted - tp
         iou = torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
-        return {
-            "miou": iou.nanmean().item() if (union > 0).any() else math.nan,
-            "pixel_accuracy": (tp.sum() / m.sum().clamp(min=1)).item(),
-            "iou": iou.tolist(),
-        }
+        miou = iou.nanmean().item() if (union > 0).any() else math.nan
+        return {"miou": miou, "pixel_accuracy": (tp.sum() / m.sum().clamp(min=1)).item(), "iou": iou.tolist()}
 
 
 def per_class(values, class_names):
@@ -529,9 +485,8 @@ def and_more(count):
 
 
 def read_lines(path):
-    """The stripped, non-blank lines of a text file (VOC split lists, classes.txt) as editors save it: UTF-8 with or
-    without byte-order marks, or UTF-16 with one (Notepad's "Unicode", PowerShell's `>`); any line ends. Other text
-    is a UserError naming the file: a guessed code page would turn names into other names."""
+    """The stripped, non-blank lines of a text file as editors save it: UTF-8 with or without byte-order marks, or
+    UTF-16 with one. Other text is a UserError naming the file: a guessed code page would turn names into others."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -557,14 +512,13 @@ def other_layout_hint(root):
     """" (it looks like a Cityscapes tree: add --dataset cityscapes)" if `root` holds another dataset's layout."""
     root = Path(root)
     if (root / "leftImg8bit").is_dir() or (root / "gtFine").is_dir():
-        name = "cityscapes"
+        name, title = "cityscapes", "Cityscapes"
     elif (root / "classes.txt").is_file() or ((root / "images").is_dir() and (root / "masks").is_dir()):
-        name = "folder"
+        name, title = "folder", "folder-dataset"
     elif any((c / "JPEGImages").is_dir() for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")):
-        name = "voc"
+        name, title = "voc", "VOC"
     else:
         return ""
-    title = {"cityscapes": "Cityscapes", "folder": "folder-dataset", "voc": "VOC"}[name]
     return f" (it looks like a {title} tree: add --dataset {name})"
 
 
@@ -578,14 +532,6 @@ def find_voc_root(data_root):
             return candidate
     raise UserError(f"{root} is neither a VOC2012 folder (with JPEGImages/ and ImageSets/Segmentation/) "
                     f"nor a folder holding VOC2012 or VOCdevkit/VOC2012{other_layout_hint(root)}")
-
-
-def download_voc(data_root):
-    try:
-        torchvision.datasets.VOCSegmentation(data_root, year="2012", image_set="trainval", download=True)
-    except OSError as e:  # URLError and socket errors included
-        raise UserError(f"could not download VOC 2012 into {data_root} ({e}); download VOCtrainval_11-May-2012.tar "
-                        f"by hand and extract it there") from None
 
 
 # EXIF orientation (tag 0x0112) -> the PIL transposition that shows the image upright (as ImageOps.exif_transpose)
@@ -604,9 +550,8 @@ def exif_orientation(image):
 
 
 def read_image(path, with_orientation=False):
-    """[3, H, W] uint8 tv_tensors.Image, as the user sees the file: turned by its EXIF orientation (phone photos),
-    16-bit grey scaled to 8 bits, float grey in 0..1 scaled to 0..255. An unreadable file is a UserError naming it.
-    With `with_orientation`: (image, the EXIF orientation applied, 1 to 8), for read_pair to turn the mask too."""
+    """[3, H, W] uint8 tv_tensors.Image as the user sees the file: turned by its EXIF orientation, 16-bit or float
+    grey scaled to 8 bits; with `with_orientation`, (image, the orientation applied). A UserError names a bad file."""
     try:
         with Image.open(path) as image:
             orientation = exif_orientation(image)
@@ -627,11 +572,10 @@ def read_image(path, with_orientation=False):
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
-def read_mask(path, size, labels, description, orientation=1):
-    """[H, W] uint8 label map of a grey or palette PNG; `size` is its image's (W, H) as shown, after the image's
-    EXIF `orientation`, which the mask is given too (masks are drawn on the stored pixels). A colour mask, a value
-    not in `labels` or another size is a UserError that names the file, the W x H size and the `description`."""
-    W, H = size
+def read_mask(dataset, index, size, orientation):
+    """Mask `index` of a SegmentationFiles, a grey or palette PNG, as [H, W] uint8 training labels, turned by its
+    image's EXIF `orientation` to its image's `size` (W, H). A bad mask is a UserError naming the file."""
+    path, (labels, description), (W, H) = dataset.masks[index], dataset.mask_labels, size
     try:
         with Image.open(path) as mask:  # palette ("P") or grey ("L") PNG of labels
             stored = mask.size
@@ -659,36 +603,21 @@ def read_mask(path, size, labels, description, orientation=1):
     bad = np.setdiff1d(np.unique(mask), labels)
     if bad.size:
         raise UserError(f"mask {path} is not a {W}x{H} map of {description} (found {bad.tolist()})")
-    return mask.astype(np.uint8)
+    return mask.astype(np.uint8) if dataset.to_train_id is None else dataset.to_train_id[mask]
 
 
 def read_pair(dataset, index):
-    """(image [3, H, W], mask [H, W]) of item `index` of a dataset with images, masks and mask_labels: the mask
-    read the way the image is (its EXIF orientation applied to both)."""
+    """(image [3, H, W], mask [H, W]) of item `index` of a SegmentationFiles, both turned by the image's EXIF."""
     try:
         image, orientation = read_image(dataset.images[index], with_orientation=True)
-        labels, description = dataset.mask_labels
-        size = (image.shape[2], image.shape[1])  # (W, H)
-        return image, read_mask(dataset.masks[index], size, labels, description, orientation)
+        return image, read_mask(dataset, index, (image.shape[2], image.shape[1]), orientation)
     except UserError as e:  # under torchrun, found by the one process whose share of the data holds the file
         e.this_rank = True
         raise
 
 
-def image_size(path):
-    """((W, H) as shown, EXIF orientation) from an image's header, without decoding its pixels."""
-    try:
-        with Image.open(path) as image:
-            orientation = exif_orientation(image)
-            W, H = image.size
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-    return ((H, W) if orientation in (5, 6, 7, 8) else (W, H)), orientation
-
-
 def pair_files(images, masks, mask_of, image_of):
-    """Match {id: image path} with {id: mask path}: (ids, image paths, mask paths), sorted by id. A file without
-    its partner is a UserError naming it and where the partner was looked for (mask_of(id), image_of(id))."""
+    """(ids, image paths, mask paths), sorted by id; a file without its partner is a UserError naming both."""
     for i in sorted(images.keys() - masks.keys()):
         raise UserError(f"image {images[i]} has no mask {mask_of(i)}")
     for i in sorted(masks.keys() - images.keys()):
@@ -698,10 +627,8 @@ def pair_files(images, masks, mask_of, image_of):
 
 
 def check_files_exist(paths, what, readable=None):
-    """A UserError naming the first of `paths` that is not a readable file (missing, a folder, a broken link, not
-    readable) and how many more are not; with `readable` (the suffixes read), also a missing file's namesake of
-    another suffix (found_beside)."""
-    bad = {}  # problem -> paths
+    """A UserError naming the first of `paths` that is not a readable file, and how many more are not."""
+    bad = []  # (path, problem)
     for path in map(Path, paths):
         if path.is_file():
             try:
@@ -717,18 +644,16 @@ def check_files_exist(paths, what, readable=None):
             problem = "is not a regular file"
         else:
             problem = "not found"
-        bad.setdefault(problem, []).append(path)
+        bad.append((path, problem))
     if bad:
-        problem, first = next((problem, paths[0]) for problem, paths in bad.items())
-        more = sum(map(len, bad.values())) - 1
+        first, problem = bad[0]
         found = found_beside(first, readable) if readable and problem == "not found" else ""
-        raise UserError(f"{what} {problem}: {first}{and_more(more)}{found}")
+        raise UserError(f"{what} {problem}: {first}{and_more(len(bad) - 1)}{found}")
 
 
 def found_beside(path, readable, prefix=None):
-    """For the message on a file `path` that is not there: ": found P, a .webp file, which is not read (readable:
-    .jpg, .png)" naming the files in its folder that have its stem (a.webp for a.jpg) or, given `prefix`, whose
-    names start with it (X_gtFine_color.png for X_gtFine_labelIds.png); "" when there is none."""
+    """": found a.webp, which is not read (readable: .jpg, .png)" for a missing `path`: the files beside it with its
+    stem, or given `prefix`, whose names start with it; "" when there are none."""
     path = Path(path)
     try:
         found = sorted(p for p in path.parent.iterdir() if p != path and not p.name.startswith(".")
@@ -744,9 +669,8 @@ def found_beside(path, readable, prefix=None):
 
 
 class SegmentationFiles(Dataset):
-    """Image files paired with mask files (VOC, Cityscapes, a folder): item i is (image [3, H, W], mask [H, W]) after
-    `transform`, the mask read as its image is (read_pair), in training labels (`to_train_id`). A subclass `add`s the
-    files of each part of its split, then `check`s them all: when built, not hours into training."""
+    """Image files paired with mask files: item i is (image [3, H, W], mask [H, W] in training labels) after
+    `transform`. A subclass `add`s the files of its split, then `check`s them: when built, not hours into training."""
 
     to_train_id = None  # [256] uint8, mask value -> training label (Cityscapes)
     text_files = ()  # the text files the dataset reads (a split list, classes.txt)
@@ -773,12 +697,11 @@ class SegmentationFiles(Dataset):
 
     def __getitem__(self, index):
         image, mask = read_pair(self, index)
-        return self.transform(image, tv_tensors.Mask(mask if self.to_train_id is None else self.to_train_id[mask]))
+        return self.transform(image, tv_tensors.Mask(mask))
 
 
 class VOCSegmentation(SegmentationFiles):
-    """PASCAL VOC 2012 segmentation: mask values 0..20 and 255. Splits: train, val, trainval from SegmentationClass/,
-    and train_aug (VOC train plus SBD, without VOC val) from SegmentationClassAug/ and its split list."""
+    """PASCAL VOC 2012: train, val, trainval from SegmentationClass/; train_aug (SBD too) from SegmentationClassAug/."""
 
     class_names = VOC_CLASSES
     mask_labels = ([*range(len(VOC_CLASSES)), IGNORE_INDEX], "labels 0..20 and 255")  # for read_pair
@@ -800,8 +723,8 @@ class VOCSegmentation(SegmentationFiles):
         self.check(f"listed in {split_file}", f"listed in {split_file}", readable=((".jpg",), (".png",)))
 
 
-# The 19 classes Cityscapes is evaluated on, from cityscapesScripts' labels.py: (name, label id, colour). A class's
-# train id is its position here; every other label id (void, and the classes not evaluated) becomes 255.
+# The 19 classes Cityscapes is evaluated on (cityscapesScripts' labels.py): (name, label id, colour); a class's
+# train id is its position here, every other label id becomes 255.
 CITYSCAPES_CLASSES = (
     ("road", 7, (128, 64, 128)), ("sidewalk", 8, (244, 35, 232)), ("building", 11, (70, 70, 70)),
     ("wall", 12, (102, 102, 156)), ("fence", 13, (190, 153, 153)), ("pole", 17, (153, 153, 153)),
@@ -813,13 +736,10 @@ CITYSCAPES_CLASSES = (
 
 
 class Cityscapes(SegmentationFiles):
-    """Cityscapes' fine annotations in torchvision's layout: leftImg8bit/<split>/<city>/<id>_leftImg8bit.png with
-    gtFine/<split>/<city>/<id>_gtFine_labelIds.png (`ids`: the <id>s, city_sequence_frame). The masks hold label
-    ids 0..33, items the 19 train ids (0..18) and 255. Splits: train, val, trainval."""
+    """Cityscapes' fine annotations: leftImg8bit/<split>/<city>/<id>_leftImg8bit.png with
+    gtFine/<split>/<city>/<id>_gtFine_labelIds.png of label ids 0..33; items hold the 19 train ids and 255."""
 
-    class_names = tuple(name for name, _, _ in CITYSCAPES_CLASSES)
-    label_ids = tuple(label_id for _, label_id, _ in CITYSCAPES_CLASSES)  # train id -> label id
-    colours = tuple(colour for _, _, colour in CITYSCAPES_CLASSES)  # train id -> official colour
+    class_names, label_ids, colours = zip(*CITYSCAPES_CLASSES)  # by train id
     to_train_id = np.full(256, IGNORE_INDEX, np.uint8)  # label id -> train id
     to_train_id[list(label_ids)] = range(len(label_ids))
     mask_labels = (range(34), "Cityscapes label ids 0..33")  # for read_pair
@@ -855,24 +775,9 @@ class Cityscapes(SegmentationFiles):
         self.check(f"under {root / 'leftImg8bit'}", f"under {root / 'gtFine'}")
 
 
-def read_class_names(path):
-    """The class names of a folder dataset's classes.txt, one per line, read by read_lines (UTF-8 or UTF-16 with its
-    byte-order mark; blank lines are left out); lines starting with # are comments."""
-    names = [line for line in read_lines(path) if not line.startswith("#")]
-    if not names or len(names) > IGNORE_INDEX:
-        raise UserError(f"{path} must name 1 to 255 different classes, one per line (# starts a comment, blank lines "
-                        f"are left out); it names {len(names)}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise UserError(f"{path} must name 1 to 255 different classes, one per line: {repeated[0]!r} is named "
-                        f"{names.count(repeated[0])} times")
-    return tuple(names)
-
-
 def files_under(folder, suffixes):
-    """{relative path without suffix: path} of the files under `folder` and its subfolders whose suffix is one of
-    `suffixes` (any case); names starting with "." (hidden files and folders, macOS's ._NAME resource forks) are
-    left out and counted. Returns (files, number left out, the other files: [path] of another suffix)."""
+    """({relative path without suffix: path} of the files under `folder` with one of `suffixes`, the number of
+    hidden names (starting with ".") left out, [the files of other suffixes])."""
     files, hidden, others = {}, 0, []
     for parent, folders, names in os.walk(folder, followlinks=True):
         hidden += sum(name.startswith(".") for name in folders)
@@ -893,12 +798,8 @@ def files_under(folder, suffixes):
 
 
 class FolderDataset(SegmentationFiles):
-    """Your own data: DATA/classes.txt names the classes, one per line (the i-th name is label i, # starts a
-    comment); DATA/images/<split>/NAME.jpg (.jpeg, .png) goes with DATA/masks/<split>/NAME.png, a grey or palette PNG
-    of class indices with 255 for pixels to ignore. Subfolders are read too, the mask at the same relative path
-    (images/train/city/a.jpg with masks/train/city/a.png); names starting with "." are left out. `ids` are the
-    relative paths without suffix (city/a). Splits: train, val, trainval (both).
-    """
+    """Your own data: DATA/classes.txt names the classes (the i-th is label i); DATA/images/<split>/NAME.jpg (.jpeg,
+    .png, also in subfolders) goes with DATA/masks/<split>/NAME.png of class indices, 255 to ignore (see README)."""
 
     EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -911,7 +812,15 @@ class FolderDataset(SegmentationFiles):
         if not classes_file.is_file():
             raise UserError(f"{classes_file} not found: it names the classes, one per line (see README)"
                             f"{other_layout_hint(root)}")
-        self.class_names, self.text_files, self.hidden = read_class_names(classes_file), (classes_file,), 0
+        names = [line for line in read_lines(classes_file) if not line.startswith("#")]  # # starts a comment
+        if not names or len(names) > IGNORE_INDEX:
+            raise UserError(f"{classes_file} must name 1 to 255 different classes, one per line (# starts a comment, "
+                            f"blank lines are left out); it names {len(names)}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise UserError(f"{classes_file} must name 1 to 255 different classes, one per line: {repeated[0]!r} is "
+                            f"named {names.count(repeated[0])} times")
+        self.class_names, self.text_files, self.hidden = tuple(names), (classes_file,), 0
         for part in self.parts(f"a folder dataset has no split {split} (train, val or trainval: images/train/ and "
                                f"images/val/)"):
             image_dir, mask_dir = root / "images" / part, root / "masks" / part
@@ -937,9 +846,8 @@ class FolderDataset(SegmentationFiles):
 
 
 class SyntheticShapes(Dataset):
-    """The demo's data, drawn in memory: discs, squares and triangles, each class in its own (jittered) colour on a
-    grey, textured background, which a small network learns without pretrained weights. Image `index` comes from a
-    generator seeded with (seed, index): every run sees the same data."""
+    """The demo's data, drawn in memory: discs, squares and triangles in jittered colours on a textured grey, which a
+    small network learns without pretrained weights. Image `index` is drawn from (seed, index): always the same."""
 
     COLOURS = torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.25, 0.2], [0.2, 0.8, 0.3], [0.25, 0.35, 0.95]])  # [4, 3]
 
@@ -978,8 +886,7 @@ class SyntheticShapes(Dataset):
 
 
 class MaskScan(Dataset):
-    """Item i: (value histogram [256] of mask i, in training labels, after the checks of read_mask; or the error
-    message) from the mask and its image's header only (size and EXIF orientation, no pixels decoded)."""
+    """Item i: (value histogram [256] of mask i, None), or (None, its error); its image's pixels are not decoded."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -988,52 +895,52 @@ class MaskScan(Dataset):
         return len(self.dataset.masks)
 
     def __getitem__(self, index):
-        dataset = self.dataset
+        dataset, path = self.dataset, self.dataset.images[index]
         try:
-            size, orientation = image_size(dataset.images[index])
-            mask = read_mask(dataset.masks[index], size, *dataset.mask_labels, orientation)
+            with Image.open(path) as image:
+                orientation, (W, H) = exif_orientation(image), image.size
+        except (OSError, ValueError) as e:
+            return None, f"cannot read image {path}: {e}"
+        size = (H, W) if orientation in (5, 6, 7, 8) else (W, H)  # as shown
+        try:
+            mask = read_mask(dataset, index, size, orientation)
         except UserError as e:
             return None, str(e)
-        mask = mask if dataset.to_train_id is None else dataset.to_train_id[mask]
         return np.bincount(mask.ravel(), minlength=256), None
 
 
+def mask_histogram(dataset, workers, every_mask):
+    """(value histogram [256], masks read) of `dataset`'s masks: all, or in a random order until every class occurs."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    total, seen = np.zeros(256, np.int64), 0
+    for batch in DataLoader(Subset(MaskScan(dataset), order), batch_size=16, num_workers=workers, collate_fn=list):
+        for histogram, error in batch:
+            if error:
+                raise UserError(error)
+            total += histogram
+            seen += 1
+        if not every_mask and total[:len(dataset.class_names)].all():
+            break
+    return total, seen
+
+
 def check_masks(val_set, train_set=None, workers=0, log=None):
-    """Check the masks before any work, in `workers` processes (a bad one is a UserError naming it): every mask of
-    `val_set` (values, W x H size, EXIF orientation), which must hold a labelled pixel; `train_set`'s in a random
-    order until every class has occurred, a class in none of them a warning (and the 0/255 binary-mask mistake when
-    255 covers much of them). Logs (print0 unless `log`) the images of each split and the time the check took."""
+    """Check the masks before any work: every mask of `val_set`, which must hold a labelled pixel, and `train_set`'s
+    until every class has occurred (a class in none is a warning). Logs (print0 unless `log`) the images per split."""
     log = log or print0
-    sets = [d for d in (train_set, val_set) if d is not None and hasattr(d, "masks")]
-    if not sets:
+    if not hasattr(val_set, "masks"):  # the demo's shapes
         return
     start = time.perf_counter()
     counts = [f"{d.split} {len(d)} images" + (f" ({d.hidden} hidden files left out)" if getattr(d, "hidden", 0) else "")
-              for d in sets]
-    histograms = {}
-    for dataset, everything in ((val_set, True), (train_set, False)):
-        if dataset is None:
-            continue
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-        loader = DataLoader(Subset(MaskScan(dataset), order), batch_size=16, num_workers=workers, collate_fn=list)
-        total, seen = np.zeros(256, np.int64), 0
-        classes = len(dataset.class_names)
-        for batch in loader:
-            for histogram, error in batch:
-                if error:
-                    raise UserError(error)
-                total += histogram
-                seen += 1
-            if not everything and total[:classes].all():
-                break  # every class occurs: nothing to warn about
-        histograms[id(dataset)] = (total, seen)
-    total, seen = histograms[id(val_set)]
+              for d in (train_set, val_set) if d is not None]
+    total, seen = mask_histogram(val_set, workers, every_mask=True)
+    train = mask_histogram(train_set, workers, every_mask=False) if train_set is not None else None
     if not total[:len(val_set.class_names)].sum():
         raise UserError(f"the {val_set.split} set has no labelled pixel in its {seen} masks (all 255, ignored): "
                         f"no mIoU can be measured on it; check the masks (class indices, 255 only to ignore)")
     log(f"data: {', '.join(counts)}; masks checked in {time.perf_counter() - start:.1f} s")
-    if train_set is not None:
-        total, seen = histograms[id(train_set)]
+    if train is not None:
+        total, seen = train
         absent = [f"{c} ({name})" for c, name in enumerate(train_set.class_names) if not total[c]]
         if absent:
             ignored = total[IGNORE_INDEX] / max(1, total.sum())
@@ -1045,28 +952,28 @@ def check_masks(val_set, train_set=None, workers=0, log=None):
                 f"{'' if len(absent) > 1 else 's'} in the {seen} training masks{binary}")
 
 
-# Each dataset: its class and its recipe (RECIPES, Part 1).
-DATASETS = {"demo": (SyntheticShapes, RECIPES["demo"]), "voc": (VOCSegmentation, RECIPES["voc"]),
-            "cityscapes": (Cityscapes, RECIPES["cityscapes"]), "folder": (FolderDataset, RECIPES["folder"])}
+DATASETS = {"demo": SyntheticShapes, "voc": VOCSegmentation, "cityscapes": Cityscapes, "folder": FolderDataset}
 
 
 def build_datasets(args):
-    """(train, val) datasets of args.dataset (see DATASETS), checked against the run's outputs (check_run_outputs);
-    the demo's are synthetic."""
+    """(train, val) datasets of args.dataset, checked against the run's outputs (check_run_outputs)."""
     train_tf = train_transform(args.crop_size, args.base_size)
     if args.dataset == "demo":
         return SyntheticShapes(args.demo_images, args.base_size, 0, train_tf), SyntheticShapes(64, args.base_size, 1)
     if args.download:
-        download_voc(args.data_root)
-    dataset = DATASETS[args.dataset][0]
+        try:
+            torchvision.datasets.VOCSegmentation(args.data_root, year="2012", image_set="trainval", download=True)
+        except OSError as e:  # URLError and socket errors included
+            raise UserError(f"could not download VOC 2012 into {args.data_root} ({e}); download "
+                            f"VOCtrainval_11-May-2012.tar by hand and extract it there") from None
+    dataset = DATASETS[args.dataset]
     datasets = dataset(args.data_root, args.train_split, train_tf), dataset(args.data_root, args.val_split)
     check_run_outputs(args, datasets)  # before anything is written: --out-dir overwrites none of their files
     return datasets
 
 
 def pad_collate(batch):
-    """Batch (image, mask) pairs of different sizes: images [B, 3, H, W] padded with 0, masks [B, H, W] with 255
-    (ignored), and each pair's own size [B, 2] (height, width)."""
+    """(images [B, 3, H, W] padded with 0, masks [B, H, W] padded with 255, each pair's (H, W) [B, 2])."""
     sizes = torch.tensor([image.shape[1:] for image, _ in batch])  # [B, 2]
     H, W = sizes.amax(0).tolist()
     images = torch.stack([F.pad(i, (0, W - i.shape[2], 0, H - i.shape[1])) for i, _ in batch])  # [B, 3, H, W]
@@ -1076,9 +983,8 @@ def pad_collate(batch):
 
 
 class ResumableSampler(Sampler):
-    """The training order: a random permutation each epoch (from seed + epoch, as DistributedSampler), of which
-    process `rank` takes positions rank, rank + world_size, ..., starting `skip` images into the epoch. After k steps
-    of batch B on W processes the epoch has shown its first k B W images, whatever W: a resumed run skips them."""
+    """The training order: a permutation from seed + epoch, shared out over the processes, starting `skip` images
+    into the epoch; the images shown do not depend on the number of processes, so a resumed run skips them."""
 
     def __init__(self, length, seed=0, rank=0, world_size=1):
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
@@ -1099,9 +1005,7 @@ class ResumableSampler(Sampler):
 # ---- 4b checkpoints: save, load, the original code's, --init-from, --resume's checks ---------------------------------
 
 def save_atomic(path, write):
-    """write(tmp) to a temporary file, then rename it to path: an interrupt never leaves a half-written file. The
-    temporary name is this process's and thread's (temporary_path): writers of one path never meet half-way, the
-    last rename wins, and every version is whole."""
+    """write(tmp) to this process and thread's temporary file, then rename it to path: never a half-written file."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -1118,8 +1022,7 @@ def save_atomic(path, write):
 
 
 def save_checkpoint(state, path):
-    """torch.save(state) to path, atomically. Written through a Python file object: a full disk is then an OSError
-    (ENOSPC, which save_atomic turns into EXIT_DISK_FULL), not the RuntimeError torch.save(state, path) raises."""
+    """torch.save(state) to path, atomically; a full disk raises the OSError (ENOSPC), not torch's RuntimeError."""
     def write(tmp):
         with open(tmp, "wb") as file:
             try:
@@ -1135,9 +1038,8 @@ def save_checkpoint(state, path):
     save_atomic(path, write)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint written by save_checkpoint (or by the original DANet code), with finite weights; any other file
-    is a UserError that says what it is: a folder, a whole pickled model, a truncated file, non-finite weights."""
+def load_checkpoint(path):
+    """A checkpoint of ours or the original code's, with finite weights; another file is a UserError saying what."""
     path = Path(path)
     if path.is_dir():
         inside = next((f" (it holds {path / name})" for name in ("last.pt", "best.pt") if (path / name).is_file()), "")
@@ -1147,9 +1049,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a regular file")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses Python objects: torch.save(model) pickles the class
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # many types for truncated or foreign files; weights_only refuses pickled classes
+        found = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if found is None:
             raise UserError(f"checkpoint {path} cannot be read (truncated or not a PyTorch file?): "
                             f"{type(e).__name__}") from None
@@ -1158,9 +1060,6 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"checkpoint {path} is {what} ({name}, as torch.save(model) writes), not a checkpoint of "
                         f"tensors: it is not unpickled (that would run code from the file); save model.state_dict() "
                         f"instead") from None
-    except Exception as e:  # torch.load raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {path} cannot be read (truncated or not a PyTorch file?): "
-                        f"{type(e).__name__}") from None
     if is_original_checkpoint(checkpoint):
         checkpoint = read_original(checkpoint, path)
     elif not isinstance(checkpoint, dict) or not {"model", "args", "iteration"} <= checkpoint.keys() or \
@@ -1172,19 +1071,18 @@ def load_checkpoint(path, map_location="cpu"):
            if torch.is_tensor(t) and t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
         raise UserError(f"checkpoint {path} holds weights that are nan or infinite ({len(bad)} tensors: "
-                        f"{first_few(bad)}): it cannot be evaluated or trained "
-                        f"from; train.py never saves such weights, so use an earlier checkpoint")
+                        f"{first_few(bad)}): it cannot be evaluated or trained from; train.py never saves such "
+                        f"weights, so use an earlier checkpoint")
     return checkpoint
 
 
-# The args a checkpoint may lack, and the value a checkpoint without them was trained with.
+# The args a checkpoint may lack, and the value it was trained with then.
 ARGS_ADDED = dict(model="danet", clustering=True, cluster_init="random", cluster_reseed=0, multi_grid=False,
                   deep_stem=False, pretrained=False)
 
 
 def upgrade(checkpoint):
-    """A checkpoint (also the original code's, read_original) in the form this file writes, whatever version of it
-    wrote the file: the args it lacks (ARGS_ADDED), `attention` for `dense_attention`, best_miou None for -1.0."""
+    """A checkpoint in this file's form: the args it lacks, `attention` for `dense_attention`, best_miou None for -1."""
     args = checkpoint["args"] = {**ARGS_ADDED, **checkpoint["args"]}
     if "attention" not in args:
         args["attention"] = "dense" if args.pop("dense_attention", False) else "auto"
@@ -1194,16 +1092,15 @@ def upgrade(checkpoint):
 
 
 def read_original(checkpoint, path):
-    """An original DANet or DRANet checkpoint as one of ours: its tensors renamed, the args of the model it holds
-    (clusterdanet.original_state_and_config), and the class names of Cityscapes or VOC when it has their number."""
+    """An original DANet or DRANet checkpoint as one of ours, with VOC's or Cityscapes' classes if it has as many."""
     try:
         model, config, unused = original_state_and_config(checkpoint["state_dict"], source=str(path))
     except ValueError as e:  # blocks or a classifier the loader does not know
         raise UserError(str(e)) from None
-    num_classes = config["num_classes"]
-    dataset = {len(Cityscapes.class_names): "cityscapes", len(VOC_CLASSES): "voc"}.get(num_classes, "folder")
+    known = {len(VOC_CLASSES): ("voc", list(VOC_CLASSES)),
+             len(Cityscapes.class_names): ("cityscapes", list(Cityscapes.class_names))}
+    dataset, class_names = known.get(config["num_classes"], ("folder", None))
     config = dict(num_clusters=None, temperature=100.0, **config, dataset=dataset)
-    class_names = {"cityscapes": list(Cityscapes.class_names), "voc": list(VOC_CLASSES)}.get(dataset)
     return {"model": model, "args": config, "iteration": checkpoint.get("epoch", 0), "class_names": class_names,
             "original": True, "unused": unused}
 
@@ -1225,9 +1122,8 @@ def percent(part, whole):
 
 
 def init_from(model, path, log=None, backbone=None, class_names=None):
-    """--init-from: copy into `model` every tensor of `path` (ours or the original code's checkpoint) whose name and
-    shape match, but never the clustering state, nor a classifier for other classes (`class_names`). The log says
-    the share of the parameters loaded, what was not and why, and when the file holds another model or backbone."""
+    """--init-from: copy into `model` every tensor of checkpoint `path` whose name and shape match, but not the
+    clustering state, nor a classifier for other `class_names`. The log says what was loaded, what was not and why."""
     log = log or print0
     checkpoint = load_checkpoint(path)
     source, config = checkpoint["model"], checkpoint["args"]
@@ -1254,10 +1150,7 @@ def init_from(model, path, log=None, backbone=None, class_names=None):
     unused = [k for k in source if k not in state] + checkpoint.get("unused", [])
     parameters = dict(model.named_parameters())
     copied = sum(parameters[name].numel() for name in loaded if name in parameters)  # buffers are not parameters
-    parts = {}  # backbone, position_branch, ...: tensors loaded
-    for name in loaded:
-        parts[name.split(".")[0]] = parts.get(name.split(".")[0], 0) + 1
-
+    parts = Counter(name.split(".")[0] for name in loaded)  # backbone, position_branch, ...: tensors loaded
     kind = "the original DANet code's checkpoint" if checkpoint.get("original") else "a train.py checkpoint"
     log(f"init from {path} ({kind}): loaded {len(loaded)} of {len(state)} tensors, "
         f"{percent(copied, sum(p.numel() for p in parameters.values()))} of the model's parameters "
@@ -1289,20 +1182,17 @@ def load_model_state(model, checkpoint, path):
         raise UserError(f"checkpoint {path} is for another model ({first})") from None
 
 
-# A resumed run is the same run: these flags change the data (or its order), the model, the loss, the numerics or the
-# schedule, so they must be the checkpoint's. {flag: what a resumed run keeps}. Every other flag may change:
+# A resumed run is the same run: these flags must be the checkpoint's. {flag: what a resumed run keeps}.
 RESUME_MUST_MATCH = {key: kept for kept, keys in (
     ("data", "dataset train_split val_split demo_images crop_size base_size seed"),
     ("model", "model backbone deep_stem num_clusters temperature clustering cluster_init cluster_reseed multi_grid"),
     ("loss", "aux_weight"), ("numerics", "precision"), ("schedule", "iters lr momentum weight_decay"))
     for key in keys.split()}
-# where and how fast the run goes and what it logs. --batch-size: the images per step of each process, as the number
-# of processes may change (the data position counts images, see ResumableSampler); a lower one continues a run that ran
-# out of memory. --attention computes the same attention (to float rounding) by another path.
+# These may change: where and how fast the run goes, what it logs (the data position counts images, whatever the
+# batch), and --attention, the same attention by another path.
 RESUME_MAY_CHANGE = ("device", "workers", "batch_size", "compile", "log_every", "val_every", "out_dir", "data_root",
                      "attention")
-# --pretrained and --init-from only choose a new run's first weights: a resumed run keeps the checkpoint's.
-RESUME_KEEPS = ("pretrained", "init_from")  # what the resumed run records: the checkpoint's values
+RESUME_KEEPS = ("pretrained", "init_from")  # a new run's first weights: a resumed run records the checkpoint's
 
 
 def flag_text(key, value):
@@ -1320,19 +1210,13 @@ def flag_text(key, value):
 
 
 def load_resume_checkpoint(args):
-    """The --resume checkpoint, checked against the command line: every flag of RESUME_MUST_MATCH the same."""
+    """The --resume checkpoint; a UserError names the first flag of RESUME_MUST_MATCH that differs from its own."""
     checkpoint = load_checkpoint(args.resume)
     missing = {"optimizer", "scheduler", "scaler", "best_miou"} - checkpoint.keys()
     if missing:
         hint = "; to start from its weights use --init-from" if checkpoint.get("original") else ""
         raise UserError(f"{args.resume} is not a train.py checkpoint to resume from "
                         f"(no {', '.join(sorted(missing))}){hint}")
-    check_same_run(args, checkpoint)
-    return checkpoint
-
-
-def check_same_run(args, checkpoint):
-    """A UserError naming the first flag of RESUME_MUST_MATCH that differs from the checkpoint's, and its value."""
     stored = checkpoint["args"]
     for key, kept in RESUME_MUST_MATCH.items():
         if key not in stored or key == "demo_images" and stored.get("dataset", "demo") != "demo":
@@ -1341,12 +1225,12 @@ def check_same_run(args, checkpoint):
             text = flag_text(key, stored[key])
             what = "continues its schedule" if kept == "schedule" else f"keeps its {kept}"
             raise UserError(f"checkpoint {args.resume} was trained {text}: resume {text} (a resumed run {what})")
+    return checkpoint
 
 
 def check_classes(path, num_classes, stored_names, class_names, hint=""):
-    """A UserError unless checkpoint `path`'s model, which predicts `num_classes` classes named `stored_names` (None:
-    the original code's for another dataset, checked by number only), predicts the dataset's `class_names`, in the
-    same order; `hint` (what to do instead) ends the message."""
+    """A UserError unless checkpoint `path`'s `num_classes` classes named `stored_names` (None: by number only) are
+    the dataset's `class_names` in the same order; `hint` (what to do instead) ends the message."""
     if num_classes is not None and num_classes != len(class_names):
         raise UserError(f"checkpoint {path} predicts {num_classes} classes, the dataset has {len(class_names)}{hint}")
     differ = [f"class {i} is {ours!r} in the checkpoint, {theirs!r} in the dataset"
