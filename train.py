@@ -1558,11 +1558,6 @@ def is_out_of_memory(error):
         isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
 
 
-def new_run_id():
-    """A run's id: when it started (UTC) and 6 random hex digits, e.g. 20261202-004012-3fa9c1."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
-
-
 def folder_runs(out_dir):
     """{file: (run id, iteration)} for last.pt, best.pt and log.jsonl in out_dir (memory-mapped: reads only those)."""
     out_dir, found = Path(out_dir), {}
@@ -1607,7 +1602,8 @@ def check_run_outputs(args, datasets=()):
 
 def take_out_dir(args, checkpoint, device):
     """Take the run folder before any other work (process 0): writable, created, locked, and this run's."""
-    out_dir, run_id = Path(args.out_dir), (checkpoint or {}).get("run_id") or new_run_id()
+    out_dir = Path(args.out_dir)  # a new run's id: when it started (UTC), and 6 random hex digits
+    run_id = (checkpoint or {}).get("run_id") or time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + os.urandom(3).hex()
     taken, refused = SimpleNamespace(run_id=run_id, lock=None, created=[], earlier={}), None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -1807,24 +1803,14 @@ def dataset_inputs(datasets):
     return files, folders
 
 
-def json_safe(value):
-    """`value` with every nan and inf replaced by None: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def log(run, record, text=None, defer=False):
     """Print `text` and append `record` to log.jsonl (rank 0); a `defer`red line waits for the next (see save)."""
     if not run.master:
         return
     if text:
         print(text, flush=True)
-    run.unwritten_log.append(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    strict = json.loads(json.dumps(record), parse_constant=lambda constant: None)  # nan and inf: null
+    run.unwritten_log.append(json.dumps(strict, allow_nan=False) + "\n")
     if not (defer or run.earlier_run_kept):
         path = run.out_dir / "log.jsonl"
         try:
