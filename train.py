@@ -1252,8 +1252,7 @@ EXIT_BUG = 70  # an unexpected exception (sysexits' EX_SOFTWARE): Python's own e
 
 
 class RunError(Exception):
-    """An error that ends the work after it started: run_main prints one line and exits with `code` (one of the
-    EXIT_ codes above). The message says what was kept (which checkpoint, which files)."""
+    """An error that ends the work after it started: one line saying what was kept, and the exit code `code`."""
 
     def __init__(self, message, code):
         super().__init__(message)
@@ -1266,20 +1265,17 @@ def error_line(error):
 
 
 def run_main(main):
-    """Run main() as a command; what it returns is the exit code. A UserError (also from a DataLoader worker) is one
-    line and exit code 2. Ctrl-C or SIGTERM outside the training loop is a KeyboardInterrupt, so that what is open is
-    closed on the way out: one line, 130 or 143. Any other exception is a bug: its traceback and EXIT_BUG."""
+    """Run main() as a command: its errors end in one line and their exit code, any other exception is a bug."""
     def on_signal(signum, frame):
         raise KeyboardInterrupt(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    rank = int(os.environ.get("RANK", 0))  # under torchrun: every process runs the same checks on the same inputs
-    code = None
+    rank, code = int(os.environ.get("RANK", 0)), None
     try:
         code = main()
     except UserError as e:
         this_rank = getattr(e, "this_rank", False) or "DataLoader worker" in str(e)  # a file of this rank's share
-        if rank == 0 or this_rank:  # said once, by rank 0, unless only this rank found it
+        if rank == 0 or this_rank:  # under torchrun: said once, by rank 0, unless only this rank found it
             print(f"error: {error_line(e)}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except RunError as e:
@@ -1289,15 +1285,14 @@ def run_main(main):
         signum = e.args[0] if e.args else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         code = 128 + signum
-    except Exception as e:  # a bug: its traceback, to report, and an exit code of its own (1 means diverged)
+    except Exception as e:
         traceback.print_exc()
         print(f"error: unexpected {type(e).__name__} (a bug: please report it with the traceback above)",
               file=sys.stderr)
         code = EXIT_BUG
     finally:
-        # Under torchrun a process that ends with an exit code other than 0 ignores signals until it has exited:
-        # torchrun sends SIGTERM to the processes still running as soon as one has, and would cut their exit short
-        # (exit code -15) when they all end the same way (the same user error, or the same interrupt: Interrupts.close)
+        # Under torchrun a failing process ignores signals until it has exited: torchrun's SIGTERM, sent as soon as
+        # one process has exited, would cut the others' exit short (see Interrupts.close)
         ending = code and "WORLD_SIZE" in os.environ
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_IGN if ending else handler)
@@ -1306,10 +1301,8 @@ def run_main(main):
 
 
 class Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and torchrun send) while training, in a `with` block. The
-    first signal asks the loop to stop after the step in flight (abandoning a validation), save last.pt and exit
-    with 128 + the signal number; a second one stops at once (KeyboardInterrupt, stop_at_once). Under torchrun the
-    processes stop together, each with its own signal or that of the first process that received one (agree)."""
+    """Ctrl-C and SIGTERM while training: the first asks the loop to stop after the step in flight, save last.pt and
+    exit with 128 + the signal; a second stops at once (stop_at_once). Under torchrun the processes stop together."""
 
     def __init__(self, message=None):
         self.message, self.signum, self.pid = message, None, os.getpid()
@@ -1337,16 +1330,14 @@ class Interrupts:
         return self.signum is not None
 
     def agree(self, device):
-        """Once the processes have agreed to stop: which process received which signal (one all_reduce under
-        torchrun, every process calls it). A process that received none stops for the first process that did."""
+        """Every process calls it as they stop: one that received no signal stops for the first one that did."""
         signals = each_rank(self.signum or 0, device)  # the signal number of each rank, 0 where none came
         if self.signum is None:
             self.signalled_rank = next((rank for rank, signum in enumerate(signals) if signum), None)
             self.others_signum = signals[self.signalled_rank] if self.signalled_rank is not None else None
 
     def close(self):
-        """Ignore Ctrl-C and SIGTERM from now on (under torchrun, once this process has done its part of the stop):
-        the SIGTERM torchrun sends as soon as one process has exited must not cut the others' exit short."""
+        """Ignore signals from now on: the SIGTERM torchrun sends as one process exits must not cut the others short."""
         for s in self.previous:
             signal.signal(s, signal.SIG_IGN)
         self.previous = {}
@@ -1366,23 +1357,22 @@ class Interrupts:
 
 
 def each_rank(value, device):
-    """[the whole number `value` of rank 0, of rank 1, ...]: one all_reduce under torch.distributed, [value] in a
-    single process."""
+    """[`value` of rank 0, of rank 1, ...] (whole numbers): one all_reduce under torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return [value]
     values = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
     values[dist.get_rank()] = value
-    dist.all_reduce(values)  # each rank fills its own entry, the others are 0: the sum holds every rank's value
+    dist.all_reduce(values)
     return values.tolist()
 
 
 def any_rank(flag, device):
-    """`flag` or-ed over the processes: one all_reduce under torch.distributed, nothing in a single process."""
+    """`flag` or-ed over the processes."""
     return any(each_rank(int(bool(flag)), device))
 
 
 def print0(*args, **kwargs):
-    """print, by process 0 only under torch.distributed: what a run says, it says once."""
+    """print, by process 0 only: what a run says, it says once."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs)
 
@@ -1401,15 +1391,14 @@ def stop_requested(run, interrupts, log_step):
 
 @contextmanager
 def in_flight(run, what):
-    """Mark the block as `what` a second signal would cut short ("in the middle of a step", "while saving"):
-    stop_at_once then saves nothing. A block cut short stays marked."""
+    """Mark the block as `what` a second signal would cut short ("while saving"): stop_at_once then saves nothing."""
     run.in_flight = what
     yield
     run.in_flight = None
 
 
 def tensors_are_finite(model):
-    """True if every floating-point parameter and buffer of `model` is finite (one sync: before saving only)."""
+    """True if every floating-point parameter and buffer of `model` is finite."""
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
@@ -1419,16 +1408,13 @@ def weights_are_finite(run):
     return not any_rank(not tensors_are_finite(run.raw_model), run.device)
 
 
-# A run has diverged when, at a log step, its weights are not finite, or its last DIVERGED_STEPS steps all failed
-# (a loss not finite, or gradients that overflowed so that fp16's GradScaler skipped the step). One such step is
-# normal in fp16 (the scaler skips it and lowers its scale); a loss that stays non-finite that long does not come
-# back. In fp32 and bf16 a non-finite loss makes the weights non-finite at once.
+# A run has diverged when its weights are not finite, or its last DIVERGED_STEPS steps all failed (a loss not finite,
+# or a step fp16's GradScaler skipped): one such step is normal in fp16, that many in a row do not come back.
 DIVERGED_STEPS = 20
 
 
 class StepCounts:
-    """What the loop counts, on the device (no sync): since the last log step, the sums of the finite loss terms,
-    their steps, the steps whose loss was not finite and the fp16 steps skipped; and the steps in a row that failed."""
+    """What the loop counts on the device (no sync) since the last log step, and the steps in a row that failed."""
 
     def __init__(self, run):
         self.failing = torch.zeros((), dtype=torch.int64, device=run.device)
@@ -1442,8 +1428,7 @@ class StepCounts:
         self.failing = torch.where(~finite | skipped, self.failing + 1, 0)
 
     def log_and_check(self, run, lr):
-        """At a log step: log the counts (log_progress) and start afresh. True if the run has diverged: steps failed,
-        DIVERGED_STEPS of them in a row or leaving weights that are not finite, on any process."""
+        """At a log step: log the counts and start afresh; True if the run has diverged (see DIVERGED_STEPS)."""
         record = log_progress(run, self.sums, self.steps, lr, self.start, self.start_iteration, self.nonfinite,
                               self.skipped)
         self.sums, self.steps, self.nonfinite, self.skipped = {}, 0, 0, 0
@@ -1452,28 +1437,20 @@ class StepCounts:
 
 
 def is_out_of_memory(error):
-    """Whether `error` means the memory ran out: CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError
-    of PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
+    """Whether `error` means the memory ran out (on the GPU, in Python or in PyTorch's CPU allocator)."""
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
 
 
-def new_run_id():
-    """A run's id: when it started (UTC) and 6 random hex digits, e.g. 20261202-004012-3fa9c1."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
-
-
 def folder_runs(out_dir):
-    """{file: (run id, iteration)} for each of last.pt, best.pt and log.jsonl in out_dir. The run id is None in a
-    file without one, "unreadable" for a file that cannot be read; a log has no iteration. Checkpoints are
-    memory-mapped: only the few bytes of the id and iteration are read."""
+    """{file: (run id, iteration)} for last.pt, best.pt and log.jsonl in out_dir (memory-mapped: reads only those)."""
     out_dir, found = Path(out_dir), {}
     for name in ("last.pt", "best.pt"):
         if (out_dir / name).is_file():
             try:
                 checkpoint = torch.load(out_dir / name, map_location="cpu", weights_only=True, mmap=True)
                 found[name] = (checkpoint.get("run_id"), checkpoint.get("iteration"))
-            except Exception:  # truncated, foreign: another run's file as far as this run knows
+            except Exception:  # truncated, foreign: another run's file
                 found[name] = ("unreadable", None)
     if (out_dir / "log.jsonl").is_file():
         try:
@@ -1489,9 +1466,8 @@ RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "train.lock")  # what a run writ
 
 
 def check_run_outputs(args, datasets=()):
-    """Before any work: the files a run writes in --out-dir (RUN_FILES) are files or not there yet, none of them is
-    a file the run reads (--init-from, --resume unless it is the run's own last.pt, the `datasets`' files), and
-    --out-dir is not one of the datasets' folders nor inside one (check_apart)."""
+    """Before any work: the files a run writes (RUN_FILES) are files or not there yet, none of them is a file the run
+    reads (--init-from, --resume, the `datasets`), and --out-dir is in no dataset folder (check_apart)."""
     out_dir = Path(args.out_dir)
     for name in RUN_FILES:
         path = out_dir / name
@@ -1509,10 +1485,9 @@ def check_run_outputs(args, datasets=()):
 
 
 def take_out_dir(args, checkpoint, device):
-    """Take the run folder before any other work (process 0): --out-dir must be writable, is created and locked
-    (FolderLock), and must belong to this run (check_earlier_run). Returns the run id, the lock, the folders created
-    and the earlier run's files (folder_runs), which --overwrite replaces at the first save."""
-    out_dir, run_id = Path(args.out_dir), (checkpoint or {}).get("run_id") or new_run_id()
+    """Take the run folder before any other work (process 0): writable, created, locked, and this run's."""
+    out_dir = Path(args.out_dir)  # a new run's id: when it started (UTC), and 6 random hex digits
+    run_id = (checkpoint or {}).get("run_id") or time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + os.urandom(3).hex()
     taken, refused = SimpleNamespace(run_id=run_id, lock=None, created=[], earlier={}), None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -1532,19 +1507,16 @@ def take_out_dir(args, checkpoint, device):
 
 
 def check_earlier_run(args, checkpoint, found):
-    """`found` (folder_runs of --out-dir) if the run may write there, else a UserError saying what it holds: a new
-    run needs a folder without an earlier run (or --overwrite), a resumed one only its own files, none later."""
+    """`found` if the run may write there: a new run a folder without an earlier run, a resumed one its own files."""
     out_dir = Path(args.out_dir)
     if not found or args.overwrite:
         return found
     if checkpoint is None:
-        earlier = [name for name in ("last.pt", "best.pt") if name in found]
-        if earlier:
-            resume = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in earlier else ""
-            raise UserError(f"--out-dir {out_dir} holds {' and '.join(earlier)} of an earlier run: {resume}choose "
-                            f"another --out-dir, or give --overwrite to replace it")
-        raise UserError(f"--out-dir {out_dir} holds the log.jsonl of an earlier run (which saved no checkpoint): "
-                        f"choose another --out-dir, or give --overwrite to replace it")
+        files = " and ".join(name for name in ("last.pt", "best.pt") if name in found)
+        what = f"{files} of an earlier run" if files else "the log.jsonl of an earlier run (which saved no checkpoint)"
+        resume = f"continue it with --resume {out_dir / 'last.pt'}, " if "last.pt" in found else ""
+        raise UserError(f"--out-dir {out_dir} holds {what}: {resume}choose another --out-dir, or give --overwrite to "
+                        f"replace it")
     run_id = checkpoint.get("run_id")
     own_folder = out_dir.resolve() == Path(args.resume).resolve().parent
     for name, (other, iteration) in found.items():
@@ -1560,9 +1532,8 @@ def check_earlier_run(args, checkpoint, found):
 
 
 class FolderLock:
-    """The lock of a run folder: OUT_DIR/train.lock, held with fcntl.flock by the training process. The OS releases
-    it however the process ends (also SIGKILL), so a dead process's lock is simply taken over. The file names the
-    holder for the refusal and is removed when the holder ends. Without fcntl (Windows) folders are not locked."""
+    """OUT_DIR/train.lock, held with fcntl.flock: the OS releases it however the process ends, also SIGKILL. The file
+    names its holder and is removed when the holder ends. Without fcntl (Windows) folders are not locked."""
 
     NAME = "train.lock"
 
@@ -1582,11 +1553,8 @@ class FolderLock:
                 os.close(fd)
                 raise UserError(f"--out-dir {out_dir} is in use by another training ({self.holder()}): wait for it "
                                 f"to end, or choose another --out-dir")
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:  # its holder removed it as it ended: lock the new one
-                same = False
-            if same:
+            locked = os.fstat(fd)
+            if file_identity(self.path) == (locked.st_dev, locked.st_ino):  # else its holder removed it as it ended
                 self.fd = fd
             else:
                 os.close(fd)
@@ -1611,14 +1579,9 @@ class FolderLock:
 
 
 def create_folders(path):
-    """Create the folder `path` and the missing folders above it; returns those this call created, deepest first
-    (one another process created meanwhile is not among them)."""
-    path, missing = Path(path), []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    created = []
-    for folder in reversed(missing):
+    """Create the folder `path` and the missing folders above it; returns those this call created, deepest first."""
+    path, created = Path(path), []
+    for folder in reversed([folder for folder in (path, *path.parents) if not folder.exists()]):
         try:
             folder.mkdir()
             created.insert(0, folder)
@@ -1628,19 +1591,16 @@ def create_folders(path):
 
 
 def remove_created(folders):
-    """Remove `folders` (create_folders' list, deepest first) as long as they are empty: a folder holding anything
-    (its log, another run's files) stays, and so does every folder above it."""
+    """Remove `folders` (create_folders' list) while they are empty: one holding anything stays, and those above."""
     for folder in folders:
         try:
-            folder.rmdir()  # only ever removes an empty folder
+            folder.rmdir()
         except OSError:
             return
 
 
 def start_log(run):
-    """Begin the log with what this run is (process 0), and say what is about to run. The first record waits for the
-    next one, so that a run that stops before its first step (a bad file in the first batch: exit 2) leaves the
-    folder as it was; an --overwrite run holds back its log lines until its first save (save)."""
+    """Begin the log with what this run is (a line that waits for the next), and say what is about to run."""
     if not run.master:
         return
     record = {"run_id": run.run_id, "start": "resumed" if run.args.resume else "new",
@@ -1658,17 +1618,14 @@ def start_log(run):
 
 
 def temporary_path(path):
-    """A temporary name beside `path` that belongs to this process and thread: .NAME.PID.THREAD.RANDOM.tmp (hidden,
-    and the random part keeps processes of two machines apart in a shared folder). Two writers of one file (two
-    evaluate.py into one --save-dir) never write into, rename or remove each other's temporary file."""
+    """A hidden temporary name beside `path`, this process's and thread's alone, also across machines."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.{os.urandom(3).hex()}.tmp")
 
 
 def check_writable(path, what, folder=True):
-    """A UserError unless `path` (a folder, or a file if not `folder`) can be written, before any work is done.
-    Checked by creating and removing a file in the nearest existing folder at or above it (os.access says yes to
-    root for /proc and /sys); nothing else is created."""
+    """A UserError unless `path` (a folder, or a file) can be written: by a file created and removed in the nearest
+    existing folder (os.access says yes to root for /proc)."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise UserError(f"{what} {path} is {'a file' if folder else 'a folder'}")
@@ -1678,9 +1635,9 @@ def check_writable(path, what, folder=True):
     if not parent.is_dir():
         kind = "a broken link" if parent.is_symlink() and not parent.exists() else "a file"
         raise UserError(f"{what} {path} cannot be created: {parent} is {kind}")
-    probe = temporary_path(parent / "write-check")  # never another process's probe, nor one a killed process left
+    probe = temporary_path(parent / "write-check")
     try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # as save_atomic: a new file, then renamed
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         probe.unlink()
     except OSError as e:
         reason = f"{parent} is read-only" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else \
@@ -1698,25 +1655,15 @@ def file_identity(path):
 
 
 def check_apart(outputs, inputs, input_folders=(), output_folders=()):
-    """Before any work, a UserError if what a command writes would destroy or mix with what it reads: none of the
-    `outputs` (file, description, flag) may be one of the `inputs` (file, description), as files (device and inode:
-    also through a link or another spelling), and none of the `output_folders` (folder, description, flag) may be or
-    be inside one of the `input_folders` (folder, description) of a dataset: it would become part of the data."""
-    written = {}
-    for path, description, flag in outputs:
-        identity = file_identity(path)
-        if identity is not None:  # a file not there yet is none of the inputs
-            written.setdefault(identity, (description, flag))
-    if written:
-        for path, what in inputs:
-            identity = file_identity(path)
-            if identity in written:
-                description, flag = written[identity]
-                raise UserError(f"{description} would overwrite {what} {path}: nothing was written; choose another "
-                                f"{flag}")
-    folders = {}
-    for folder, what in input_folders:
-        folders.setdefault(os.path.realpath(folder), (folder, what))
+    """Before any work, a UserError if one of the `outputs` (file, description, flag) is one of the `inputs` (file,
+    description), also through a link, or one of the `output_folders` is or is inside one of the `input_folders`."""
+    written = {file_identity(path): (description, flag) for path, description, flag in reversed(outputs)}
+    written.pop(None, None)  # a file not there yet is none of the inputs
+    for path, what in inputs if written else ():
+        if (identity := file_identity(path)) in written:
+            description, flag = written[identity]
+            raise UserError(f"{description} would overwrite {what} {path}: nothing was written; choose another {flag}")
+    folders = {os.path.realpath(folder): (folder, what) for folder, what in reversed(input_folders)}
     for folder, description, flag in output_folders:
         real = Path(os.path.realpath(folder))
         for candidate in (real, *real.parents):
@@ -1727,8 +1674,7 @@ def check_apart(outputs, inputs, input_folders=(), output_folders=()):
 
 
 def dataset_inputs(datasets):
-    """What `datasets` read, for check_apart: ([(file, description)], [(folder, description)]): their images, masks
-    and text files, and the folders of the images and of the masks (each file's, and the one common to all)."""
+    """What `datasets` read, for check_apart: their files, and the folders of their images and masks."""
     files, folders = [], []
     for dataset in datasets:
         for kind, paths in (("image", getattr(dataset, "images", ())), ("mask", getattr(dataset, "masks", ()))):
@@ -1741,25 +1687,14 @@ def dataset_inputs(datasets):
     return files, folders
 
 
-def json_safe(value):
-    """`value` with every nan and inf (in dicts and lists) replaced by None: strict JSON, as log.jsonl holds."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def log(run, record, text=None, defer=False):
-    """Print `text` and append `record` to out_dir/log.jsonl (rank 0) as strict JSON. Lines wait in run.unwritten_log:
-    a `defer`red one (the first record) for the next, all of them while run.earlier_run_kept (see save)."""
+    """Print `text` and append `record` to log.jsonl (rank 0); a `defer`red line waits for the next (see save)."""
     if not run.master:
         return
     if text:
         print(text, flush=True)
-    run.unwritten_log.append(json.dumps(json_safe(record), allow_nan=False) + "\n")
+    strict = json.loads(json.dumps(record), parse_constant=lambda constant: None)  # nan and inf: null
+    run.unwritten_log.append(json.dumps(strict, allow_nan=False) + "\n")
     if not (defer or run.earlier_run_kept):
         path = run.out_dir / "log.jsonl"
         try:
@@ -1774,8 +1709,7 @@ def log(run, record, text=None, defer=False):
 
 
 def save(run, name):
-    """The run's state as out_dir/name (rank 0), written atomically; the first save of an --overwrite run then
-    replaces the earlier run's other checkpoint and log. A full disk ends the run (EXIT_DISK_FULL)."""
+    """The run's state as out_dir/name (rank 0); the first save of an --overwrite run replaces the earlier run."""
     if run.master:
         with in_flight(run, "while saving"):
             path = run.out_dir / name
@@ -1791,7 +1725,7 @@ def save(run, name):
                 resume = f", then continue with --resume {run.out_dir / 'last.pt'}" if saved else ""
                 raise RunError(f"no space left on the device while writing {path}: {kept}{checkpoint_kept(run)}; "
                                f"free some space{resume}", e.code) from None
-            if run.earlier_run_kept:  # --overwrite: this run has a checkpoint now, the earlier run's files go
+            if run.earlier_run_kept:
                 for other in sorted({"last.pt", "best.pt"} - {name}):
                     (run.out_dir / other).unlink(missing_ok=True)
                 save_atomic(run.out_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(run.unwritten_log)))
@@ -1801,8 +1735,7 @@ def save(run, name):
 
 
 def resume_from(run):
-    """The checkpoint to continue this run from: its last.pt, or before its first save the checkpoint it resumed
-    from; None for a new run that has saved none."""
+    """The checkpoint to continue this run from: its last.pt, else the one it resumed from, else None."""
     if run.saved_iteration is not None:
         return run.out_dir / "last.pt"
     return Path(run.args.resume) if run.args.resume else None
@@ -1819,15 +1752,13 @@ def latest_checkpoint(run):
 
 
 def checkpoint_kept(run):
-    """What a run that ends with an error keeps: its latest checkpoint, and the earlier run an --overwrite run has
-    not replaced yet."""
+    """What a run that ends with an error keeps: its latest checkpoint, and the earlier run --overwrite spared."""
     earlier = f"; the earlier run in {run.out_dir} is as it was" if run.earlier_run_kept else ""
     return latest_checkpoint(run) + earlier
 
 
 def save_last_if_safe(run):
-    """Save last.pt unless it holds this iteration already or the weights may not be saved. Returns "saved",
-    "already", "not finite", or what a signal cut short (run.in_flight: "in the middle of a step", "while saving")."""
+    """Save last.pt if needed and safe: "saved", "already", "not finite", or what a signal cut short (run.in_flight)."""
     if run.saved_iteration == run.iteration:
         return "already"
     if run.in_flight:
@@ -1839,8 +1770,7 @@ def save_last_if_safe(run):
 
 
 def checkpoints_text(run):
-    """What the run folder holds of this run ("last.pt and best.pt in runs/x") and where the best is, if elsewhere:
-    a run resumed from another folder that found no better mIoU has no best.pt of its own."""
+    """What the run folder holds of this run ("last.pt and best.pt in runs/x"), and where the best is if elsewhere."""
     files = [] if run.earlier_run_kept else [name for name in ("last.pt", "best.pt") if (run.out_dir / name).is_file()]
     here = f"{' and '.join(files)} in {run.out_dir}" if files else checkpoint_kept(run)
     if run.best_miou is None:
@@ -1862,16 +1792,15 @@ def finish(run, status, interrupts):
         status = "diverged"
     if status == "diverged":
         log(run, {"iteration": run.iteration, "diverged": True})
-        if run.master:
-            print(f"error: training diverged (the loss or the weights became nan or infinite by iteration "
-                  f"{run.iteration}): stopped without saving, {checkpoint_kept(run)}; try a lower --lr "
-                  f"than {run.args.lr:g}", file=sys.stderr)
+        print0(f"error: training diverged (the loss or the weights became nan or infinite by iteration "
+               f"{run.iteration}): stopped without saving, {checkpoint_kept(run)}; try a lower --lr than "
+               f"{run.args.lr:g}", file=sys.stderr)
         return EXIT_DIVERGED
     if status == "interrupted":
         interrupts.agree(run.device)
         save_last_if_safe(run)
         record, said = {"iteration": run.iteration, "interrupted": interrupts.name}, interrupts.name
-        if interrupts.signum is None and interrupts.signalled_rank is not None:  # stopped for another process
+        if interrupts.signalled_rank is not None:  # stopped for another process
             record["signalled_rank"] = interrupts.signalled_rank
             said = f"another process (rank {interrupts.signalled_rank}) received {interrupts.name}"
         last = run.out_dir / "last.pt"
@@ -1888,9 +1817,7 @@ def finish(run, status, interrupts):
 
 
 def data_error(run, error):
-    """A file that turned out bad during training or validation (a dataset's UserError). Before this process's first
-    step nothing was trained: a user error (exit 2), the run folder as it was. After it, last.pt is saved first
-    (the weights are between two steps) and the run ends with EXIT_DATA_ERROR, saying so."""
+    """A bad file: before the first step a user error, after it last.pt is saved first and EXIT_DATA_ERROR."""
     message = error_line(error)
     if run.iteration == run.start_iteration:
         raise UserError(message) from None
@@ -1905,47 +1832,40 @@ def data_error(run, error):
 
 
 def out_of_memory(args, device, run=None):
-    """The RunError (EXIT_OUT_OF_MEMORY) for an error that is_out_of_memory: where, the flags that lower
-    memory, and the checkpoint kept (nothing is saved: a step cut short may have left the weights half-updated)."""
-    where = f"out of {'GPU ' if device.type == 'cuda' else ''}memory on {device}"
+    """The RunError of running out of memory (nothing saved: the weights may be half-updated): where, what to lower."""
+    where, kept = f"out of {'GPU ' if device.type == 'cuda' else ''}memory on {device}", ""
     if run is not None:
         where += (f" during the validation of iteration {run.iteration}" if run.validating else
                   f" in step {run.iteration + 1}")
+        kept = f"; {latest_checkpoint(run)}" + (": --resume it with a lower --batch-size (the other flags must stay)"
+                                                 if resume_from(run) else "")
     lower = [f"--batch-size (now {args.batch_size})", f"--crop-size (now {args.crop_size})"]
     if args.precision == "fp32":
         lower.append("--precision bf16" + (" (or fp16)" if device.type == "cuda" else ""))
     workers = f"; on the CPU also fewer --workers (now {args.workers})" if device.type == "cpu" and args.workers else ""
-    kept = ""
-    if run is not None:
-        kept = f"; {latest_checkpoint(run)}" + (": --resume it with a lower --batch-size (the other flags must stay)"
-                                                 if resume_from(run) else "")
     return RunError(f"{where}: lower {', '.join(lower[:-1])} or use {lower[-1]}{workers}{kept}", EXIT_OUT_OF_MEMORY)
 
 
 def stop_at_once(run, interrupts):
-    """After a second signal: save last.pt if the weights are between two steps, else say that it was not saved.
-    No collective: the other processes may be anywhere."""
-    if not run.master:
-        return interrupts.exit_code
-    try:
-        saved = save_last_if_safe(run)
-    except KeyboardInterrupt:  # a third signal: the save is abandoned, the previous last.pt kept
-        saved = run.in_flight or "while saving"
-    if saved in ("already", "saved"):
-        outcome = f"; saved {run.out_dir / 'last.pt'} at iteration {run.iteration}"
-    elif saved == "not finite":
-        outcome = f", last.pt not saved (the weights are not finite); {latest_checkpoint(run)}"
-    else:
-        outcome = f" {saved}, last.pt not saved; {latest_checkpoint(run)}"
-    print(f"{interrupts.name} again: stopped at once{outcome}", file=sys.stderr)
+    """After a second signal: save last.pt if the weights are between two steps (no collective)."""
+    if run.master:
+        try:
+            saved = save_last_if_safe(run)
+        except KeyboardInterrupt:  # a third signal: the save is abandoned, the previous last.pt kept
+            saved = run.in_flight or "while saving"
+        if saved in ("already", "saved"):
+            outcome = f"; saved {run.out_dir / 'last.pt'} at iteration {run.iteration}"
+        elif saved == "not finite":
+            outcome = f", last.pt not saved (the weights are not finite); {latest_checkpoint(run)}"
+        else:
+            outcome = f" {saved}, last.pt not saved; {latest_checkpoint(run)}"
+        print(f"{interrupts.name} again: stopped at once{outcome}", file=sys.stderr)
     return interrupts.exit_code
 
 
 @contextmanager
 def run_ending(args, device):
-    """How main's work ends when it does not end by itself, in one place; main records what it has in `end`. While
-    training, a second signal is stop_at_once and a bad file data_error; running out of memory is out_of_memory. On
-    the way out the lock goes, and the folders a run created if it stopped before its first save (and are empty)."""
+    """How main's work ends if not by itself (a second signal, a bad file, out of memory), and the lock goes."""
     end = SimpleNamespace(folder=None, run=None, interrupts=None, code=None)
     try:
         yield end
@@ -1969,23 +1889,20 @@ def run_ending(args, device):
         if end.folder is not None and end.folder.lock is not None:
             end.folder.lock.release()
         if end.folder is not None and (end.run is None or end.run.saved_iteration is None):
-            remove_created(end.folder.created)  # stopped before its first save: an empty folder goes
+            remove_created(end.folder.created)  # a run that saved nothing leaves no empty folder
 
 
 # ---- 4d the command line and benchmarks ------------------------------------------------------------------------------
 
-ATTENTION_HELP = ("how position attention is computed, the same numbers by each: blocked (q.k once, block by block "
-                  "of query rows recomputed in the backward pass), heads (fused scaled_dot_product_attention kernels, "
-                  "v in 8 heads sharing q and k), dense (the formula, storing the HW x HW matrix), auto (the fastest "
-                  "measured on the device: " + ", ".join(f"{device} {path}" for device, path in
-                                                          PositionAttention.FASTEST.items()) + ")")
+ATTENTION_HELP = ("how position attention is computed, the same numbers by each (see README): blocked, heads, dense, "
+                  "or auto, the fastest on the device: " + ", ".join(map(" ".join, PositionAttention.FASTEST.items())))
 
 
 NO_POSITION_ATTENTION = "--attention is DANet's position attention; DRANet's attends to 50 pooled centres"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors end like every other user error: one line, exit code 2 (run_main)."""
+    """argparse whose errors end like every other user error: one line, exit code 2."""
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -2010,8 +1927,7 @@ def whole_number(low, high=INT32_MAX):
 
 
 def real_number(low, high=math.inf, low_open=True, high_open=False):
-    """An argparse type: a finite number above `low` (at or above it with low_open=False), at most `high` (below
-    it with high_open); nan, inf and anything else is one line that says the range."""
+    """An argparse type: a finite number in the range from `low` to `high`, open at either end or not."""
     wanted = f"a number {'>' if low_open else '>='} {low:g}" + \
         (f" and {'<' if high_open else '<='} {high:g}" if high < math.inf else "")
 
@@ -2027,12 +1943,9 @@ def real_number(low, high=math.inf, low_open=True, high_open=False):
     return parse
 
 
-positive = whole_number(1)  # argparse type: an integer >= 1
-non_negative = whole_number(0)  # argparse type: an integer >= 0
-positive_float = real_number(0)  # argparse type: a finite number > 0
+positive, non_negative, positive_float = whole_number(1), whole_number(0), real_number(0)  # argparse types
 MIN_BASE_SIZE = 16  # --base-size: the random scale's smallest (0.5x) keeps the longer side at 8 pixels
-# --num-clusters: the multiple of K each model's attention needs (without clustering it sees the branch width C,
-# 128 or 512, a multiple of both)
+# --num-clusters: the multiple of K each model's attention needs
 CLUSTERS_MULTIPLE = {
     "danet": (PositionAttention.REDUCTION, "position attention reads K / 8 query dimensions"),
     "dranet": (math.lcm(CompactChannelAttention.REDUCTION, CompactPositionAttention.REDUCTION),
@@ -2056,76 +1969,60 @@ def parse_args(argv=None):
 
     p.add_argument("--dataset", choices=["voc", "cityscapes", "folder"],
                    help="default: voc with --data-root, else the demo")
-    p.add_argument("--data-root", type=os.path.expanduser, help="the dataset's folder (VOC: VOC2012 or a folder "
-                   "holding VOC2012 or VOCdevkit/VOC2012; Cityscapes: the folder holding leftImg8bit/ and gtFine/; "
-                   "folder: see README); none: the demo")
+    p.add_argument("--data-root", type=os.path.expanduser, help="the dataset's folder (see README); none: the demo")
     p.add_argument("--download", action="store_true", help="download VOC 2012 into --data-root first")
     p.add_argument("--train-split", choices=["train", "trainval", "train_aug"], help=d("train_split"))
     p.add_argument("--val-split", default="val", choices=["val", "train", "trainval"])
-    p.add_argument("--model", choices=list(MODELS), default="danet", help="danet: (Cluster)DANet; dranet: "
-                   "(Cluster)DRANet, compact attention and the cross-level gating decoder (see README)")
+    p.add_argument("--model", choices=list(MODELS), default="danet", help="(Cluster)DANet or (Cluster)DRANet")
     p.add_argument("--backbone", choices=BACKBONES, help=d("backbone"))
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; " + d("pretrained"))
     p.add_argument("--num-clusters", type=whole_number(8, 4096), help="K, the clustering centres, up to 4096: "
                    + ", ".join(f"--model {name} a multiple of {multiple} ({why})"
                                for name, (multiple, why) in CLUSTERS_MULTIPLE.items())
                    + "; default: the branch width (512, or 128 for resnet18/34), which every model takes")
-    p.add_argument("--temperature", type=real_number(0, 1e4), default=100.0, help="clustering softmax temperature "
-                   "(> 0, at most 1e4)")
+    p.add_argument("--temperature", type=real_number(0, 1e4), default=100.0, help="clustering softmax temperature")
     p.add_argument("--attention", choices=PositionAttention.ATTENTIONS, default="auto", help=ATTENTION_HELP)
     p.add_argument("--cluster-init", choices=["random", "data"], default="random", help="clustering centres: "
-                   "random unit vectors (the original) or drawn from the first batch, k-means++ style")
-    p.add_argument("--cluster-reseed", type=non_negative, default=0, metavar="N", help="draw again the centres that "
-                   "were dead (under a tenth of an equal share of the mass) for N steps in a row; 0: never")
+                   "random unit vectors (the original) or k-means++ on the first batch")
+    p.add_argument("--cluster-reseed", type=non_negative, default=0, metavar="N", help="draw again the centres dead "
+                   "for N steps in a row; 0: never")
     p.add_argument("--clustering", action=argparse.BooleanOptionalAction, default=True,
                    help="clustering layers before the attention; --no-clustering: plain DANet, the baseline")
-    p.add_argument("--multi-grid", action="store_true", help="dilate layer4's blocks 4, 8, 16 (not 2, 4, 4), as the "
-                   "original DANet101; resnet50/101/152 only")
-    p.add_argument("--deep-stem", action="store_true", help="three 3x3 convolutions instead of the 7x7 stem, as the "
-                   "original DRANet101 (resnet50/101/152; no ImageNet weights for it here)")
-    p.add_argument("--init-from", type=os.path.expanduser, help="start from the weights of this file (a train.py "
-                   "checkpoint or the original DANet code's, e.g. DANet101.pth.tar or dran101.pth.tar) where names and "
-                   "shapes match; a new run, not --resume")
+    p.add_argument("--multi-grid", action="store_true", help="dilate layer4's blocks 4, 8, 16 as DANet101")
+    p.add_argument("--deep-stem", action="store_true", help="three 3x3 convolutions as the stem, as the original "
+                   "DRANet101 (no ImageNet weights)")
+    p.add_argument("--init-from", type=os.path.expanduser, help="a new run from the weights of this file (a train.py "
+                   "checkpoint or the original DANet code's) where names and shapes match")
     p.add_argument("--crop-size", type=whole_number(1, 8192), help=d("crop_size"))
     p.add_argument("--base-size", type=whole_number(MIN_BASE_SIZE, 16384), help="longer side before the 0.5-2x "
                    "random scale, at least 16; " + d("base_size"))
     p.add_argument("--batch-size", type=whole_number(1, 4096), help="per process; " + d("batch_size"))
     p.add_argument("--iters", type=positive, help="optimizer steps; " + d("iters"))
     p.add_argument("--lr", type=positive_float, help="backbone LR (head: 10x); " + d("lr"))
-    p.add_argument("--momentum", type=real_number(0, 1, low_open=False, high_open=True), default=0.9,
-                   help="SGD momentum, 0 <= m < 1")
-    p.add_argument("--weight-decay", type=real_number(0, 1, low_open=False, high_open=True), default=1e-4,
-                   help="0 <= wd < 1")
-    p.add_argument("--aux-weight", type=real_number(0, 1e3, low_open=False), help="weight of the auxiliary losses "
-                   "(DANet: position and channel; DRANet: layer3's), >= 0; default: the original code's, danet 1.0, "
-                   "dranet 0.2")
+    p.add_argument("--momentum", type=real_number(0, 1, low_open=False, high_open=True), default=0.9)
+    p.add_argument("--weight-decay", type=real_number(0, 1, low_open=False, high_open=True), default=1e-4)
+    p.add_argument("--aux-weight", type=real_number(0, 1e3, low_open=False), help="weight of the auxiliary losses; "
+                   "default: danet 1.0, dranet 0.2")
     p.add_argument("--workers", type=whole_number(0, 256), help="data loading processes; " + d("workers"))
-    p.add_argument("--demo-images", type=whole_number(1, 10**6), default=1000,
-                   help="size of the synthetic training set")
-    p.add_argument("--out-dir", type=os.path.expanduser, help="the run's folder, which belongs to one run: its "
-                   "checkpoints, log.jsonl, and train.lock while it trains; with --resume: the checkpoint's folder; "
-                   + d("out_dir"))
-    p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue the same run from, in its own "
-                   "folder unless --out-dir says otherwise (never one holding another run). These flags may differ "
-                   "from the checkpoint's: " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
-                   + "; every other flag must be the same (the run says which is not)")
+    p.add_argument("--demo-images", type=whole_number(1, 10**6), default=1000, help="size of the demo training set")
+    p.add_argument("--out-dir", type=os.path.expanduser, help="the run's folder, one run's; with --resume: the "
+                   "checkpoint's folder; " + d("out_dir"))
+    p.add_argument("--resume", type=os.path.expanduser, help="a last.pt to continue its run from. These flags may "
+                   "differ from the checkpoint's: " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+                   + "; every other flag must be the same")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds an earlier "
-                   "one; the earlier run's checkpoints and log are replaced at the new run's first save, and stay "
-                   "as they were if it stops before")
+                   "one, which its first save replaces")
     p.add_argument("--device", help="cuda, cuda:N or cpu; default: cuda if available")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, "
-                   "else fp16 on GPU; fp32 on CPU")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16, else fp16 on GPU; fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--val-every", type=positive, help=d("val_every"))
     p.add_argument("--log-every", type=positive, help=d("log_every"))
     p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0)
     p.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
     p.add_argument("--benchmark-attention", type=whole_number(1, 4096), nargs="+", metavar="SIZE", help="time "
-                   "PositionAttention alone, forward + backward, by each --attention path on random [--batch-size, C, "
-                   "SIZE, SIZE] maps (the paths interleaved, best of --benchmark-steps), print their time and peak "
-                   "extra memory as a table, and exit")
+                   "PositionAttention alone by each --attention path on [--batch-size, C, SIZE, SIZE] maps, and exit")
     p.add_argument("--benchmark-channels", type=whole_number(8, 65536), nargs="+", default=[512], metavar="C",
-                   help="the channels C of --benchmark-attention, multiples of 8; default: 512")
+                   help="the channels C of --benchmark-attention; default: 512")
     p.add_argument("--benchmark-steps", type=whole_number(1, 10**6), help="timed steps of --benchmark (default 10), "
                    "or repeats of each path of --benchmark-attention (default 3)")
     args = p.parse_args(argv)
@@ -2163,17 +2060,15 @@ def parse_args(argv=None):
         if wrong:  # a message that points to the README needs no --help
             raise UserError(message if message.endswith("(see README)") else f"{message} (see --help)")
     args.dataset = dataset
-    if args.resume and args.out_dir is None:  # a resumed run continues in its checkpoint's folder
-        args.out_dir = os.path.dirname(args.resume) or "."
-    if args.deep_stem:
-        args.pretrained = False  # not the recipe's ImageNet weights: there are none for the deep stem
-    for key, value in RECIPES[dataset].items():
+    defaults = {**RECIPES[dataset], "benchmark_steps": 3 if args.benchmark_attention else 10,
+                "aux_weight": {"danet": 1.0, "dranet": 0.2}[args.model]}  # the original code's aux weights
+    if args.resume:  # a resumed run continues in its checkpoint's folder
+        defaults["out_dir"] = os.path.dirname(args.resume) or "."
+    if args.deep_stem:  # there are no ImageNet weights for the deep stem
+        defaults["pretrained"] = False
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.benchmark_steps is None:
-        args.benchmark_steps = 3 if args.benchmark_attention else 10
-    if args.aux_weight is None:
-        args.aux_weight = {"danet": 1.0, "dranet": 0.2}[args.model]
     return args
 
 
@@ -2202,9 +2097,8 @@ def benchmark(args, checkpoint, device, world_size, autocast):
 
 
 class TensorMemory(TorchDispatchMode):
-    """Inside it, the peak bytes of the tensors created there and alive at once (`peak`): every tensor an operation
-    returns is tracked by its storage until that is freed, so what autograd saves counts while it is kept. Only a
-    kernel's own scratch memory is not seen. The CPU's measure; on CUDA the allocator's peak (peak_extra_memory)."""
+    """Inside it, the peak bytes of the tensors created there and alive at once (`peak`), tracked by their storage
+    until it is freed: what autograd saves counts, a kernel's own scratch memory does not."""
 
     def __init__(self):
         super().__init__()
@@ -2222,8 +2116,7 @@ class TensorMemory(TorchDispatchMode):
 
 
 def peak_extra_memory(step, device):
-    """The peak memory step() allocates beyond what was allocated before it, in bytes: the CUDA allocator's peak, or
-    on the CPU the peak of the tensors created inside (TensorMemory)."""
+    """The peak bytes step() allocates beyond what was allocated before it (on the CPU: TensorMemory)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -2237,9 +2130,8 @@ def peak_extra_memory(step, device):
 
 
 def benchmark_attention(args, device, autocast):
-    """PositionAttention alone, forward + backward (the gradients of x and of its weights), by each path on random
-    channels_last [batch, C, SIZE, SIZE] maps: the paths interleaved in this process, the best time of
-    --benchmark-steps repeats, and the peak extra memory of one step (peak_extra_memory), as a Markdown table."""
+    """Time PositionAttention alone, forward + backward, by each path on random maps (the paths interleaved, the best
+    of --benchmark-steps), and its peak extra memory: a Markdown table."""
     paths = [path for path in PositionAttention.ATTENTIONS if path != "auto"]
     auto = PositionAttention.resolve("auto", device.type)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -2272,7 +2164,7 @@ def benchmark_attention(args, device, autocast):
                     if not is_out_of_memory(e):
                         raise
             for _ in range(args.benchmark_steps):
-                for path in [p for p in paths if p in seconds]:
+                for path in list(seconds):
                     module.attention = path
                     sync()
                     start = time.perf_counter()
