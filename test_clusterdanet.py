@@ -5224,22 +5224,30 @@ def test_evaluate_voc_end_to_end(voc_checkpoint, tmp_path):
     assert summary["pixel_accuracy"] == pytest.approx(np.diag(matrix).sum() / matrix.sum(), abs=1e-3)
 
 
+def evaluate_trained_run(out, name, data, class_names, dataset, tmp_path):
+    """A run's checkpoint `name` and log name its dataset and classes; evaluate.py on it with --save-dir and --json
+    exits 0 and its summary names them too. Returns (checkpoint, last validation record, result, summary)."""
+    checkpoint = torch.load(out / name, map_location="cpu", weights_only=True)
+    assert checkpoint["class_names"] == class_names and checkpoint["args"]["dataset"] == dataset
+    assert checkpoint["args"]["num_classes"] == len(class_names)
+    validation = [r for r in read_log(out) if "val_miou" in r][-1]
+    assert list(validation["val_iou"]) == class_names
+    result = run_evaluate("--checkpoint", out / name, "--data-root", data, "--save-dir", tmp_path / "out",
+                          "--json", tmp_path / "r.json", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert list(summary["per_class_iou"]) == class_names and summary["dataset"] == dataset
+    return checkpoint, validation, result, summary
+
+
 def test_cityscapes_trains_and_evaluates_with_label_id_pngs(cityscapes_run, tmp_path):
     """Training stores the dataset and its class names; evaluate.py defaults to that dataset and writes the
     predictions as label-id PNGs (the benchmark's format), named by image, in the official colours."""
     data, out, samples = cityscapes_run
-    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["class_names"] == CITYSCAPES_NAMES and checkpoint["args"]["dataset"] == "cityscapes"
-    assert checkpoint["args"]["num_classes"] == 19
-    validation = [r for r in read_log(out) if "val_miou" in r][-1]
-    assert list(validation["val_iou"]) == CITYSCAPES_NAMES
-
-    result = run_evaluate("--checkpoint", out / "last.pt", "--data-root", data, "--save-dir", tmp_path / "out",
-                          "--json", tmp_path / "r.json", "--workers", "0")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "r.json").read_text())
-    assert summary["dataset"] == "cityscapes" and summary["images"] == 2
-    assert list(summary["per_class_iou"]) == CITYSCAPES_NAMES
+    assert len(CITYSCAPES_NAMES) == 19
+    checkpoint, _, result, summary = evaluate_trained_run(out, "last.pt", data, CITYSCAPES_NAMES, "cityscapes",
+                                                          tmp_path)
+    assert summary["images"] == 2
     assert [line.split("  ")[0] for line in result.stdout.splitlines()[-21:-1]] == ["class", *CITYSCAPES_NAMES]
     model = train.build_model(checkpoint["args"])
     model.load_state_dict(checkpoint["model"])
@@ -5265,17 +5273,8 @@ def test_cityscapes_trains_and_evaluates_with_label_id_pngs(cityscapes_run, tmp_
 
 def test_folder_dataset_trains_and_evaluates_with_its_class_names(folder_run, tmp_path):
     data, out, samples = folder_run
-    checkpoint = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["class_names"] == FOLDER_CLASSES and checkpoint["args"]["dataset"] == "folder"
-    assert checkpoint["args"]["num_classes"] == 3
-    validation = [r for r in read_log(out) if "val_miou" in r][-1]
-    assert list(validation["val_iou"]) == FOLDER_CLASSES
-
-    result = run_evaluate("--checkpoint", out / "best.pt", "--data-root", data, "--save-dir", tmp_path / "out",
-                          "--json", tmp_path / "r.json", "--workers", "0")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "r.json").read_text())
-    assert list(summary["per_class_iou"]) == FOLDER_CLASSES and summary["dataset"] == "folder"
+    assert len(FOLDER_CLASSES) == 3
+    _, validation, result, summary = evaluate_trained_run(out, "best.pt", data, FOLDER_CLASSES, "folder", tmp_path)
     assert summary["images"] == 2 and summary["miou"] == pytest.approx(validation["val_miou"], abs=1e-6)
     assert [line.split()[0] for line in result.stdout.splitlines()[-5:-1]] == ["class", *FOLDER_CLASSES]
     for name in ("val_0", "val_1"):
