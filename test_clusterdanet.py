@@ -375,26 +375,25 @@ def make_folder(root, n_train=4, n_val=2, classes=FOLDER_CLASSES):
     return samples
 
 
+def tiny_run(tmp_path_factory, dataset, make, *flags):
+    """A tiny `dataset` tree written by `make` and a short training run on it: (data root, out dir, samples)."""
+    root = tmp_path_factory.mktemp(dataset)
+    samples = make(root / "data")
+    torch.manual_seed(0)
+    train.main(tiny(root / "out", "--dataset", dataset, "--data-root", str(root / "data"), *flags))
+    return root / "data", root / "out", samples
+
+
 @pytest.fixture(scope="module")
 def cityscapes_run(tmp_path_factory):
     """A tiny Cityscapes tree and a 2-iteration training run on it: (data root, out dir, samples)."""
-    root = tmp_path_factory.mktemp("cityscapes")
-    samples = make_cityscapes(root / "data")
-    torch.manual_seed(0)
-    train.main(tiny(root / "out", "--dataset", "cityscapes", "--data-root", str(root / "data"), "--iters", "2",
-                    "--val-every", "2"))
-    return root / "data", root / "out", samples
+    return tiny_run(tmp_path_factory, "cityscapes", make_cityscapes, "--iters", "2", "--val-every", "2")
 
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     """A tiny folder dataset and a 4-iteration training run on it: (data root, out dir, samples)."""
-    root = tmp_path_factory.mktemp("folder")
-    samples = make_folder(root / "data")
-    torch.manual_seed(0)
-    train.main(tiny(root / "out", "--dataset", "folder", "--data-root", str(root / "data"), "--iters", "4",
-                    "--val-every", "4", "--log-every", "2"))
-    return root / "data", root / "out", samples
+    return tiny_run(tmp_path_factory, "folder", make_folder, "--iters", "4", "--val-every", "4", "--log-every", "2")
 
 
 def break_dataset(case, root):
