@@ -170,9 +170,9 @@ def training_loop(run, interrupts):
         masks = masks.to(run.device, non_blocking=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the backbone LR of this step (the head's is 10x)
         with in_flight(run, "in the middle of a step"):
-            scale = run.scaler.get_scale()  # 1.0 without the fp16 scaler (fp32, bf16): no sync
+            scale = loss_scale(run.scaler)
             losses = train_step(run.model, images, masks, run.optimizer, run.scaler, run.autocast, args.aux_weight)
-            skipped = run.scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips a step
+            skipped = scale is not None and loss_scale(run.scaler) < scale  # [] bool on the device: no sync
             run.scheduler.step()
             run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
         counts.add(losses, skipped)
@@ -203,6 +203,15 @@ def train_step(model, images, masks, optimizer, scaler, autocast, aux_weight):
     scaler.step(optimizer)
     scaler.update()
     return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+
+def loss_scale(scaler):
+    """fp16's loss scale as a tensor on the device, None without fp16 (fp32, bf16). The scaler lowers it exactly when
+    it skips a step; get_scale() would read it with a host-device sync every step."""
+    if not scaler.is_enabled():
+        return None
+    scale = scaler._get_scale_async()  # None until the first step: then the initial scale
+    return torch.tensor(scaler.get_scale()) if scale is None else scale.clone()  # update() changes it in place
 
 
 def train_batches(run):
@@ -1385,8 +1394,11 @@ def interrupt_message(run):
 
 
 def stop_requested(run, interrupts, log_step):
-    """Whether a signal asks the loop to stop, on any process: after every step, under DDP at log steps only."""
-    return (run.world_size == 1 or log_step) and any_rank(interrupts.requested, run.device)
+    """Whether a signal asks the loop to stop: one process after every step; under DDP at log steps, on any process
+    (a collective every step would sync each one)."""
+    if run.world_size == 1:
+        return bool(interrupts.requested)
+    return log_step and any_rank(interrupts.requested, run.device)
 
 
 @contextmanager
