@@ -2084,7 +2084,7 @@ def test_a_batch_without_labelled_pixels_has_loss_0_not_nan():
     assert losses["out"].item() == pytest.approx(F.cross_entropy(logits, masks, ignore_index=255).item(), rel=1e-5)
 
 
-def _log_progress_on_rank(rank, world_size, init_file, out_dir, result_file):
+def _log_counts_on_rank(rank, world_size, init_file, out_dir, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     # rank r summed 3 steps of losses: loss r + 1 each step, the terms 0.5 (r + 1), 0.25 (r + 1), 0.25 (r + 1)
     sums = {k: torch.tensor(3.0 * w * (rank + 1)) for k, w in
@@ -2092,14 +2092,16 @@ def _log_progress_on_rank(rank, world_size, init_file, out_dir, result_file):
     run = SimpleNamespace(args=SimpleNamespace(batch_size=2, iters=10), iteration=3, world_size=world_size,
                           master=rank == 0, device=torch.device("cpu"), out_dir=Path(out_dir),
                           unwritten_log=[], earlier_run_kept=False)
-    record = train.log_progress(run, sums, 3, 0.01, time.perf_counter() - 1.0, 0)
-    torch.save(record, f"{result_file}.{rank}")
+    counts = train.StepCounts(run)
+    counts.sums, counts.steps, counts.start, counts.start_iteration = sums, 3, time.perf_counter() - 1.0, 0
+    assert counts.log_and_check(0.01) is False  # no failed step
+    torch.save(counts.record, f"{result_file}.{rank}")
     torch.distributed.destroy_process_group()
 
 
 def test_logged_loss_is_averaged_over_ranks(tmp_path):
     """Each of 2 ranks has its own loss (1 and 2 per step): both log their mean, 1.5."""
-    torch.multiprocessing.spawn(_log_progress_on_rank, args=(2, tmp_path / "init", tmp_path, tmp_path / "r"), nprocs=2)
+    torch.multiprocessing.spawn(_log_counts_on_rank, args=(2, tmp_path / "init", tmp_path, tmp_path / "r"), nprocs=2)
     for rank in range(2):
         record = torch.load(f"{tmp_path / 'r'}.{rank}")
         assert record["loss"] == pytest.approx(1.5) and record["out"] == pytest.approx(0.75)
@@ -3565,8 +3567,8 @@ def test_second_interrupt_stops_at_once(when, tmp_path, monkeypatch, capsys):
         assert checkpoint["iteration"] == 6
     else:
         busy = "in the middle of a step" if when == "in_a_step" else "while saving"
-        assert err[1:] == [f"SIGINT again: stopped at once {busy}, last.pt not saved; the latest checkpoint is "
-                           f"{out / 'last.pt'} from iteration 2"]
+        assert err[1:] == [f"SIGINT again: stopped at once; last.pt not saved (stopped {busy}); the latest "
+                           f"checkpoint is {out / 'last.pt'} from iteration 2"]
         assert checkpoint["iteration"] == 2  # the one of the validation at step 2, whole
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -4040,7 +4042,7 @@ def test_data_error_after_training_started_saves_last_first_and_exits_5(tmp_path
     last = out / "last.pt"
     assert code == train.EXIT_DATA_ERROR == 5
     assert err == [f"error: cannot read image shapes_003.png: truncated (after iteration 1): saved {last} at "
-                   f"iteration 1 first; fix the file, then continue with --resume {last}"]
+                   f"iteration 1; fix the file, then continue with --resume {last}"]
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "log.jsonl"]  # the earlier best.pt went too
     saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["iteration"] == 1 and saved["run_id"] != earlier["run_id"] and saved["best_miou"] is None
@@ -4064,7 +4066,7 @@ def test_data_error_during_validation_saves_last_first_and_exits_5(tmp_path, mon
     code, _, err = run_cli(capsys, demo_args(out, "--iters", "4", "--val-every", "2"))
     assert code == 5
     assert err == [f"error: mask shapes_003.png is not a 32x32 map of labels (found [9]) (during the validation of "
-                   f"iteration 2): saved {out / 'last.pt'} at iteration 2 first; fix the file, then continue with "
+                   f"iteration 2): saved {out / 'last.pt'} at iteration 2; fix the file, then continue with "
                    f"--resume {out / 'last.pt'}"]
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["iteration"] == 2
     assert not (out / "best.pt").exists() and not list(tmp_path.rglob("*.tmp"))

@@ -169,7 +169,7 @@ def training_loop(run, interrupts):
         images = images.to(run.device, non_blocking=True).to(memory_format=torch.channels_last)
         masks = masks.to(run.device, non_blocking=True)
         lr = run.optimizer.param_groups[0]["lr"]  # the backbone LR of this step (the head's is 10x)
-        with in_flight(run, "in the middle of a step"):
+        with in_flight(run, "stopped in the middle of a step"):
             scale = loss_scale(run.scaler)
             losses = train_step(run.model, images, masks, run.optimizer, run.scaler, run.autocast, args.aux_weight)
             skipped = scale is not None and loss_scale(run.scaler) < scale  # [] bool on the device: no sync
@@ -177,7 +177,7 @@ def training_loop(run, interrupts):
             run.iteration, run.epoch_images = run.iteration + 1, run.epoch_images + args.batch_size * run.world_size
         counts.add(losses, skipped)
         log_step = run.iteration % args.log_every == 0 or run.iteration == args.iters
-        if log_step and counts.log_and_check(run, lr):
+        if log_step and counts.log_and_check(lr):
             return "diverged"
         if stop_requested(run, interrupts, log_step):
             return "interrupted"
@@ -222,30 +222,53 @@ def train_batches(run):
         run.epoch, run.epoch_images = run.epoch + 1, 0
 
 
-def log_progress(run, sums, steps, lr, start, start_iteration, nonfinite=0, skipped=0):
-    """Log the mean loss terms of the finite steps since the last log (all processes), LR, speed, ETA and memory."""
-    args = run.args
-    counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device) for n in (steps, nonfinite, skipped)]
-    totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
-    if run.world_size > 1:
-        dist.all_reduce(totals)  # summed over the processes
-    *term_sums, steps, nonfinite, skipped = totals.tolist()
-    means = [total / steps if steps else math.nan for total in term_sums]
-    done, elapsed = run.iteration - start_iteration, time.perf_counter() - start
-    record = {"iteration": run.iteration, **dict(zip(sums, means)), "lr": lr,
-              "images_per_s": done * args.batch_size * run.world_size / elapsed,
-              "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
-              "peak_memory_gib": peak_memory_gib(run.device)}
-    unusual = {"nonfinite_losses": round(nonfinite), "skipped_steps": round(skipped / run.world_size)}
-    record.update({k: n for k, n in unusual.items() if n})
-    terms = " ".join(f"{k} {record[k]:.4f}" for k in sums if k != "loss")  # out, then position channel or aux
-    notes = [f"{n} non-finite loss{'es' if n > 1 else ''} left out" for n in [unusual["nonfinite_losses"]] if n] + \
-        [f"{n} step{'s' if n > 1 else ''} skipped by the fp16 scaler" for n in [unusual["skipped_steps"]] if n]
-    log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} ({terms}) lr {record['lr']:.5f} "
-                     f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
-                     f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB"
-                     + "".join(f", {note}" for note in notes))
-    return record
+# A run has diverged when its weights are not finite, or its last DIVERGED_STEPS steps all failed (a loss not finite,
+# or a step fp16's GradScaler skipped): one such step is normal in fp16, that many in a row do not come back.
+DIVERGED_STEPS = 20
+
+
+class StepCounts:
+    """The loss terms and steps since the last log step, counted on the device (no sync), and the failed steps in a
+    row. At a log step, log_and_check logs the mean terms of the finite steps of all processes, LR, speed and ETA."""
+
+    def __init__(self, run):
+        self.run, self.failing = run, torch.zeros((), dtype=torch.int64, device=run.device)
+        self.start, self.start_iteration = time.perf_counter(), run.iteration  # for the speed and the ETA
+        self.sums, self.steps, self.nonfinite, self.skipped = {}, 0, 0, 0
+
+    def add(self, losses, skipped):
+        finite = losses["loss"].isfinite()  # [] bool: stays on the device
+        self.sums = {k: self.sums.get(k, 0) + torch.where(finite, v, 0) for k, v in losses.items()}
+        self.steps, self.nonfinite, self.skipped = self.steps + finite, self.nonfinite + ~finite, self.skipped + skipped
+        self.failing = torch.where(~finite | skipped, self.failing + 1, 0)
+
+    def log_and_check(self, lr):
+        """Log the counts (self.record) and start afresh; True if the run has diverged (see DIVERGED_STEPS)."""
+        run, args, sums = self.run, self.run.args, self.sums
+        counts = [torch.as_tensor(n, dtype=torch.float32, device=run.device)
+                  for n in (self.steps, self.nonfinite, self.skipped)]
+        totals = torch.stack([*sums.values(), *counts])  # [n_terms + 3]
+        if run.world_size > 1:
+            dist.all_reduce(totals)  # summed over the processes
+        *term_sums, steps, nonfinite, skipped = totals.tolist()
+        done, elapsed = run.iteration - self.start_iteration, time.perf_counter() - self.start
+        record = {"iteration": run.iteration, **{k: total / steps if steps else math.nan
+                                                 for k, total in zip(sums, term_sums)}, "lr": lr,
+                  "images_per_s": done * args.batch_size * run.world_size / elapsed,
+                  "ms_per_iter": elapsed / done * 1000, "eta_s": elapsed / done * (args.iters - run.iteration),
+                  "peak_memory_gib": peak_memory_gib(run.device)}
+        nonfinite, skipped = round(nonfinite), round(skipped / run.world_size)
+        record.update({k: n for k, n in (("nonfinite_losses", nonfinite), ("skipped_steps", skipped)) if n})
+        terms = " ".join(f"{k} {record[k]:.4f}" for k in sums if k != "loss")  # out, then position channel or aux
+        notes = [f"{n} non-finite loss{'es' if n > 1 else ''} left out" for n in [nonfinite] if n] + \
+            [f"{n} step{'s' if n > 1 else ''} skipped by the fp16 scaler" for n in [skipped] if n]
+        log(run, record, f"iter {run.iteration}/{args.iters} loss {record['loss']:.4f} ({terms}) lr {lr:.5f} "
+                         f"{record['images_per_s']:.1f} img/s {record['ms_per_iter']:.0f} ms/iter "
+                         f"eta {record['eta_s'] / 60:.1f} min mem {record['peak_memory_gib']:.2f} GiB"
+                         + "".join(f", {note}" for note in notes))
+        self.record, self.sums, self.steps, self.nonfinite, self.skipped = record, {}, 0, 0, 0
+        return bool(nonfinite or skipped) and (any_rank(self.failing.item() >= DIVERGED_STEPS, run.device)
+                                               or not weights_are_finite(run))
 
 
 def build_run(args, checkpoint, device, rank, world_size, autocast, folder):
@@ -1023,7 +1046,10 @@ def save_atomic(path, write):
         os.replace(tmp, path)
     except BaseException as e:  # disk full, Ctrl-C: keep the previous file, leave no temporary one
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause = e  # torch.save's zip writer raises a RuntimeError as the OSError of a failed file.write unwinds
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
             raise RunError(f"no space left on the device while writing {path}: {kept}; free some space",
                            EXIT_DISK_FULL) from None
@@ -1031,18 +1057,10 @@ def save_atomic(path, write):
 
 
 def save_checkpoint(state, path):
-    """torch.save(state) to path, atomically; a full disk raises the OSError (ENOSPC), not torch's RuntimeError."""
+    """torch.save(state) to path, atomically, through a file object: a full disk is an OSError (ENOSPC) there."""
     def write(tmp):
         with open(tmp, "wb") as file:
-            try:
-                torch.save(state, file)
-            except RuntimeError as e:  # the zip writer's own error, raised as a failed file.write unwinds
-                cause = e.__context__
-                while cause is not None and not isinstance(cause, OSError):
-                    cause = cause.__context__
-                if cause is None:
-                    raise
-                raise cause from None
+            torch.save(state, file)
 
     save_atomic(path, write)
 
@@ -1403,7 +1421,7 @@ def stop_requested(run, interrupts, log_step):
 
 @contextmanager
 def in_flight(run, what):
-    """Mark the block as `what` a second signal would cut short ("while saving"): stop_at_once then saves nothing."""
+    """Mark the block as `what` a second signal would cut short ("stopped while saving"): stop_at_once saves nothing."""
     run.in_flight = what
     yield
     run.in_flight = None
@@ -1418,34 +1436,6 @@ def tensors_are_finite(model):
 def weights_are_finite(run):
     """tensors_are_finite(run.raw_model) on every process."""
     return not any_rank(not tensors_are_finite(run.raw_model), run.device)
-
-
-# A run has diverged when its weights are not finite, or its last DIVERGED_STEPS steps all failed (a loss not finite,
-# or a step fp16's GradScaler skipped): one such step is normal in fp16, that many in a row do not come back.
-DIVERGED_STEPS = 20
-
-
-class StepCounts:
-    """What the loop counts on the device (no sync) since the last log step, and the steps in a row that failed."""
-
-    def __init__(self, run):
-        self.failing = torch.zeros((), dtype=torch.int64, device=run.device)
-        self.start, self.start_iteration = time.perf_counter(), run.iteration  # for the speed and the ETA
-        self.sums, self.steps, self.nonfinite, self.skipped = {}, 0, 0, 0
-
-    def add(self, losses, skipped):
-        finite = losses["loss"].isfinite()  # [] bool: stays on the device
-        self.sums = {k: self.sums.get(k, 0) + torch.where(finite, v, 0) for k, v in losses.items()}
-        self.steps, self.nonfinite, self.skipped = self.steps + finite, self.nonfinite + ~finite, self.skipped + skipped
-        self.failing = torch.where(~finite | skipped, self.failing + 1, 0)
-
-    def log_and_check(self, run, lr):
-        """At a log step: log the counts and start afresh; True if the run has diverged (see DIVERGED_STEPS)."""
-        record = log_progress(run, self.sums, self.steps, lr, self.start, self.start_iteration, self.nonfinite,
-                              self.skipped)
-        self.sums, self.steps, self.nonfinite, self.skipped = {}, 0, 0, 0
-        return bool(record.get("nonfinite_losses") or record.get("skipped_steps")) and (
-            any_rank(self.failing.item() >= DIVERGED_STEPS, run.device) or not weights_are_finite(run))
 
 
 def is_out_of_memory(error):
@@ -1723,7 +1713,7 @@ def log(run, record, text=None, defer=False):
 def save(run, name):
     """The run's state as out_dir/name (rank 0); the first save of an --overwrite run replaces the earlier run."""
     if run.master:
-        with in_flight(run, "while saving"):
+        with in_flight(run, "stopped while saving"):
             path = run.out_dir / name
             try:
                 save_checkpoint({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -1769,16 +1759,15 @@ def checkpoint_kept(run):
     return latest_checkpoint(run) + earlier
 
 
-def save_last_if_safe(run):
-    """Save last.pt if needed and safe: "saved", "already", "not finite", or what a signal cut short (run.in_flight)."""
-    if run.saved_iteration == run.iteration:
-        return "already"
-    if run.in_flight:
-        return run.in_flight
-    if not tensors_are_finite(run.raw_model):
-        return "not finite"
-    save(run, "last.pt")
-    return "saved"
+def save_last(run):
+    """Save last.pt unless it is saved already, the weights are not finite, or a signal cut short what run.in_flight
+    names; says which: "saved OUT/last.pt at iteration N", or why not and the latest checkpoint."""
+    if run.saved_iteration != run.iteration:
+        why = run.in_flight or (None if tensors_are_finite(run.raw_model) else "the weights are not finite")
+        if why:
+            return f"last.pt not saved ({why}); {latest_checkpoint(run)}"
+        save(run, "last.pt")
+    return f"saved {run.out_dir / 'last.pt'} at iteration {run.iteration}"
 
 
 def checkpoints_text(run):
@@ -1810,13 +1799,11 @@ def finish(run, status, interrupts):
         return EXIT_DIVERGED
     if status == "interrupted":
         interrupts.agree(run.device)
-        save_last_if_safe(run)
         record, said = {"iteration": run.iteration, "interrupted": interrupts.name}, interrupts.name
         if interrupts.signalled_rank is not None:  # stopped for another process
             record["signalled_rank"] = interrupts.signalled_rank
             said = f"another process (rank {interrupts.signalled_rank}) received {interrupts.name}"
-        last = run.out_dir / "last.pt"
-        log(run, record, f"{said}: saved {last} at iteration {run.iteration}; continue with --resume {last}")
+        log(run, record, f"{said}: {save_last(run)}; continue with --resume {run.out_dir / 'last.pt'}")
         if run.world_size > 1:
             interrupts.close()
             try:
@@ -1834,10 +1821,7 @@ def data_error(run, error):
     if run.iteration == run.start_iteration:
         raise UserError(message) from None
     where = "during the validation of" if run.validating else "after"
-    last, saved = run.out_dir / "last.pt", save_last_if_safe(run)
-    outcome = {"already": f"{last} was saved at iteration {run.iteration}",
-               "saved": f"saved {last} at iteration {run.iteration} first"}.get(
-        saved, f"last.pt not saved (the weights are not finite), {latest_checkpoint(run)}")
+    outcome = save_last(run)
     log(run, {"iteration": run.iteration, "data_error": message})
     resume = f"; fix the file, then continue with --resume {resume_from(run)}" if resume_from(run) else ""
     raise RunError(f"{message} ({where} iteration {run.iteration}): {outcome}{resume}", EXIT_DATA_ERROR)
@@ -1862,16 +1846,10 @@ def stop_at_once(run, interrupts):
     """After a second signal: save last.pt if the weights are between two steps (no collective)."""
     if run.master:
         try:
-            saved = save_last_if_safe(run)
+            outcome = save_last(run)
         except KeyboardInterrupt:  # a third signal: the save is abandoned, the previous last.pt kept
-            saved = run.in_flight or "while saving"
-        if saved in ("already", "saved"):
-            outcome = f"; saved {run.out_dir / 'last.pt'} at iteration {run.iteration}"
-        elif saved == "not finite":
-            outcome = f", last.pt not saved (the weights are not finite); {latest_checkpoint(run)}"
-        else:
-            outcome = f" {saved}, last.pt not saved; {latest_checkpoint(run)}"
-        print(f"{interrupts.name} again: stopped at once{outcome}", file=sys.stderr)
+            outcome = f"last.pt not saved (a third signal cut its save short); {latest_checkpoint(run)}"
+        print(f"{interrupts.name} again: stopped at once; {outcome}", file=sys.stderr)
     return interrupts.exit_code
 
 
